@@ -1,0 +1,50 @@
+"""The config layer: registers the schemas with Hydra and turns a composed config into a RunConfig.
+
+Only this module and the entry point import Hydra; stages take the plain dataclasses of
+`emq.schema`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from emq.schema import (
+    EvalConfig,
+    MemoryConfig,
+    ModelConfig,
+    PathsConfig,
+    QuantConfig,
+    RunConfig,
+)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "memory": MemoryConfig,
+    "quant": QuantConfig,
+    "eval": EvalConfig,
+}
+
+
+def register_configs() -> None:
+    """Register `base_config` and `base_<group>` for every group (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    cs.store(group="paths", name="base_paths", node=PathsConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and convert to the typed run object (enums, dataclasses)."""
+    run_cfg = OmegaConf.to_object(cfg)
+    if not isinstance(run_cfg, RunConfig):  # pragma: no cover - composition guarantees it
+        raise TypeError(f"composed config is {type(run_cfg).__name__}, expected RunConfig")
+    run_cfg.paths.data_dir = str(Path(run_cfg.paths.data_dir).expanduser())
+    run_cfg.paths.cache_dir = str(Path(run_cfg.paths.cache_dir).expanduser())
+    return run_cfg
+
+
+register_configs()

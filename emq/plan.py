@@ -1,0 +1,252 @@
+"""plan: what will we do with this model on this machine, and why?
+
+A pure function of (detect record, memory policy, quant choice, machine snapshot): no weights
+are loaded, so a plan can be printed as a dry run before anything expensive starts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+
+from emq.detect import DetectResult
+from emq.errors import EmqError
+from emq.machine import GIB, Machine
+from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
+
+log = logging.getLogger(__name__)
+
+# vLLM accepts these max_lora_rank values.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Serving weights relative to bf16, measured on an H200 with a 7B-shaped model (DESIGN.md):
+# bnb 4.16 / 12.91 GiB; int8/fp8 keep embeddings and norms in bf16, about half.
+SERVE_FRACTION = {QuantMethod.none: 1.0, QuantMethod.int8: 0.55, QuantMethod.fp8: 0.55,
+                  QuantMethod.bnb: 0.33}
+
+
+class Route(str, Enum):
+    serve_base = "serve-base"
+    serve_lora = "serve-lora"
+    merge_then_serve = "merge-then-serve"
+    stop = "stop"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What `emq.engine.load` hands to vllm.LLM (besides the model path)."""
+
+    quantization: str | None  # vLLM's quantization= value
+    dtype: str
+    memory_utilization: float  # gpu_memory_utilization (on the CPU build: share of NUMA node memory)
+    max_model_len: int
+    enforce_eager: bool
+    enable_lora: bool
+    max_lora_rank: int | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plan stage's record: a route and the reason for every choice."""
+
+    route: Route
+    quant: QuantMethod  # resolved (never auto)
+    merge_devices: list[str]  # the run-time cascade, in order ("cuda", "cpu")
+    merge_method: str | None
+    fallback: Route | None  # what to do if every merge attempt fails (None: stop)
+    engine: EngineSettings
+    estimates_gib: dict[str, float]
+    reasons: list[str]
+    platform: str
+    vllm: str | None
+    stop_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
+                   reasons: list[str]) -> QuantMethod:
+    info = machine.vllm
+    if info.distribution is None:
+        raise EmqError("vLLM is not installed in this environment", "run `bash scripts/setup.sh`")
+    want = quant.method
+    if not memory.use_quantization and want is not QuantMethod.none:
+        reasons.append(f"quant: none, because memory.use_quantization=false (quant={want.value} ignored)")
+        return QuantMethod.none
+    low_vram = machine.cuda and max(g.free_bytes for g in machine.gpus) < memory.low_vram_gib * GIB
+    if memory.skip_quantization_on_low_vram and low_vram and want is not QuantMethod.none:
+        reasons.append(f"quant: none, because memory.skip_quantization_on_low_vram=true and the GPU has "
+                       f"< {memory.low_vram_gib:g} GiB free")
+        return QuantMethod.none
+    if want is QuantMethod.auto:
+        for choice in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8):
+            if choice in info.quant:
+                reasons.append(f"quant: auto → {choice.value} ({info.quant[choice]}), the leanest in-flight "
+                               f"option {info.distribution} {info.version} supports on {info.platform}")
+                return choice
+        reasons.append(f"quant: auto → none: {info.distribution} {info.version} offers no in-flight quantization here")
+        return QuantMethod.none
+    if want not in info.quant:
+        usable = ", ".join(f"quant={m.value}" for m in info.quant) + ", quant=auto"
+        raise EmqError(f"quant={want.value} cannot run here: {info.unsupported.get(want, 'not supported')}",
+                       f"choose one this machine supports ({usable}); for bitsandbytes use a CUDA machine "
+                       "with vllm>=0.23,<0.28 (scripts/setup.sh installs it there)")
+    reasons.append(f"quant: {want.value} → vLLM quantization={info.quant[want]!r}")
+    return want
+
+
+def _lora_rank(det: DetectResult) -> int:
+    assert det.adapter is not None
+    top = max([det.adapter.rank, *det.adapter.rank_pattern.values()])
+    for r in VLLM_LORA_RANKS:
+        if r >= top:
+            return r
+    raise EmqError(f"adapter rank {top} ({det.adapter.path}/adapter_config.json) exceeds vLLM's maximum "
+                   f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
+
+
+def _lora_blockers(det: DetectResult) -> list[str]:
+    a = det.adapter
+    assert a is not None
+    out = []
+    if a.use_dora:
+        out.append("the adapter uses DoRA, which vLLM's LoRA path does not serve")
+    if a.peft_type.upper() != "LORA":
+        out.append(f"the adapter is {a.peft_type}, not LoRA")
+    if max([a.rank, *a.rank_pattern.values()]) > VLLM_LORA_RANKS[-1]:
+        out.append(f"rank above vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+    return out
+
+
+def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
+    """Choose a route, quantization and engine settings, with a reason for each.
+
+    Args:
+        det: the detect record.
+        memory: the memory policy.
+        quant: the quant choice.
+        machine: a snapshot of this machine (inject one in tests).
+
+    Returns:
+        The plan. A `stop` route carries `stop_reason`; the runner raises it.
+
+    Raises:
+        EmqError: a choice that cannot work on this machine (e.g. quant=bnb on the CPU build).
+    """
+    reasons: list[str] = []
+    qm = _resolve_quant(quant, memory, machine, reasons)
+    platform = machine.vllm.platform
+    params = det.base.param_count or 0
+    bf16 = params * 2
+    adapter_bytes = det.adapter.weight_bytes if det.adapter else 0
+    est = {
+        "base_bf16": bf16 / GIB,
+        "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
+        "merge_peak_cpu_ram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,  # fp32 model + adapter
+        "merge_peak_gpu_vram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,  # fp32 math on GPU too
+        "merged_disk": bf16 / GIB,
+    }
+    if not params:
+        reasons.append("memory estimates unavailable: the base weights are not local (hub metadata only)")
+
+    # --- route -----------------------------------------------------------------------
+    merge_devices: list[str] = []
+    fallback: Route | None = None
+    stop_reason: str | None = None
+    if det.adapter is None:
+        route = Route.serve_base
+        reasons.append("route: serve-base, because the model config has no adapter")
+    else:
+        blockers = _lora_blockers(det)
+        policy = memory.route
+        if policy is RoutePolicy.lora:
+            if blockers:
+                raise EmqError(f"memory.route=lora but {'; '.join(blockers)}", "use memory.route=merge or auto")
+            route = Route.serve_lora
+            reasons.append("route: serve-lora, because memory.route=lora")
+        elif policy is RoutePolicy.merge:
+            route = Route.merge_then_serve
+            reasons.append("route: merge-then-serve, because memory.route=merge")
+        elif det.trained_in_4bit is False and not blockers:
+            route = Route.serve_lora
+            reasons.append(f"route: serve-lora, because the adapter was trained on a 16-bit base "
+                           f"({det.decided_by}): vLLM applies it exactly on the unquantized base, with no merge "
+                           "time or disk")
+        else:
+            route = Route.merge_then_serve
+            why = ("the adapter was trained on a 4-bit base" if det.trained_in_4bit
+                   else "4-bit training is unknown" if not blockers else "; ".join(blockers))
+            reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
+                           "checkpoint serves ~1.6x faster than base+LoRA at equal memory (DESIGN.md, H200)")
+        if route is Route.merge_then_serve:
+            gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
+            ram = machine.ram_available_bytes / GIB
+            if machine.cuda and not memory.prefer_cpu_merge:
+                if gpu_free >= est["merge_peak_gpu_vram"]:
+                    merge_devices.append("cuda")
+                    reasons.append(f"merge on cuda: needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM, "
+                                   f"{gpu_free:.1f} GiB free")
+                else:
+                    reasons.append(f"no GPU merge: needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM, only "
+                                   f"{gpu_free:.1f} GiB free")
+            if memory.allow_cpu_merge:
+                if ram >= est["merge_peak_cpu_ram"]:
+                    merge_devices.append("cpu")
+                    reasons.append(f"merge on cpu{' (after an OOM on cuda)' if merge_devices[0] == 'cuda' else ''}: "
+                                   f"needs ~{est['merge_peak_cpu_ram']:.2f} GiB RAM, {ram:.1f} GiB available")
+                else:
+                    reasons.append(f"no CPU merge: needs ~{est['merge_peak_cpu_ram']:.1f} GiB RAM, only "
+                                   f"{ram:.1f} GiB available")
+            else:
+                reasons.append("no CPU merge: memory.allow_cpu_merge=false")
+            if memory.stop_on_failure:
+                fallback = None
+            elif blockers:
+                reasons.append(f"no LoRA fallback: {'; '.join(blockers)}")
+            else:
+                fallback = Route.serve_lora
+                reasons.append("if every merge attempt fails: serve the LoRA instead (memory.stop_on_failure=false)")
+            if not merge_devices:
+                if fallback is Route.serve_lora:
+                    route = Route.serve_lora
+                    reasons.append("route: serve-lora, because no device can merge here")
+                else:
+                    route = Route.stop
+                    stop_reason = (f"cannot merge: GPU merge needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM "
+                                   f"({gpu_free:.1f} free), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
+                                   f"({ram:.1f} available); set memory.stop_on_failure=false to serve the LoRA, "
+                                   "or free memory")
+            elif machine.disk_free_bytes < est["merged_disk"] * GIB:
+                route = Route.stop
+                stop_reason = (f"the merged checkpoint needs ~{est['merged_disk']:.1f} GiB at paths.cache_dir, "
+                               f"only {machine.disk_free_bytes / GIB:.1f} GiB free; free disk or move EMQ_CACHE")
+
+    # --- engine --------------------------------------------------------------------------
+    if platform == "cpu":
+        util = memory.cpu_memory_utilization
+        eager = True
+        reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization), "
+                       "eager mode (its compiled path produced wrong tokens on the demo model and costs ~60 s)")
+    else:
+        util = memory.gpu_memory_utilization
+        eager = memory.enforce_eager
+        if machine.cuda and params:
+            total = max(g.total_bytes for g in machine.gpus) / GIB
+            est["kv_headroom"] = total * util - est["serve_weights"]
+            if est["kv_headroom"] <= 0:
+                route = Route.stop
+                stop_reason = (f"serving needs ~{est['serve_weights']:.1f} GiB of weights but vLLM may use "
+                               f"{total * util:.1f} GiB (gpu_memory_utilization={util}); quantize (quant=auto) "
+                               "or raise memory.gpu_memory_utilization")
+    lora = route is Route.serve_lora or fallback is Route.serve_lora
+    engine = EngineSettings(
+        quantization=machine.vllm.quant.get(qm), dtype="bfloat16", memory_utilization=util,
+        max_model_len=memory.max_model_len, enforce_eager=eager,
+        enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
+    )
+    plan = Plan(route=route, quant=qm, merge_devices=merge_devices,
+                merge_method="peft" if merge_devices else None, fallback=fallback, engine=engine,
+                estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
+                platform=platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
+                stop_reason=stop_reason)
+    log.info("plan: %s, quant=%s%s", route.value, qm.value,
+             f", merge on {' → '.join(merge_devices)}" if merge_devices else "")
+    return plan
