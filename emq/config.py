@@ -5,11 +5,13 @@ Only this module and the entry point import Hydra; stages take the plain datacla
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from emq.errors import EmqError
 from emq.schema import (
     EvalConfig,
     MemoryConfig,
@@ -37,8 +39,25 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=schema)
 
 
+def _reject_unknown_keys(cfg: DictConfig) -> None:
+    """`+group.key=...` bypasses struct mode and OmegaConf.to_object drops the key silently:
+    refuse it, since a knob that is not used is a lie in the run's record."""
+    schemas = {None: RunConfig, "paths": PathsConfig, **GROUP_SCHEMAS}
+    for group, schema in schemas.items():
+        node = cfg if group is None else cfg.get(group)
+        if node is None:
+            continue
+        known = {f.name for f in fields(schema)} | ({"hydra"} if group is None else set())
+        extra = sorted(set(node.keys()) - known)
+        if extra:
+            where = ", ".join(f"{group + '.' if group else ''}{k}" for k in extra)
+            raise EmqError(f"unknown config key(s): {where}",
+                           f"remove them; the known keys of {group or 'the run'} are {sorted(known)}")
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve interpolations and convert to the typed run object (enums, dataclasses)."""
+    _reject_unknown_keys(cfg)
     run_cfg = OmegaConf.to_object(cfg)
     if not isinstance(run_cfg, RunConfig):  # pragma: no cover - composition guarantees it
         raise TypeError(f"composed config is {type(run_cfg).__name__}, expected RunConfig")

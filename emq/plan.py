@@ -168,7 +168,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         elif det.trained_in_4bit is False and not blockers:
             route = Route.serve_lora
             reasons.append(f"route: serve-lora, because the adapter was trained on a 16-bit base "
-                           f"({det.decided_by}): vLLM applies it exactly on the unquantized base, with no merge "
+                           f"({det.decided_by}): vLLM applies it to the base it was trained on, with no merge "
                            "time or disk")
         else:
             route = Route.merge_then_serve

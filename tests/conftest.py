@@ -1,0 +1,38 @@
+"""Shared fixtures: the embedded demo (built once per data dir) and config composition."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from emq.config import CONF_DIR, to_run_config
+from emq.schema import RunConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """The emq data dir the tests share with README command 1 (EMQ_HOME, else ~/.cache/emq)."""
+    return Path(os.environ.get("EMQ_HOME", "~/.cache/emq")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The embedded demo, built on first use (~2.5 min on 2 cores) and reused afterwards."""
+    from emq.demo import ensure_demo
+
+    return ensure_demo(data_dir())
+
+
+def compose_run(overrides: list[str] | None = None) -> RunConfig:
+    """Compose the real configs with the compose API and convert to the typed run object."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides or [])
+    return to_run_config(cfg)
+
+
+@pytest.fixture
+def run_config():
+    return compose_run

