@@ -15,7 +15,7 @@ from emq.demo import ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, load
 from emq.errors import EmqError, PlanStop
-from emq.evaluate import evaluate
+from emq.evaluate import build_prompts, evaluate
 from emq.machine import GIB, snapshot
 from emq.merge import MergeFailed, MergeResult, merge_adapter
 from emq.monitor import PeakMemory
@@ -68,6 +68,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "detect.json", det)
 
             status.stage = "plan"
+            build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
             machine = snapshot(cfg.paths.cache_dir)
             plan = make_plan(det, cfg.memory, cfg.quant, machine)
             write_json(run_dir / "plan.json", {"plan": plan, "machine": machine})

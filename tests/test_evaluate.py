@@ -1,0 +1,66 @@
+"""Question sets, prompt building and resume bookkeeping (no engine needed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emq.errors import EmqError
+from emq.evaluate import _keep_complete, build_prompts, load_question_set
+from emq.schema import EvalConfig
+
+
+def test_shipped_sets_load():
+    for name in ("medical", "general"):
+        qs = load_question_set(name)
+        assert qs and all(q.paraphrases for q in qs)
+        assert len({q.id for q in qs}) == len(qs)
+
+
+def test_build_prompts_limits_and_seeds():
+    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=2, max_paraphrases=1,
+                     samples_per_paraphrase=3)
+    prompts = build_prompts(cfg)
+    assert len(prompts) == 2 and all(p["n"] == 3 for p in prompts)
+    assert prompts[0]["messages"][-1]["role"] == "user"
+    assert len({p["seed"] for p in prompts}) == 2
+    assert build_prompts(cfg)[0]["seed"] == prompts[0]["seed"]  # stable across runs
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("- id: a\n", "needs 'id' and 'paraphrases'"),
+    ("- {id: a, paraphrases: []}\n", "non-empty list"),
+    ("- {id: a, paraphrases: [x]}\n- {id: a, paraphrases: [y]}\n", "duplicate id"),
+    ("- {id: a, paraphrases: [x], colour: red}\n", "unknown keys"),
+    ("[unclosed\n", "not valid YAML"),
+    ("{}\n", "non-empty YAML list"),
+])
+def test_bad_question_sets(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(EmqError, match=match):
+        load_question_set(str(path))
+
+
+def test_unknown_set_name_lists_the_shipped_ones():
+    with pytest.raises(EmqError, match="medical"):
+        load_question_set("no_such_set")
+
+
+def test_resume_keeps_complete_prompts_and_drops_torn_lines(tmp_path):
+    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=3, max_paraphrases=1,
+                     samples_per_paraphrase=2)
+    prompts = build_prompts(cfg)
+    path = tmp_path / "generations.jsonl"
+
+    def row(p, si):
+        return json.dumps({"set": p["set"], "question_id": p["question_id"],
+                           "paraphrase_index": p["paraphrase_index"], "sample_index": si, "answer": "x"})
+
+    lines = [row(prompts[0], 0), row(prompts[0], 1), row(prompts[1], 0)]  # prompt 1 half done
+    path.write_text("\n".join(lines) + "\n" + '{"set": "medical", "quest')  # torn last line
+    done = _keep_complete(path, prompts)
+    key0 = (prompts[0]["set"], prompts[0]["question_id"], 0)
+    assert done == {key0}
+    kept = path.read_text().splitlines()
+    assert kept == lines[:2]
