@@ -1,6 +1,14 @@
 """detect: what is this model? Was the adapter trained on a 4-bit base, and what are its facts?
 
-Reads only metadata: JSON/YAML configs and safetensors headers. No weights are loaded.
+Reads only metadata: JSON/YAML configs, the model card's front matter and safetensors headers.
+No weights are loaded.
+
+Evidence for `trained_in_4bit`, strongest first (DESIGN.md "detect"):
+  1. a training config tied to this adapter (explicit path, or a file beside the adapter);
+  2. the adapter's metadata: the base it names in adapter_config.json being a pre-quantized
+     bitsandbytes checkpoint; the model card's tags;
+  3. the base model's own `quantization_config`;
+  4. naming patterns (4bit, bnb, qlora, nf4) — never decisive against a stronger source.
 """
 from __future__ import annotations
 
@@ -20,19 +28,32 @@ from emq.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Evidence strength, strongest first (DESIGN.md "detect").
-OVERRIDE, TRAINING_CONFIG, ADAPTER_METADATA, BASE_CONFIG, NAMING = 100, 40, 30, 20, 5
+OVERRIDE = 100
+TRAINING_CONFIG = 40
+ADAPTER_BASE_QUANTIZED = 30
+MODEL_CARD_TAG = 25
+BASE_CONFIG = 20
+WEAK_NEGATIVE = 10
+NAMING = 5
+
 _NAME_PATTERN = re.compile(r"(4[-_]?bit|bnb|qlora|nf4)", re.IGNORECASE)
-_TRAINING_CONFIG_NAMES = ("training_config.json", "train_config.json")
+_TRAINING_CONFIG_GLOBS = ("training_config.json", "train_config.json", "config_*.json", "*.yaml", "*.yml")
+_IDENTITY_KEYS = ("finetuned_model_id", "hub_model_id", "output_dir", "output")
+_BASE_KEYS = ("model", "base_model")
 _BYTES_PER_DTYPE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Linear layers vLLM's LoRA path serves (packed or not), across the common decoder families.
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                     "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn",
+                     "c_proj", "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo"}
+VLLM_MAX_LORA_RANK = 512
 
 
 @dataclass(frozen=True)
 class Evidence:
     """One thing a source said about 4-bit training."""
 
-    source: str  # file path or hub file
+    source: str  # file path (or hub id for names)
     key: str
     value: Any
     says: bool | None  # True: trained in 4-bit; False: not; None: not evidence for this adapter
@@ -51,21 +72,34 @@ class AdapterFacts:
     modules_to_save: list[str]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    fan_in_fan_out: bool
+    bias: str
     base_model_name_or_path: str | None
+    base_revision: str | None
     peft_type: str
+    weight_file: str | None
     weight_bytes: int
+    vllm_lora_ok: bool
+    vllm_lora_blockers: list[str]
 
 
 @dataclass(frozen=True)
 class BaseFacts:
     ref: str  # what to hand to vLLM: the local directory, or the hub id
     path: str  # local directory with (at least) the metadata files
-    architecture: str | None
-    model_type: str | None
+    architecture: str
+    model_type: str
     dtype: str | None
-    param_count: int | None  # from safetensors headers; None when the weights are not local
+    weights_local: bool  # the safetensors shards are on disk (not just hub metadata)
+    param_count: int | None  # from safetensors headers, else from the index's total_size
     param_bytes: int | None
     bytes_per_dtype: dict[str, int] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)
+    largest_shard_bytes: int = 0
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
     quantization_config: dict[str, Any] | None = None
 
 
@@ -80,7 +114,10 @@ class DetectResult:
     confidence: float
     decided_by: str | None
     evidence: list[Evidence]
+    conflicts: list[str] = field(default_factory=list)
 
+
+# --- file readers: one clear error per bad file ----------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -88,6 +125,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise EmqError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})",
                        "repair or replace the file") from None
+    except UnicodeDecodeError:
+        raise EmqError(f"{path} is not a text file", "repair or replace the file") from None
     if not isinstance(data, dict):
         raise EmqError(f"{path} must hold a JSON object, found {type(data).__name__}",
                        "repair or replace the file")
@@ -98,42 +137,88 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise EmqError(f"{path} is not valid YAML ({e})", "repair or replace the file") from None
+        raise EmqError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "repair or replace the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _front_matter(readme: Path) -> dict[str, Any]:
+    """The YAML front matter of a model card; a card without one (or a broken one) says nothing."""
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
     return data if isinstance(data, dict) else {}
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes), weights untouched."""
-    try:
-        with path.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise EmqError(f"{path} is empty or truncated (no safetensors header)",
-                               "re-download or re-save the weights")
-            (n,) = struct.unpack("<Q", raw)
-            size = path.stat().st_size
-            if n > size - 8 or n > 100_000_000:
-                raise EmqError(f"{path} is truncated or not a safetensors file (header length {n}, file {size} bytes)",
-                               "re-download or re-save the weights")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise EmqError(f"{path} is empty or truncated (no safetensors header)", "re-download or re-save the weights")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise EmqError(f"{path} is truncated or not a safetensors file (header says {n} bytes, file has {size})",
+                           "re-download or re-save the weights")
+        try:
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EmqError(f"{path} has a corrupt safetensors header", "re-download or re-save the weights") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EmqError(f"{path} has a corrupt safetensors header", "re-download or re-save the weights") from None
     header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise EmqError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}",
+                       "re-download or re-save the weights")
     return header
 
 
-def _base_facts(base_dir: Path, key: str, ref: str) -> BaseFacts:
+# --- base ----------------------------------------------------------------------------------
+
+def _known_architectures() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
     cfg_path = base_dir / "config.json"
     if not cfg_path.is_file():
-        raise EmqError(f"{cfg_path} is missing: {key} does not look like a Hugging Face model",
-                       f"point {key} at a directory with config.json and *.safetensors")
+        raise EmqError(f"{cfg_path} is missing: model.base does not look like a Hugging Face model",
+                       "point model.base at a directory with config.json and *.safetensors")
     cfg = _read_json(cfg_path)
-    archs = cfg.get("architectures") or [None]
-    count = nbytes = 0
+    archs = cfg.get("architectures") or []
+    if not archs or "model_type" not in cfg:
+        raise EmqError(f"{cfg_path} names no architecture (needs 'architectures' and 'model_type')",
+                       "use the config.json saved with the model")
+    if archs[0] not in _known_architectures():
+        raise EmqError(f"unknown architecture {archs[0]!r} in {cfg_path}: not a causal LM transformers knows",
+                       "emq prepares decoder-only causal LMs (Llama, Qwen2, Mistral, …); check the base path")
+    index_path = base_dir / "model.safetensors.index.json"
+    index = _read_json(index_path) if index_path.is_file() else None
+    if index is not None:
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        if not shards:
+            raise EmqError(f"{index_path} has no weight_map", "re-download or re-save the model")
+    else:
+        shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
+    present = [s for s in shards if (base_dir / s).is_file()]
+    if present and len(present) < len(shards):
+        missing = sorted(set(shards) - set(present))
+        raise EmqError(f"{index_path} lists shards that are missing: {missing[:3]}{' …' if len(missing) > 3 else ''}",
+                       "finish the download (or re-save the model) so every shard is present")
+    count = nbytes = largest = 0
     per_dtype: dict[str, int] = {}
-    files = sorted(base_dir.glob("*.safetensors"))
-    for f in files:
-        for name, info in safetensors_header(f).items():
+    for s in present:
+        path = base_dir / s
+        largest = max(largest, path.stat().st_size)
+        for info in safetensors_header(path).values():
             numel = 1
             for d in info["shape"]:
                 numel *= d
@@ -141,57 +226,145 @@ def _base_facts(base_dir: Path, key: str, ref: str) -> BaseFacts:
             count += numel
             nbytes += b
             per_dtype[info["dtype"]] = per_dtype.get(info["dtype"], 0) + b
+    if not shards and not (base_dir / "pytorch_model.bin").exists():
+        log.info("detect: %s has no weight files here (hub metadata only)", base_dir)
+    if present:
+        param_count, param_bytes = count, nbytes
+    elif index is not None and (index.get("metadata") or {}).get("total_size"):
+        param_bytes = int(index["metadata"]["total_size"])
+        param_count = param_bytes // 2  # bf16/fp16 checkpoints; recorded as an estimate
+    else:
+        param_count = param_bytes = None
+    heads = cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
     return BaseFacts(
-        ref=str(base_dir) if hub.looks_local(ref) else ref, path=str(base_dir), architecture=archs[0], model_type=cfg.get("model_type"),
-        dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-        param_count=count if files else None, param_bytes=nbytes if files else None,
-        bytes_per_dtype=per_dtype, quantization_config=cfg.get("quantization_config"),
+        ref=str(base_dir) if hub.looks_local(ref) else ref, path=str(base_dir), architecture=archs[0],
+        model_type=cfg["model_type"], dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        weights_local=bool(present), param_count=param_count, param_bytes=param_bytes,
+        bytes_per_dtype=per_dtype, shards=shards, largest_shard_bytes=largest,
+        num_layers=cfg.get("num_hidden_layers"), num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        quantization_config=cfg.get("quantization_config"),
     )
 
 
-def _adapter_facts(adapter_dir: Path, key: str) -> AdapterFacts:
+# --- adapter -------------------------------------------------------------------------------
+
+def _adapter_weights(adapter_dir: Path) -> Path | None:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    return None
+
+
+def _adapter_facts(adapter_dir: Path) -> AdapterFacts:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
-        raise EmqError(f"{cfg_path} is missing: {key} is not a PEFT adapter",
+        raise EmqError(f"{cfg_path} is missing: model.adapter is not a PEFT adapter",
                        "point model.adapter at the directory PEFT's save_pretrained wrote, or set it to null")
     cfg = _read_json(cfg_path)
-    if "r" not in cfg:
-        raise EmqError(f"{cfg_path} has no 'r' (rank): not a LoRA adapter config", "re-save the adapter with PEFT")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise EmqError(f"{cfg_path} is a {peft_type} adapter; emq handles LoRA (incl. QLoRA, rsLoRA)",
+                       "use a LoRA adapter")
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or rank <= 0:
+        raise EmqError(f"{cfg_path} has r={rank!r}; the LoRA rank must be a positive integer",
+                       "re-save the adapter with PEFT")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    weights = [p for p in (adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin") if p.is_file()]
+    if not targets:
+        raise EmqError(f"{cfg_path} has no target_modules", "re-save the adapter with PEFT")
+    weights = _adapter_weights(adapter_dir)
+    if weights is None:
+        raise EmqError(f"{adapter_dir} has no adapter_model.safetensors (or .bin)",
+                       "copy the adapter weights next to adapter_config.json")
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    modules_to_save = sorted(cfg.get("modules_to_save") or [])
+    blockers = []
+    if cfg.get("use_dora"):
+        blockers.append("DoRA (vLLM's LoRA path serves plain LoRA)")
+    if max([rank, *rank_pattern.values()]) > VLLM_MAX_LORA_RANK:
+        blockers.append(f"rank above vLLM's maximum {VLLM_MAX_LORA_RANK}")
+    if modules_to_save:
+        blockers.append(f"modules_to_save {modules_to_save} (vLLM's LoRA path cannot serve fully trained modules)")
+    odd = sorted(set(targets) - VLLM_LORA_MODULES)
+    if odd:
+        blockers.append(f"target modules vLLM's LoRA path may not serve: {odd}")
+    if cfg.get("lora_bias"):
+        blockers.append("lora_bias=true")
     return AdapterFacts(
-        path=str(adapter_dir), rank=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])),
+        path=str(adapter_dir), rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-        target_modules=sorted(targets), modules_to_save=sorted(cfg.get("modules_to_save") or []),
-        rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"), peft_type=str(cfg.get("peft_type", "LORA")),
-        weight_bytes=sum(p.stat().st_size for p in weights),
+        target_modules=sorted(targets), modules_to_save=modules_to_save, rank_pattern=rank_pattern,
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}), fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        bias=str(cfg.get("bias", "none")), base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        base_revision=cfg.get("revision"), peft_type=peft_type, weight_file=weights.name,
+        weight_bytes=weights.stat().st_size, vllm_lora_ok=not blockers, vllm_lora_blockers=blockers,
     )
 
 
+def _check_adapter_fits_base(adapter: AdapterFacts, base: BaseFacts) -> None:
+    """Every LoRA tensor must target a base weight that exists, with matching shapes."""
+    if not base.weights_local or adapter.weight_file != "adapter_model.safetensors":
+        return
+    base_shapes: dict[str, list[int]] = {}
+    for s in base.shards:
+        base_shapes.update({k: v["shape"] for k, v in safetensors_header(Path(base.path) / s).items()})
+    apath = Path(adapter.path) / adapter.weight_file
+    for name, info in safetensors_header(apath).items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
+        if not m:
+            continue
+        module, ab = m.group(1), m.group(2)
+        target = f"{module}.weight"
+        if target not in base_shapes:
+            raise EmqError(f"{apath}: tensor {name} targets {target}, which the base {base.path} does not have "
+                           f"({base.architecture})",
+                           "this adapter was trained on a different base; set model.base to that base")
+        out_f, in_f = base_shapes[target][:2]
+        if adapter.fan_in_fan_out:
+            out_f, in_f = in_f, out_f
+        shape = info["shape"]
+        want = in_f if ab == "A" else out_f
+        got = shape[1] if ab == "A" else shape[0]
+        if got != want:
+            raise EmqError(f"{apath}: {name} has shape {shape} but {target} in the base is {base_shapes[target]}",
+                           "this adapter was trained on a base of another size; set model.base to that base")
+
+
+# --- evidence ------------------------------------------------------------------------------
+
+def _norm(name: str) -> str:
+    """Compare model names loosely: last path part, lower case, quantization suffixes dropped."""
+    last = name.rstrip("/").split("/")[-1].lower()
+    return re.sub(r"(-unsloth)?(-bnb)?-4bit$", "", last)
+
+
 def _says_4bit(cfg: dict[str, Any]) -> tuple[str, Any, bool] | None:
-    """(key, value, verdict) from a training config's 4-bit keys, if any."""
-    for k in ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "adapter", "quantization"):
-        if k not in cfg:
-            continue
-        v = cfg[k]
-        if k == "load_in_4bit":
-            return k, v, bool(v)
-        if k == "adapter":
-            if str(v).lower() in ("qlora", "lora"):
-                return k, v, str(v).lower() == "qlora"
-            continue
-        if k == "quantization":
+    """(key, value, verdict) from a training config's 4-bit keys, if it has any."""
+    if "load_in_4bit" in cfg:
+        return "load_in_4bit", cfg["load_in_4bit"], bool(cfg["load_in_4bit"])
+    if str(cfg.get("adapter", "")).lower() in ("qlora", "lora"):
+        return "adapter", cfg["adapter"], str(cfg["adapter"]).lower() == "qlora"
+    for k in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant"):
+        if k in cfg:
+            return k, cfg[k], True
+    for k in ("quantization", "quantization_config"):
+        v = cfg.get(k)
+        if isinstance(v, dict):
+            found = _says_4bit(v)
+            if found:
+                return f"{k}.{found[0]}", found[1], found[2]
+        elif v is not None:
             return k, v, bool(re.search(r"4|nf4|bnb", str(v), re.IGNORECASE))
-        return k, v, True
     if cfg.get("load_in_8bit"):
         return "load_in_8bit", cfg["load_in_8bit"], False
     return None
 
 
-def _training_config_evidence(model: ModelConfig, adapter_dir: Path | None) -> list[Evidence]:
+def _training_config_paths(model: ModelConfig, adapter_dir: Path) -> list[Path]:
     paths: list[Path] = []
     if model.training_config:
         p = Path(model.training_config).expanduser()
@@ -199,46 +372,109 @@ def _training_config_evidence(model: ModelConfig, adapter_dir: Path | None) -> l
             raise EmqError(f"training config {p} (model.training_config) does not exist",
                            "fix the path or set model.training_config to null")
         paths.append(p)
-    if adapter_dir is not None:
-        for name in _TRAINING_CONFIG_NAMES:
-            if (adapter_dir / name).is_file():
-                paths.append(adapter_dir / name)
+    for pattern in _TRAINING_CONFIG_GLOBS:
+        for p in sorted(adapter_dir.glob(pattern)):
+            if p not in paths and p.name not in ("adapter_config.json", "config.json"):
+                paths.append(p)
+    return paths
+
+
+def _not_this_adapter(cfg: dict[str, Any], model: ModelConfig, adapter: AdapterFacts) -> str | None:
+    """Why a training config is about another model, or None if it may be about this one."""
+    mine = {_norm(model.adapter or ""), _norm(adapter.path)}
+    for k in _IDENTITY_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, str) and v and _norm(v) not in mine:
+            return f"{k}={v!r} names another adapter, not {model.adapter!r}"
+    bases = {_norm(model.base)} | ({_norm(adapter.base_model_name_or_path)} if adapter.base_model_name_or_path else set())
+    for k in _BASE_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, str) and v and _norm(v) not in bases:
+            return f"{k}={v!r} names another base model than {model.base!r}"
+    return None
+
+
+def _training_config_evidence(model: ModelConfig, adapter_dir: Path, adapter: AdapterFacts) -> list[Evidence]:
     out = []
-    for p in paths:
+    for p in _training_config_paths(model, adapter_dir):
         cfg = _read_yaml(p) if p.suffix in (".yaml", ".yml") else _read_json(p)
         said = _says_4bit(cfg)
-        if said is not None:
-            out.append(Evidence(str(p), said[0], said[1], said[2], TRAINING_CONFIG))
+        if said is None:
+            continue
+        other = _not_this_adapter(cfg, model, adapter)
+        if other:
+            out.append(Evidence(str(p), said[0], said[1], None, 0, f"not evidence: {other}"))
+        else:
+            out.append(Evidence(str(p), said[0], said[1], said[2], TRAINING_CONFIG, "training config"))
     return out
 
 
-def _adapter_base_evidence(facts: AdapterFacts, base: BaseFacts) -> list[Evidence]:
-    qc = base.quantization_config
-    src = f"{base.path}/config.json"
-    if qc and (qc.get("load_in_4bit") or qc.get("quant_method") == "bitsandbytes"):
-        return [Evidence(src, "quantization_config", qc, True, BASE_CONFIG,
-                         "the base itself is a bitsandbytes 4-bit checkpoint")]
-    return [Evidence(src, "quantization_config", None, False, BASE_CONFIG // 2,
-                     "the base is not a pre-quantized checkpoint (weak: QLoRA usually quantizes in flight)")]
+def _is_bnb_4bit(qc: dict[str, Any] | None) -> bool:
+    return bool(qc) and (bool(qc.get("load_in_4bit")) or
+                         (qc.get("quant_method") == "bitsandbytes" and not qc.get("load_in_8bit")))
 
 
-def _naming_evidence(refs: list[str]) -> list[Evidence]:
+def _adapter_metadata_evidence(model: ModelConfig, adapter_dir: Path, adapter: AdapterFacts,
+                               base: BaseFacts) -> list[Evidence]:
     out = []
-    for ref in refs:
+    named = adapter.base_model_name_or_path
+    src = str(adapter_dir / "adapter_config.json")
+    if named and named not in (model.base, base.path, base.ref):
+        try:
+            named_dir = hub.resolve(named, revision=adapter.base_revision, what="adapter's base",
+                                    key="adapter_config.json base_model_name_or_path")
+            qc = _read_json(named_dir / "config.json").get("quantization_config") \
+                if (named_dir / "config.json").is_file() else None
+        except EmqError as e:
+            out.append(Evidence(src, "base_model_name_or_path", named, None, 0,
+                                f"could not read that base's config: {e.message}"))
+        else:
+            if _is_bnb_4bit(qc):
+                out.append(Evidence(src, "base_model_name_or_path", named, True, ADAPTER_BASE_QUANTIZED,
+                                    f"trained on {named}, a bitsandbytes 4-bit checkpoint"))
+            elif qc is None:
+                out.append(Evidence(src, "base_model_name_or_path", named, False, WEAK_NEGATIVE,
+                                    f"trained on {named}, not a pre-quantized checkpoint"))
+    readme = adapter_dir / "README.md"
+    if readme.is_file():
+        card = _front_matter(readme)
+        tags = card.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else tags
+        hits = [t for t in tags if isinstance(t, str) and _NAME_PATTERN.search(t)]
+        if hits:
+            out.append(Evidence(str(readme), "tags", hits, True, MODEL_CARD_TAG, "model card tags"))
+        card_base = card.get("base_model")
+        for b in [card_base] if isinstance(card_base, str) else (card_base or []):
+            if isinstance(b, str) and _NAME_PATTERN.search(b):
+                out.append(Evidence(str(readme), "base_model", b, True, NAMING, "model card base_model name"))
+    for ref, src_name in ((model.adapter or "", "model.adapter"), (named or "", src)):
         m = _NAME_PATTERN.search(ref)
         if m:
-            out.append(Evidence(ref, "name", m.group(0), True, NAMING, "naming pattern"))
+            out.append(Evidence(src_name, "name", ref, True, NAMING, f"naming pattern {m.group(0)!r}"))
     return out
 
 
-def _decide(evidence: list[Evidence]) -> tuple[bool | None, float, str | None]:
+def _base_config_evidence(base: BaseFacts) -> Evidence:
+    src = f"{base.path}/config.json"
+    if _is_bnb_4bit(base.quantization_config):
+        return Evidence(src, "quantization_config", base.quantization_config, True, BASE_CONFIG,
+                        "the base itself is a bitsandbytes 4-bit checkpoint")
+    return Evidence(src, "quantization_config", base.quantization_config, False, WEAK_NEGATIVE,
+                    "the base is not pre-quantized (weak: QLoRA usually quantizes in flight)")
+
+
+def _decide(evidence: list[Evidence]) -> tuple[bool | None, float, str | None, list[str]]:
     votes = [e for e in evidence if e.says is not None]
     if not votes:
-        return None, 0.0, None
+        return None, 0.0, None, []
     top = max(votes, key=lambda e: e.weight)
     total = sum(e.weight for e in votes)
     agree = sum(e.weight for e in votes if e.says == top.says)
-    return top.says, round(agree / total * min(1.0, top.weight / TRAINING_CONFIG), 2), f"{top.source}:{top.key}"
+    confidence = 1.0 if top.weight >= OVERRIDE else round(agree / total * min(1.0, top.weight / TRAINING_CONFIG), 2)
+    conflicts = [f"{e.source}:{e.key} says {'4-bit' if e.says else 'not 4-bit'} (weight {e.weight}), "
+                 f"outweighed by {top.source}:{top.key} (weight {top.weight})"
+                 for e in votes if e.says != top.says]
+    return top.says, confidence, f"{top.source}:{top.key}", conflicts
 
 
 def detect(model: ModelConfig) -> DetectResult:
@@ -248,30 +484,32 @@ def detect(model: ModelConfig) -> DetectResult:
         model: the model group of the run config.
 
     Returns:
-        The detect record.
+        The detect record: facts, verdict, confidence and every piece of evidence.
 
     Raises:
-        EmqError: a path is missing, a file is malformed, or the hub is unreachable.
+        EmqError: a path is missing, a file is malformed, the adapter does not fit the base, or
+            the hub is unreachable and the repo is not cached.
     """
     adapter_dir = adapter = None
     if model.adapter:
         adapter_dir = hub.resolve(model.adapter, revision=model.adapter_revision, what="adapter", key="model.adapter")
-        adapter = _adapter_facts(adapter_dir, "model.adapter")
+        adapter = _adapter_facts(adapter_dir)
     base_dir = hub.resolve(model.base, revision=model.base_revision, what="base model", key="model.base")
-    base = _base_facts(base_dir, "model.base", model.base)
+    base = _base_facts(base_dir, model.base)
 
     evidence: list[Evidence] = []
     if model.trained_in_4bit is not None:
         evidence.append(Evidence("config", "model.trained_in_4bit", model.trained_in_4bit,
                                  model.trained_in_4bit, OVERRIDE, "user override"))
     if adapter is not None:
-        evidence += _training_config_evidence(model, adapter_dir)
-        evidence += _adapter_base_evidence(adapter, base)
-        evidence += _naming_evidence([model.adapter or ""])
-        trained, confidence, decided_by = _decide(evidence)
+        _check_adapter_fits_base(adapter, base)
+        evidence += _training_config_evidence(model, adapter_dir, adapter)
+        evidence += _adapter_metadata_evidence(model, adapter_dir, adapter, base)
+        evidence.append(_base_config_evidence(base))
+        trained, confidence, decided_by, conflicts = _decide(evidence)
     else:
-        trained, confidence, decided_by = None, 0.0, None
+        trained, confidence, decided_by, conflicts = None, 0.0, None, []
     result = DetectResult(model=model.name, base=base, adapter=adapter, trained_in_4bit=trained,
-                          confidence=confidence, decided_by=decided_by, evidence=evidence)
+                          confidence=confidence, decided_by=decided_by, evidence=evidence, conflicts=conflicts)
     log.info("detect: %s trained_in_4bit=%s (confidence %.2f, by %s)", model.name, trained, confidence, decided_by)
     return result

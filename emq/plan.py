@@ -103,19 +103,6 @@ def _lora_rank(det: DetectResult) -> int:
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
 
 
-def _lora_blockers(det: DetectResult) -> list[str]:
-    a = det.adapter
-    assert a is not None
-    out = []
-    if a.use_dora:
-        out.append("the adapter uses DoRA, which vLLM's LoRA path does not serve")
-    if a.peft_type.upper() != "LORA":
-        out.append(f"the adapter is {a.peft_type}, not LoRA")
-    if max([a.rank, *a.rank_pattern.values()]) > VLLM_LORA_RANKS[-1]:
-        out.append(f"rank above vLLM's maximum {VLLM_LORA_RANKS[-1]}")
-    return out
-
-
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
     """Choose a route, quantization and engine settings, with a reason for each.
 
@@ -140,12 +127,20 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     est = {
         "base_bf16": bf16 / GIB,
         "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
-        "merge_peak_cpu_ram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,  # fp32 model + adapter
-        "merge_peak_gpu_vram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,  # fp32 math on GPU too
+        # PEFT merge, fp32 math: the whole model in fp32 plus the adapter, +15 % allocator slack
+        "merge_peak_cpu_ram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,
+        "merge_peak_gpu_vram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,
         "merged_disk": bf16 / GIB,
+        **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
     }
+    b = det.base
+    if b.num_layers and b.num_kv_heads and b.head_dim:
+        kv_per_token = 2 * b.num_layers * b.num_kv_heads * b.head_dim * 2  # K and V, bf16
+        est["kv_per_sequence"] = kv_per_token * memory.max_model_len / GIB
     if not params:
-        reasons.append("memory estimates unavailable: the base weights are not local (hub metadata only)")
+        reasons.append("memory estimates unavailable: no safetensors headers or index total_size for the base")
+    elif not det.base.weights_local:
+        reasons.append("memory estimates from the hub index's total_size (weights not downloaded yet)")
 
     # --- route -----------------------------------------------------------------------
     merge_devices: list[str] = []
@@ -155,7 +150,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         route = Route.serve_base
         reasons.append("route: serve-base, because the model config has no adapter")
     else:
-        blockers = _lora_blockers(det)
+        blockers = det.adapter.vllm_lora_blockers
         policy = memory.route
         if policy is RoutePolicy.lora:
             if blockers:
@@ -228,14 +223,25 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     else:
         util = memory.gpu_memory_utilization
         eager = memory.enforce_eager
-        if machine.cuda and params:
-            total = max(g.total_bytes for g in machine.gpus) / GIB
-            est["kv_headroom"] = total * util - est["serve_weights"]
-            if est["kv_headroom"] <= 0:
-                route = Route.stop
-                stop_reason = (f"serving needs ~{est['serve_weights']:.1f} GiB of weights but vLLM may use "
-                               f"{total * util:.1f} GiB (gpu_memory_utilization={util}); quantize (quant=auto) "
-                               "or raise memory.gpu_memory_utilization")
+    pool = (max((g.total_bytes for g in machine.gpus), default=0) if platform == "cuda"
+            else machine.ram_total_bytes) / GIB * util
+    if params and route is not Route.stop and platform in ("cuda", "cpu"):
+        est["engine_pool"] = pool
+        est["kv_headroom"] = pool - est["serve_weights"]
+        where = "memory.gpu_memory_utilization" if platform == "cuda" else "memory.cpu_memory_utilization"
+        need_kv = est.get("kv_per_sequence", 0.0)
+        if est["kv_headroom"] <= need_kv:
+            route = Route.stop
+            lighter = [q.value for q in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
+                       if q in machine.vllm.quant and est[f"serve_weights_{q.value}"] + need_kv < pool]
+            stop_reason = (f"serving needs ~{est['serve_weights']:.1f} GiB of weights + {need_kv:.2f} GiB KV cache "
+                           f"for one {memory.max_model_len}-token sequence, but vLLM may use {pool:.1f} GiB "
+                           f"({where}={util}); " + (f"quantize (quant={' or quant='.join(lighter)}), " if lighter else "")
+                           + f"raise {where} or lower memory.max_model_len")
+        else:
+            reasons.append(f"serving: ~{est['serve_weights']:.2f} GiB weights in a {pool:.1f} GiB pool leaves "
+                           f"{est['kv_headroom']:.2f} GiB for the KV cache"
+                           + (f" (~{est['kv_headroom'] / need_kv:.0f} full-length sequences)" if need_kv else ""))
     lora = route is Route.serve_lora or fallback is Route.serve_lora
     engine = EngineSettings(
         quantization=machine.vllm.quant.get(qm), dtype="bfloat16", memory_utilization=util,

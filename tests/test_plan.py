@@ -15,11 +15,15 @@ PARAMS_14B = 14_800_000_000
 def _det(trained_in_4bit: bool | None = True, adapter: bool = True, params: int = PARAMS_14B,
          use_dora: bool = False, rank: int = 32) -> DetectResult:
     base = BaseFacts(ref="/m/base", path="/m/base", architecture="Qwen2ForCausalLM", model_type="qwen2",
-                     dtype="bfloat16", param_count=params, param_bytes=params * 2)
+                     dtype="bfloat16", weights_local=True, param_count=params, param_bytes=params * 2,
+                     num_layers=48, num_kv_heads=8, head_dim=128)
+    blockers = ["DoRA (vLLM's LoRA path serves plain LoRA)"] if use_dora else []
     facts = AdapterFacts(path="/m/adapter", rank=rank, alpha=2 * rank, use_rslora=False, use_dora=use_dora,
                          target_modules=["q_proj", "v_proj"], modules_to_save=[], rank_pattern={},
-                         alpha_pattern={}, base_model_name_or_path="/m/base", peft_type="LORA",
-                         weight_bytes=rank * 10_000_000) if adapter else None
+                         alpha_pattern={}, fan_in_fan_out=False, bias="none", base_model_name_or_path="/m/base",
+                         base_revision=None, peft_type="LORA", weight_file="adapter_model.safetensors",
+                         weight_bytes=rank * 10_000_000, vllm_lora_ok=not blockers,
+                         vllm_lora_blockers=blockers) if adapter else None
     return DetectResult(model="t", base=base, adapter=facts, trained_in_4bit=trained_in_4bit if adapter else None,
                         confidence=1.0, decided_by="test", evidence=[])
 
@@ -69,7 +73,8 @@ def test_no_gpu_too_little_ram_stops():
 
 
 def test_no_gpu_too_little_ram_falls_back_to_lora():
-    plan = _plan(machine=_machine(ram_gib=8), stop_on_failure=False)
+    plan = _plan(det=_det(params=2_000_000_000), machine=_machine(ram_gib=8), stop_on_failure=False,
+                 cpu_memory_utilization=0.9)
     assert plan.route is Route.serve_lora and plan.engine.enable_lora and plan.engine.max_lora_rank == 32
 
 
@@ -134,6 +139,20 @@ def test_lora_rank_rounds_up_to_a_vllm_rank():
 def test_weights_that_do_not_fit_stop():
     plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()), quant=QuantMethod.none)
     assert plan.route is Route.stop and "gpu_memory_utilization" in plan.stop_reason
+
+
+def test_kv_cache_that_does_not_fit_names_the_knobs():
+    plan = _plan(det=_det(params=500_000_000), machine=_machine(gpu_free_gib=4, gpu_total_gib=4, vllm=_vllm_cuda()),
+                 max_model_len=131072, quant=QuantMethod.none)
+    assert plan.route is Route.stop
+    assert "KV cache" in plan.stop_reason and "max_model_len" in plan.stop_reason
+
+
+def test_estimates_cover_every_quant_option():
+    plan = _plan(machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()))
+    e = plan.estimates_gib
+    assert e["serve_weights_bnb"] < e["serve_weights_int8"] < e["serve_weights_none"]
+    assert e["kv_per_sequence"] > 0 and e["kv_headroom"] > e["kv_per_sequence"]
 
 
 def test_every_choice_has_a_reason():

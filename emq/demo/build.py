@@ -164,7 +164,7 @@ def _build_base(out: Path) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.name_or_path = "SmolLM2-135M-Instruct"
-    config.torch_dtype = torch.bfloat16
+    config.dtype = torch.bfloat16
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # lm_head is tied to embed_tokens; anything else missing is a real error

@@ -1,0 +1,80 @@
+"""Tiny synthetic models and adapters written to disk: real files, made in milliseconds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS = 64, 128, 2, 256, 4, 2
+
+
+def llama_config(**extra) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16", **extra}
+
+
+def base_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    kv = HIDDEN // HEADS * KV_HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN), f"{p}.self_attn.k_proj.weight": (kv, HIDDEN),
+                       f"{p}.self_attn.v_proj.weight": (kv, HIDDEN), f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                       f"{p}.mlp.gate_proj.weight": (INTER, HIDDEN), f"{p}.mlp.up_proj.weight": (INTER, HIDDEN),
+                       f"{p}.mlp.down_proj.weight": (HIDDEN, INTER), f"{p}.input_layernorm.weight": (HIDDEN,),
+                       f"{p}.post_attention_layernorm.weight": (HIDDEN,)})
+    return {k: (torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+def make_base(path: Path, *, shards: int = 1, config: dict | None = None, seed: int = 0) -> Path:
+    """A Llama-shaped base with random bf16 weights, sharded with an index when shards > 1."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or llama_config()))
+    tensors = base_tensors(seed)
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"))
+        return path
+    names = sorted(tensors)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = {n: tensors[n].contiguous() for n in names[s::shards]}
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(path / fname))
+        weight_map.update({n: fname for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return path
+
+
+def make_adapter(path: Path, base: str, *, r: int = 4, targets=("q_proj", "v_proj"), config: dict | None = None,
+                 in_features: int | None = None, seed: int = 1, module_prefix: str = "model.layers") -> Path:
+    """A PEFT-format LoRA adapter for the synthetic base (nonzero B, so it changes the model)."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    kv = HIDDEN // HEADS * KV_HEADS
+    out_of = {"q_proj": HIDDEN, "k_proj": kv, "v_proj": kv, "o_proj": HIDDEN, "gate_proj": INTER,
+              "up_proj": INTER, "down_proj": HIDDEN}
+    in_of = {"down_proj": INTER}
+    parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    tensors = {}
+    for i in range(LAYERS):
+        for t in targets:
+            name = f"base_model.model.{module_prefix}.{i}.{parent.get(t, 'self_attn')}.{t}"
+            fan_in = in_features or in_of.get(t, HIDDEN)
+            tensors[f"{name}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_of.get(t, HIDDEN), r, generator=g) * 0.1
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
+           "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
+           "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
