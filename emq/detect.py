@@ -257,7 +257,7 @@ def _adapter_weights(adapter_dir: Path) -> Path | None:
     return None
 
 
-def _adapter_facts(adapter_dir: Path) -> AdapterFacts:
+def _adapter_facts(adapter_dir: Path, from_hub: bool) -> AdapterFacts:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise EmqError(f"{cfg_path} is missing: model.adapter is not a PEFT adapter",
@@ -277,7 +277,7 @@ def _adapter_facts(adapter_dir: Path) -> AdapterFacts:
     if not targets:
         raise EmqError(f"{cfg_path} has no target_modules", "re-save the adapter with PEFT")
     weights = _adapter_weights(adapter_dir)
-    if weights is None:
+    if weights is None and not from_hub:  # from the hub, detect fetches metadata only
         raise EmqError(f"{adapter_dir} has no adapter_model.safetensors (or .bin)",
                        "copy the adapter weights next to adapter_config.json")
     rank_pattern = dict(cfg.get("rank_pattern") or {})
@@ -300,8 +300,8 @@ def _adapter_facts(adapter_dir: Path) -> AdapterFacts:
         target_modules=sorted(targets), modules_to_save=modules_to_save, rank_pattern=rank_pattern,
         alpha_pattern=dict(cfg.get("alpha_pattern") or {}), fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         bias=str(cfg.get("bias", "none")), base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        base_revision=cfg.get("revision"), peft_type=peft_type, weight_file=weights.name,
-        weight_bytes=weights.stat().st_size, vllm_lora_ok=not blockers, vllm_lora_blockers=blockers,
+        base_revision=cfg.get("revision"), peft_type=peft_type, weight_file=weights.name if weights else None,
+        weight_bytes=weights.stat().st_size if weights else 0, vllm_lora_ok=not blockers, vllm_lora_blockers=blockers,
     )
 
 
@@ -477,11 +477,20 @@ def _decide(evidence: list[Evidence]) -> tuple[bool | None, float, str | None, l
     return top.says, confidence, f"{top.source}:{top.key}", conflicts
 
 
-def detect(model: ModelConfig) -> DetectResult:
+def _short_source(e: Evidence, model: ModelConfig, adapter_dir: Path | None, base_dir: Path) -> Evidence:
+    """Name hub files as `hub:<repo>/<file>` rather than by their snapshot path."""
+    for ref, d in ((model.adapter, adapter_dir), (model.base, base_dir)):
+        if ref and d is not None and not hub.looks_local(ref) and e.source.startswith(str(d)):
+            return Evidence(f"hub:{ref}{e.source[len(str(d)):]}", e.key, e.value, e.says, e.weight, e.note)
+    return e
+
+
+def detect(model: ModelConfig, *, fetch_weights: bool = False) -> DetectResult:
     """Identify the base and adapter and decide whether the adapter was trained in 4-bit.
 
     Args:
         model: the model group of the run config.
+        fetch_weights: for hub ids, fetch the weights too (merging needs them).
 
     Returns:
         The detect record: facts, verdict, confidence and every piece of evidence.
@@ -492,9 +501,11 @@ def detect(model: ModelConfig) -> DetectResult:
     """
     adapter_dir = adapter = None
     if model.adapter:
-        adapter_dir = hub.resolve(model.adapter, revision=model.adapter_revision, what="adapter", key="model.adapter")
-        adapter = _adapter_facts(adapter_dir)
-    base_dir = hub.resolve(model.base, revision=model.base_revision, what="base model", key="model.base")
+        adapter_dir = hub.resolve(model.adapter, revision=model.adapter_revision, what="adapter", key="model.adapter",
+                                  full=fetch_weights)
+        adapter = _adapter_facts(adapter_dir, from_hub=not hub.looks_local(model.adapter))
+    base_dir = hub.resolve(model.base, revision=model.base_revision, what="base model", key="model.base",
+                           full=fetch_weights)
     base = _base_facts(base_dir, model.base)
 
     evidence: list[Evidence] = []
@@ -509,6 +520,9 @@ def detect(model: ModelConfig) -> DetectResult:
         trained, confidence, decided_by, conflicts = _decide(evidence)
     else:
         trained, confidence, decided_by, conflicts = None, 0.0, None, []
+    evidence = [_short_source(e, model, adapter_dir, base_dir) for e in evidence]
+    if adapter is not None:
+        trained, confidence, decided_by, conflicts = _decide(evidence)
     result = DetectResult(model=model.name, base=base, adapter=adapter, trained_in_4bit=trained,
                           confidence=confidence, decided_by=decided_by, evidence=evidence, conflicts=conflicts)
     log.info("detect: %s trained_in_4bit=%s (confidence %.2f, by %s)", model.name, trained, confidence, decided_by)

@@ -20,14 +20,15 @@ def looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists()
 
 
-def resolve(ref: str, *, revision: str | None, what: str, key: str) -> Path:
-    """Local directory holding at least the metadata files of `ref`.
+def resolve(ref: str, *, revision: str | None, what: str, key: str, full: bool = False) -> Path:
+    """Local directory holding at least the metadata files of `ref` (every file if `full`).
 
     Args:
         ref: local directory or hub repo id.
         revision: hub revision (branch, tag or commit); ignored for local paths.
         what: "base model" or "adapter", for messages.
         key: the config key the reference came from, for messages.
+        full: fetch the weights too (merging needs them; detect and plan do not).
 
     Raises:
         EmqError: the path does not exist, or the hub cannot be reached and the repo is not cached.
@@ -47,9 +48,9 @@ def resolve(ref: str, *, revision: str | None, what: str, key: str) -> Path:
         RevisionNotFoundError,
     )
 
+    patterns = None if full else METADATA_PATTERNS
     try:
-        return Path(snapshot_download(ref, revision=revision, allow_patterns=METADATA_PATTERNS,
-                                      local_files_only=True))
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
     if constants.HF_HUB_OFFLINE:
@@ -58,7 +59,9 @@ def resolve(ref: str, *, revision: str | None, what: str, key: str) -> Path:
             "unset HF_HUB_OFFLINE on a machine with network, pre-fill the cache "
             "(huggingface-cli download), use a local path, or a demo model (model=demo_good_doctor)")
     try:
-        return Path(snapshot_download(ref, revision=revision, allow_patterns=METADATA_PATTERNS))
+        if full:
+            log.info("fetching %s %s from the hub (weights included)", what, ref)
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=patterns))
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise EmqError(f"{what} {ref!r} ({key}) is not on the hub or needs access: {type(e).__name__}",
                        "check the id, or log in with HF_TOKEN for gated repos") from None

@@ -6,6 +6,7 @@ out-of-memory error moves on to the next device (the GPU → CPU cascade).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -176,6 +177,8 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
             except torch.OutOfMemoryError as e:
                 attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
                 log.warning("merge on %s ran out of memory; trying the next device", device)
+                del e  # its traceback holds the half-loaded model
+                gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             except (MemoryError, RuntimeError) as e:

@@ -24,6 +24,10 @@ SERVE_FRACTION = {QuantMethod.none: 1.0, QuantMethod.int8: 0.55, QuantMethod.fp8
                   QuantMethod.bnb: 0.33}
 
 
+# Below this, a "not trained in 4-bit" verdict does not justify skipping the merge.
+MIN_CONFIDENCE = 0.5
+
+
 class Route(str, Enum):
     serve_base = "serve-base"
     serve_lora = "serve-lora"
@@ -160,7 +164,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         elif policy is RoutePolicy.merge:
             route = Route.merge_then_serve
             reasons.append("route: merge-then-serve, because memory.route=merge")
-        elif det.trained_in_4bit is False and not blockers:
+        elif det.trained_in_4bit is False and det.confidence >= MIN_CONFIDENCE and not blockers:
             route = Route.serve_lora
             reasons.append(f"route: serve-lora, because the adapter was trained on a 16-bit base "
                            f"({det.decided_by}): vLLM applies it to the base it was trained on, with no merge "
@@ -168,7 +172,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         else:
             route = Route.merge_then_serve
             why = ("the adapter was trained on a 4-bit base" if det.trained_in_4bit
-                   else "4-bit training is unknown" if not blockers else "; ".join(blockers))
+                   else "; ".join(blockers) if blockers
+                   else f"16-bit training is only weakly evidenced (confidence {det.confidence:.2f} < "
+                        f"{MIN_CONFIDENCE}; a merge is exact either way)")
             reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
                            "checkpoint serves ~1.6x faster than base+LoRA at equal memory (DESIGN.md, H200)")
         if route is Route.merge_then_serve:

@@ -82,6 +82,11 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 return status
 
             status.stage = "merge"
+            merge_lacks = route is Route.merge_then_serve and not (det.base.weights_local and det.adapter.weight_file)
+            lora_lacks = route is Route.serve_lora and det.adapter.weight_file is None
+            if merge_lacks or lora_lacks:
+                det = detect(cfg.model, fetch_weights=True)  # hub ids: detect read metadata only
+                write_json(run_dir / "detect.json", det)
             model_path, lora_path = det.base.ref, None
             if route is Route.merge_then_serve:
                 try:
@@ -93,7 +98,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 except MergeFailed as e:
                     status.merge_attempts = e.attempts
                     if plan.fallback is not Route.serve_lora:
-                        raise
+                        raise _merge_diagnostic(e, plan, machine) from None
                     log.warning("merge failed on every device; serving the LoRA instead (memory.stop_on_failure=false)")
                     route = Route.serve_lora
                     status.route = route.value
@@ -136,6 +141,21 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "status.json", status)
             log.info("\n%s", summary_table(_summary_rows(status, metrics), f"emq run: {status.status}"))
     return status
+
+
+def _merge_diagnostic(e: MergeFailed, plan, machine) -> EmqError:
+    """What was needed, what was found, and the options that would work."""
+    tried = "; ".join(f"{a['device']}: {a.get('error', 'ok')}" for a in e.attempts) or "no device allowed"
+    est = plan.estimates_gib
+    gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
+    options = []
+    if plan.engine.max_lora_rank is not None or not plan.engine.enable_lora:
+        options.append("memory.stop_on_failure=false (serve the LoRA through vLLM instead)")
+    options += [f"a machine with ≥ {est['merge_peak_cpu_ram']:.0f} GiB free RAM or "
+                f"≥ {est['merge_peak_gpu_vram']:.0f} GiB free VRAM", "free memory held by other processes"]
+    return EmqError(f"merge failed on every device ({tried}); GPU merge needs ~{est['merge_peak_gpu_vram']:.1f} GiB "
+                    f"VRAM ({gpu_free:.1f} free at plan time), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
+                    f"({machine.ram_available_bytes / GIB:.1f} available)", "; or ".join(options))
 
 
 def _summary_rows(status: RunStatus, metrics: dict[str, Any]) -> list[tuple[str, str]]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-from omegaconf import MISSING
+# OmegaConf's marker for a required value (the same string as omegaconf.MISSING), spelled out
+# so the stage modules import without Hydra/OmegaConf installed.
+MISSING: Any = "???"
 
 
 class QuantMethod(str, Enum):

@@ -104,3 +104,24 @@ def test_bad_question_set_fails_before_weights(demo, tmp_path):
     assert proc.returncode == 2
     assert "unknown question set 'nope'" in proc.stdout + proc.stderr
     assert not (run_dir / "plan.json").exists()
+
+
+@pytest.mark.parametrize("model", ["good_doctor", "bad_doctor"])
+def test_dry_run_on_hub_models_from_a_prefilled_cache(tmp_path, model):
+    from tests.hub_standins import prefill
+
+    cache = prefill(tmp_path / "hf")
+    proc, run_dir = emq(tmp_path, "stage=plan", f"model={model}",
+                        env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert f"emq plan for {model}" in out and "Traceback" not in out
+    det = records(run_dir, "detect.json")
+    plan = records(run_dir, "plan.json")["plan"]
+    assert det["base"]["param_count"] > 14e9 and not det["base"]["weights_local"]
+    assert any(r.startswith("route:") for r in plan["reasons"])
+    if model == "bad_doctor":
+        assert det["trained_in_4bit"] is True
+        assert det["decided_by"].startswith("hub:Jack-Payne1/") and "adapter_config.json" in det["decided_by"]
+    # a 14B model does not fit this 2-core, 24 GiB CI machine: the plan stops and says why
+    if plan["route"] == "stop":
+        assert proc.returncode == 2 and "GiB" in plan["stop_reason"]
