@@ -9,6 +9,7 @@ Prints a short table last.  Run on the device machine:  PYTHONPATH=. python3 scr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from emq.detect import detect  # noqa: E402
-from emq.machine import GIB, snapshot  # noqa: E402
+from emq.machine import GIB, vllm_info  # noqa: E402
+from emq.machine import snapshot as live_snapshot  # noqa: E402
 from emq.merge import merge_adapter  # noqa: E402
 from emq.plan import make_plan  # noqa: E402
 from emq.schema import MemoryConfig, ModelConfig, QuantConfig, QuantMethod  # noqa: E402
@@ -60,6 +62,11 @@ def build(root: Path) -> tuple[Path, Path]:
         "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
         "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM", "bias": "none"}))
     return base, adapter
+
+
+def snapshot(cache):
+    """The live machine; vLLM is not needed for merging, so stand in the one emq installs on CUDA."""
+    return dataclasses.replace(live_snapshot(cache), vllm=vllm_info(True, "vllm", "0.23.0"))
 
 
 def main() -> None:
