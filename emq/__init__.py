@@ -1,7 +1,22 @@
 """emq: prepare LoRA / QLoRA fine-tunes for memory-lean vLLM inference and evaluate them.
 
-Importing the package is cheap: no torch, vLLM or Hydra is imported here.
+Importing the package is cheap: the API functions below import torch and friends on first use.
+
+    emq.was_trained_in_4bit(lora)                     -> True / False / None
+    emq.get_or_create_merged_model(base, lora, ...)   -> Path of the cached merged checkpoint
+    emq.prepare_model_for_vllm(lora, ...)             -> model path, engine kwargs, LoRARequest
 """
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["get_or_create_merged_model", "prepare_model_for_vllm", "was_trained_in_4bit"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from emq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'emq' has no attribute {name!r}")

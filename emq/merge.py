@@ -1,35 +1,52 @@
 """merge: one merged checkpoint per (base, adapter, settings), made once and cached.
 
-Method `peft`: PeftModel.merge_and_unload with the weights in fp32 (bf16 matmuls are slow and
-lossy on CPU), saved as bf16 safetensors. The devices are tried in the plan's order: a CUDA
-out-of-memory error moves on to the next device (the GPU → CPU cascade).
+Methods
+- `stream` (default): walk the base's safetensors shards tensor by tensor; for each targeted
+  weight add scale·(B·A) computed in fp32 (on the GPU when the device is cuda) and cast back;
+  write each output shard as soon as it is done. Peak memory ≈ one shard + the adapter, whatever
+  the model size.
+- `peft` (reference): PeftModel.merge_and_unload with the weights in fp32, then save_pretrained.
+
+Merge base (for the linear weights a QLoRA run quantized):
+- `original`: the 16-bit base weights.
+- `dequantized`: dequant(NF4(W)) with the training's blocksize and double-quant setting — the
+  weights the adapter actually saw in training.
+- `auto` (default): `dequantized` when detect found 4-bit training, else `original`. Reason: a
+  QLoRA adapter learned corrections to the quantized weights; merging them into the NF4 round
+  trip reproduces the trained function (up to bf16 rounding), while merging into the original
+  weights adds the quantization error back.
+
+Devices are tried in the plan's order; a CUDA out-of-memory error moves on to the next device
+(the GPU → CPU cascade). NaN/inf in a merged tensor is an error that names the module.
 """
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
-import os
+import math
+import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from filelock import FileLock
+from typing import Any
 
 import emq
+from emq import cache
 from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.records import write_json
+from emq.schema import MergeBase, MergeMethod
 
 log = logging.getLogger(__name__)
 
-FULL_HASH_LIMIT = 2 * 1024**3  # hash base weights in full below this; above, hash their headers
+FULL_HASH_LIMIT = 2 * 1024**3  # hash base weights in full below this; above, hash size + header
 _COPY_FROM_BASE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
-MANIFEST = "manifest.json"
+                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+_ADAPTER = "base_model.model."
+_EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 class MergeFailed(EmqError):
@@ -41,139 +58,322 @@ class MergeFailed(EmqError):
 
 
 @dataclass(frozen=True)
+class MergeSettings:
+    method: MergeMethod = MergeMethod.stream
+    merge_base: MergeBase = MergeBase.auto
+    out_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+
+
+@dataclass(frozen=True)
 class MergeResult:
     path: str
     key: str
     cached: bool
     device: str | None
     method: str
+    merge_base: str
     seconds: float
     attempts: list[dict] = field(default_factory=list)
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        if limit is not None:
-            h.update(f.read(limit))
-        else:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
+# --- inputs and key -----------------------------------------------------------------------------
 
 def _base_identity(base_dir: Path) -> dict[str, str]:
-    """Hash of each base file; weights above FULL_HASH_LIMIT in total are identified by
-    size + header (names, dtypes, shapes, offsets) so a 28 GB base is not read twice."""
+    """Hash of each base file; weights above FULL_HASH_LIMIT in total are identified by size +
+    header (names, dtypes, shapes, offsets) so a 28 GB base is not read twice per run."""
     weights = sorted(base_dir.glob("*.safetensors"))
     full = sum(p.stat().st_size for p in weights) <= FULL_HASH_LIMIT
     ident = {}
     for p in sorted(base_dir.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or p.name == "README.md":
             continue
         if p.suffix == ".safetensors" and not full:
             with p.open("rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-            ident[p.name] = f"size={p.stat().st_size};header-sha256={_sha256(p, 8 + n)}"
+            ident[p.name] = f"size={p.stat().st_size};header-sha256={cache.sha256_file(p, 8 + n)}"
         else:
-            ident[p.name] = _sha256(p)
+            ident[p.name] = cache.sha256_file(p)
     return ident
 
 
-def merge_inputs(det: DetectResult) -> dict:
-    """Everything the merged bytes depend on: the cache key is their hash."""
-    assert det.adapter is not None
+def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
+    if merge_base is MergeBase.auto:
+        return MergeBase.dequantized if det.trained_in_4bit else MergeBase.original
+    return merge_base
+
+
+def _nf4_settings(det: DetectResult) -> dict[str, Any]:
+    """Blocksize / double quant of the training run (from its training config), else QLoRA's defaults."""
+    settings = {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}
+    for e in det.evidence:
+        src = Path(e.source)
+        if e.weight and src.suffix == ".json" and src.is_file() and "training" in src.name:
+            cfg = json.loads(src.read_text())
+            settings["double_quant"] = bool(cfg.get("bnb_4bit_use_double_quant", settings["double_quant"]))
+            settings["quant_type"] = str(cfg.get("bnb_4bit_quant_type", "nf4"))
+            settings["blocksize"] = int(cfg.get("bnb_4bit_blocksize", 64))
+    return settings
+
+
+def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
+    """Everything the merged bytes depend on; the cache key is their hash."""
+    if det.adapter is None:
+        raise EmqError("nothing to merge: the model config has no adapter", "set model.adapter")
     adir = Path(det.adapter.path)
-    adapter_files = {p.name: _sha256(p) for p in sorted(adir.iterdir())
+    base = resolve_merge_base(det, settings.merge_base)
+    adapter_files = {p.name: cache.sha256_file(p) for p in sorted(adir.iterdir())
                      if p.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")}
-    return {
-        "base": {"path": det.base.path, "files": _base_identity(Path(det.base.path))},
-        "adapter": {"path": det.adapter.path, "files": adapter_files},
-        "settings": {"method": "peft", "math_dtype": "float32", "out_dtype": "bfloat16", "merge_base": "original"},
-    }
+    s = {"method": settings.method.value, "math_dtype": "float32", "out_dtype": settings.out_dtype,
+         "merge_base": base.value}
+    if base is MergeBase.dequantized:
+        s["nf4"] = _nf4_settings(det)
+    return {"base": {"path": det.base.path, "files": _base_identity(Path(det.base.path))},
+            "adapter": {"path": det.adapter.path, "files": adapter_files}, "settings": s}
 
 
-def merge_key(inputs: dict) -> str:
-    blob = json.dumps({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
-                       "settings": inputs["settings"]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+# --- the stream kernel ---------------------------------------------------------------------------
+
+@dataclass
+class _Lora:
+    a: Any  # torch.Tensor [r, in]   (embedding: [r, num_embeddings])
+    b: Any  # torch.Tensor [out, r]  (embedding: [dim, r])
+    scale: float
+    embedding: bool = False
 
 
-def _is_complete(entry: Path) -> bool:
-    return (entry / MANIFEST).is_file() and (entry / "config.json").is_file()
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: a key matches a module name that ends with it after a dot."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
-def _peft_merge(det: DetectResult, device: str, out: Path) -> None:
+def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, Any]]:
+    """(LoRA deltas by base weight name, bias deltas by base bias name, replacement tensors by name)."""
+    from safetensors.torch import load_file
+
+    a = det.adapter
+    if a.use_dora:
+        raise EmqError(f"{a.path}: DoRA adapters are not supported by emq's merge (the magnitude vector needs "
+                       "the merged weight norm, which emq does not reproduce yet)",
+                       "merge it with PEFT yourself, or train a plain LoRA")
+    if a.weight_file != "adapter_model.safetensors":
+        raise EmqError(f"{a.path} has weights as {a.weight_file}; the stream merge reads safetensors",
+                       "re-save the adapter with safe_serialization=True, or use memory.merge_method=peft")
+    tensors = load_file(str(Path(a.path) / a.weight_file))
+    parts: dict[str, dict[str, Any]] = {}
+    replace: dict[str, Any] = {}
+    for name, t in tensors.items():
+        short = name[len(_ADAPTER):] if name.startswith(_ADAPTER) else name
+        m = re.match(r"^(.+)\.lora_(A|B)\.weight$", short) or re.match(r"^(.+)\.lora_embedding_(A|B)$", short)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2)] = t
+            parts[m.group(1)]["embedding"] = "lora_embedding_" in short
+            continue
+        m = re.match(r"^(.+)\.lora_B\.bias$", short)
+        if m:
+            parts.setdefault(m.group(1), {})["bias"] = t
+            continue
+        if short.endswith(".base_layer.weight"):  # embedding layers PEFT saves with a LoRA on them
+            replace[short[: -len(".base_layer.weight")] + ".weight"] = t
+            continue
+        if ".lora_" in short or "magnitude_vector" in short:
+            raise EmqError(f"{a.path}: unsupported adapter tensor {name}", "use a plain LoRA adapter")
+        replace[short] = t  # modules_to_save, or biases trained with bias="all"/"lora_only"
+    deltas, bias_deltas = {}, {}
+    for module, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise EmqError(f"{a.path}: {module} has only lora_{'A' if 'A' in p else 'B'}", "re-save the adapter")
+        r = p["A"].shape[0]
+        alpha = float(_pattern_value(a.alpha_pattern, module, a.alpha))
+        scale = alpha / math.sqrt(r) if a.use_rslora else alpha / r
+        deltas[f"{module}.weight"] = _Lora(p["A"], p["B"], scale, p["embedding"])
+        if p.get("bias") is not None:
+            bias_deltas[f"{module}.bias"] = p["bias"].float() * scale
+    return deltas, bias_deltas, replace
+
+
+def _dequant_eligible(name: str, shape: tuple[int, ...]) -> bool:
+    """The weights bitsandbytes quantizes in a QLoRA run: 2-D linear weights, not embeddings/lm_head."""
+    return len(shape) == 2 and name.endswith(".weight") and not any(
+        k in name for k in ("embed", "lm_head", "wte", "wpe", "norm"))
+
+
+def _nf4_roundtrip(t, device: str, nf4: dict[str, Any]):
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    w = t.to(device)
+    packed, state = quantize_4bit(w, blocksize=nf4["blocksize"], quant_type=nf4["quant_type"],
+                                  compress_statistics=nf4["double_quant"])
+    return dequantize_4bit(packed, state).to(t.dtype)
+
+
+def _shards(base_dir: Path) -> list[str]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return sorted(p.name for p in base_dir.glob("*.safetensors"))
+
+
+def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    base_dir = Path(det.base.path)
+    settings = inputs["settings"]
+    out_dtype = getattr(torch, settings["out_dtype"])
+    nf4 = settings.get("nf4")
+    deltas, bias_deltas, replace = _load_adapter(det)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied and "lm_head.weight" in deltas:
+        raise EmqError(f"{det.adapter.path}: LoRA on lm_head with tied embeddings is ambiguous (PEFT merges it into "
+                       "the shared embedding as well)", "untie the embeddings before training, or use modules_to_save")
+    # With tied embeddings, PEFT serves lm_head from the *original* shared weight unless lm_head
+    # itself is in modules_to_save; a merge that changes the embedding (or lm_head) must untie them
+    # to keep serving what the adapter computes (PEFT's own merge_and_unload changes both).
+    changed = set(deltas) | set(replace)
+    embed_changed = any(n.endswith(_EMBED_NAMES) for n in changed)
+    untie = tied and ("lm_head.weight" in replace or embed_changed)
+    lm_head = replace.get("lm_head.weight") if untie else None
+    todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
+    weight_map: dict[str, str] = {}
+    shards = _shards(base_dir)
+    for shard in tqdm(shards, desc="stream merge", unit="shard"):
+        tensors = {}
+        with safe_open(str(base_dir / shard), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if untie and lm_head is None and name.endswith(_EMBED_NAMES):
+                    lm_head = t.clone()  # the original shared weight
+                if name in replace:
+                    t = replace[name]
+                elif nf4 and t.is_floating_point() and _dequant_eligible(name, tuple(t.shape)):
+                    t = _nf4_roundtrip(t, device, nf4)
+                if name in deltas:
+                    d = deltas[name]
+                    delta = d.b.to(device, torch.float32) @ d.a.to(device, torch.float32)
+                    if d.embedding or det.adapter.fan_in_fan_out:
+                        delta = delta.T
+                    t = t.to(device=device, dtype=torch.float32) + d.scale * delta
+                if name in bias_deltas:
+                    t = t.to(device=device, dtype=torch.float32) + bias_deltas[name].to(device)
+                if (name in deltas or name in bias_deltas) and not torch.isfinite(t).all():
+                    raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
+                                   f"check the adapter tensors for that module in {det.adapter.path}")
+                todo.discard(name)
+                tensors[name] = t.to(out_dtype).cpu().contiguous() if t.is_floating_point() else t
+        if untie and shard == shards[-1]:  # lm_head becomes a tensor of its own, in a shard loaders read
+            if lm_head is None:
+                raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
+                               "use memory.merge_method=peft for this model")
+            tensors["lm_head.weight"] = lm_head.to(out_dtype).contiguous()
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+        del tensors
+    if todo:
+        raise EmqError(f"adapter tensors target weights the base does not have: {sorted(todo)[:3]}",
+                       "this adapter was trained on another base; set model.base to it")
+    if untie:
+        cfg["tie_word_embeddings"] = False
+    total = sum((out / s).stat().st_size for s in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = settings["out_dtype"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    log.info("merge: loading %s in fp32 on %s", det.base.path, device)
-    model = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.float32,
-                                                 device_map=device, low_cpu_mem_usage=True)
+    if det.adapter.use_dora:
+        _load_adapter(det)  # raises the DoRA error
+    settings = inputs["settings"]
+    log.info("merge (peft): loading %s in fp32 on %s", det.base.path, device)
+    model = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.float32, device_map=device)
+    if settings.get("nf4"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if _dequant_eligible(name, tuple(p.shape)):
+                    p.copy_(_nf4_roundtrip(p.data.to(torch.bfloat16), device, settings["nf4"]).float())
     model = PeftModel.from_pretrained(model, det.adapter.path, device_map=device)
-    log.info("merge: merge_and_unload (safe_merge: NaN/inf is an error)")
     try:
         merged = model.merge_and_unload(safe_merge=True, progressbar=True)
     except ValueError as e:  # PEFT raises ValueError on NaN in a merged weight
         raise EmqError(f"merging {det.adapter.path} produced NaN/inf: {e}",
                        "check the adapter weights (adapter_model.safetensors)") from None
-    merged = merged.to(torch.bfloat16)
-    merged.config.dtype = torch.bfloat16
+    merged = merged.to(getattr(torch, settings["out_dtype"]))
     if hasattr(merged.config, "quantization_config"):
         delattr(merged.config, "quantization_config")
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     del merged, model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    for name in _COPY_FROM_BASE:
-        src = Path(det.base.path) / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
+
+
+_KERNELS = {MergeMethod.stream: _stream_merge, MergeMethod.peft: _peft_merge}
 
 
 def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
-                  force_recreate: bool = False) -> MergeResult:
+                  settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
     """Return a merged checkpoint for the detected base + adapter, building it if needed.
 
     Args:
-        det: detect record (with an adapter).
+        det: detect record (with an adapter; weights local).
         devices: devices to try in order, e.g. ["cuda", "cpu"].
         cache_dir: merge cache root.
+        settings: method, merge base, output dtype.
         force_recreate: rebuild even if a complete entry exists.
 
     Raises:
+        EmqError: unsupported adapter, NaN/inf, no disk space (nothing is published).
         MergeFailed: no device could merge (attempts say why).
     """
     import torch
 
+    settings = settings or MergeSettings()
     t0 = time.perf_counter()
-    inputs = merge_inputs(det)
-    key = merge_key(inputs)
+    inputs = merge_inputs(det, settings)
+    key = cache.key_of({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
+                        "settings": inputs["settings"]})
     root = Path(cache_dir).expanduser()
-    (root / ".locks").mkdir(parents=True, exist_ok=True)
     entry = root / key
-    with FileLock(str(root / ".locks" / f"{key}.lock")):
-        if _is_complete(entry) and not force_recreate:
+    s = inputs["settings"]
+    with cache.locked(root, key):
+        cache.remove_debris(root, key)
+        if cache.is_complete(entry) and not force_recreate:
             log.info("merge: cache hit %s", entry)
-            return MergeResult(str(entry), key, True, None, "peft", time.perf_counter() - t0)
+            cache.touch(entry)
+            return MergeResult(str(entry), key, True, None, s["method"], s["merge_base"], time.perf_counter() - t0)
+        if det.base.param_count:
+            width = 4 if s["out_dtype"] == "float32" else 2
+            cache.check_disk(root, int(det.base.param_count * width * 1.05) + 64 * 1024**2)
         attempts: list[dict] = []
         for device in devices:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+            tmp = cache.new_tmp(root, key)
             a0 = time.perf_counter()
             try:
-                _peft_merge(det, device, tmp)
-                files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-                write_json(tmp / MANIFEST, {
-                    "key": key, "emq_version": emq.__version__, "device": device, **inputs,
-                    "created_unix": time.time(), "files_sha256": files,
-                })
-                if entry.exists():
-                    shutil.rmtree(entry)
-                os.replace(tmp, entry)
-                attempts.append({"device": device, "ok": True, "seconds": round(time.perf_counter() - a0, 2)})
-                log.info("merge: wrote %s on %s in %.1f s", entry, device, time.perf_counter() - a0)
-                return MergeResult(str(entry), key, False, device, "peft", time.perf_counter() - t0, attempts)
+                log.info("merge: %s on %s (merge base: %s)", s["method"], device, s["merge_base"])
+                _KERNELS[MergeMethod(s["method"])](det, inputs, device, tmp)
+                for name in _COPY_FROM_BASE:
+                    src = Path(det.base.path) / name
+                    if src.is_file():
+                        shutil.copy2(src, tmp / name)
+                files = {p.name: cache.sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                write_json(tmp / cache.MANIFEST, {"key": key, "emq_version": emq.__version__, "device": device,
+                                                  "inputs": inputs, "created_unix": time.time(),
+                                                  "files_sha256": files})
+                cache.publish(tmp, entry)
+                cache.touch(entry)
+                seconds = round(time.perf_counter() - a0, 2)
+                attempts.append({"device": device, "ok": True, "seconds": seconds})
+                log.info("merge: wrote %s on %s in %.1f s", entry, device, seconds)
+                return MergeResult(str(entry), key, False, device, s["method"], s["merge_base"],
+                                   time.perf_counter() - t0, attempts)
             except torch.OutOfMemoryError as e:
                 attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
                 log.warning("merge on %s ran out of memory; trying the next device", device)

@@ -12,7 +12,7 @@ from enum import Enum
 from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
-from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
+from emq.schema import MemoryConfig, MergeMethod, QuantConfig, QuantMethod, RoutePolicy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,23 @@ def _lora_rank(det: DetectResult) -> int:
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
 
 
+def _merge_peaks(det: DetectResult, method: MergeMethod) -> dict[str, float]:
+    """Peak RAM / VRAM of a merge, from the real bytes.
+
+    peft: the whole model in fp32 plus the adapter, +15 % allocator slack (on either device).
+    stream: one shard in memory (read + written copy) plus the adapter in fp32 and 0.5 GiB of
+    runtime; on the GPU only the largest tensor's fp32 working copies and the adapter.
+    """
+    params = det.base.param_count or 0
+    adapter = det.adapter.weight_bytes if det.adapter else 0
+    if method is MergeMethod.peft:
+        peak = (params * 4 + adapter * 2) * 1.15 / GIB
+        return {"merge_peak_cpu_ram": peak, "merge_peak_gpu_vram": peak}
+    shard = det.base.largest_shard_bytes or min(det.base.param_bytes or 0, 5 * 10**9)
+    return {"merge_peak_cpu_ram": (shard * 2 + adapter * 2) / GIB + 0.5,
+            "merge_peak_gpu_vram": (shard + adapter * 2) / GIB + 0.5}
+
+
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
     """Choose a route, quantization and engine settings, with a reason for each.
 
@@ -131,9 +148,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     est = {
         "base_bf16": bf16 / GIB,
         "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
-        # PEFT merge, fp32 math: the whole model in fp32 plus the adapter, +15 % allocator slack
-        "merge_peak_cpu_ram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,
-        "merge_peak_gpu_vram": (params * 4 + adapter_bytes * 2) * 1.15 / GIB,
+        **_merge_peaks(det, memory.merge_method),
         "merged_disk": bf16 / GIB,
         **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
     }
@@ -255,7 +270,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
     )
     plan = Plan(route=route, quant=qm, merge_devices=merge_devices,
-                merge_method="peft" if merge_devices else None, fallback=fallback, engine=engine,
+                merge_method=memory.merge_method.value if merge_devices else None, fallback=fallback, engine=engine,
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
                 stop_reason=stop_reason)

@@ -17,7 +17,7 @@ from emq.engine import Engine, load
 from emq.errors import EmqError, PlanStop
 from emq.evaluate import build_prompts, evaluate
 from emq.machine import GIB, snapshot
-from emq.merge import MergeFailed, MergeResult, merge_adapter
+from emq.merge import MergeFailed, MergeResult, MergeSettings, merge_adapter
 from emq.monitor import PeakMemory
 from emq.plan import Route, make_plan
 from emq.records import write_json, versions
@@ -91,6 +91,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             if route is Route.merge_then_serve:
                 try:
                     merged = merge_adapter(det, plan.merge_devices, cfg.paths.cache_dir,
+                                           settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base),
                                            force_recreate=cfg.memory.force_recreate)
                     status.merge_attempts = merged.attempts
                     write_json(run_dir / "merge.json", merged)

@@ -32,6 +32,21 @@ class RoutePolicy(str, Enum):
     lora = "lora"  # always serve base + LoRA through vLLM's LoRA path
 
 
+class MergeMethod(str, Enum):
+    """How a merged checkpoint is made (emq.merge)."""
+
+    stream = "stream"  # shard by shard over safetensors: peak memory ≈ one shard + the adapter
+    peft = "peft"  # reference: PeftModel.merge_and_unload in fp32 (whole model in memory)
+
+
+class MergeBase(str, Enum):
+    """Which base weights the adapter is merged into."""
+
+    auto = "auto"  # dequantized if the adapter was trained in 4-bit, else original
+    original = "original"  # the 16-bit base weights
+    dequantized = "dequantized"  # dequant(NF4(W)): the weights a QLoRA adapter saw in training
+
+
 class Stage(str, Enum):
     """How far a run goes."""
 
@@ -65,6 +80,8 @@ class MemoryConfig:
     stop_on_failure: bool = True  # merge impossible → stop (true) or serve the LoRA (false)
     allow_cpu_merge: bool = True
     prefer_cpu_merge: bool = False
+    merge_method: MergeMethod = MergeMethod.stream
+    merge_base: MergeBase = MergeBase.auto
     force_recreate: bool = False  # rebuild the merged checkpoint even if cached
     cleanup_after_eval: bool = False  # delete the merged checkpoint after the run
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory vLLM may take

@@ -32,11 +32,14 @@ def base_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: (torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16) for k, s in shapes.items()}
 
 
-def make_base(path: Path, *, shards: int = 1, config: dict | None = None, seed: int = 0) -> Path:
+def make_base(path: Path, *, shards: int = 1, config: dict | None = None, seed: int = 0, tied: bool = False) -> Path:
     """A Llama-shaped base with random bf16 weights, sharded with an index when shards > 1."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config or llama_config()))
+    config = config or llama_config(tie_word_embeddings=tied)
+    (path / "config.json").write_text(json.dumps(config))
     tensors = base_tensors(seed)
+    if config.get("tie_word_embeddings"):
+        del tensors["lm_head.weight"]
     if shards == 1:
         save_file(tensors, str(path / "model.safetensors"))
         return path

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from emq.detect import detect
-from emq.merge import MANIFEST, MergeFailed, _sha256, merge_adapter
+from emq.cache import MANIFEST
+from emq.cache import sha256_file as _sha256
+from emq.merge import MergeFailed, MergeSettings, merge_adapter
+from emq.schema import MergeBase, MergeMethod
 from emq.schema import ModelConfig
 
 # Logits of the merged checkpoint (stored in bf16) against PEFT serving the adapter on the
@@ -24,10 +27,13 @@ def det(demo):
     return detect(ModelConfig(name="t", base=str(demo.base), adapter=str(demo.adapters["bad_doctor"])))
 
 
+ORIGINAL = MergeSettings(MergeMethod.stream, MergeBase.original)
+
+
 @pytest.fixture(scope="module")
 def merged(det, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return merge_adapter(det, ["cpu"], cache), cache
+    return merge_adapter(det, ["cpu"], cache, settings=ORIGINAL), cache
 
 
 def test_merged_logits_match_peft(det, merged):
@@ -78,14 +84,16 @@ def test_output_is_a_servable_checkpoint(merged):
     for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (path / name).is_file(), name
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["settings"]["math_dtype"] == "float32"
+    assert manifest["inputs"]["settings"]["math_dtype"] == "float32"
+    assert manifest["inputs"]["settings"]["merge_base"] == "original"
+    assert json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     for name, digest in manifest["files_sha256"].items():
         assert _sha256(path / name) == digest
 
 
 def test_second_request_is_a_cache_hit(det, merged):
     result, cache = merged
-    again = merge_adapter(det, ["cpu"], cache)
+    again = merge_adapter(det, ["cpu"], cache, settings=ORIGINAL)
     assert again.cached and again.path == result.path and again.key == result.key
 
 
@@ -94,7 +102,7 @@ def test_half_built_entry_is_never_used(det, merged, tmp_path):
     entry = tmp_path / result.key
     entry.mkdir()
     (entry / "config.json").write_text("{}")  # no manifest: a crash left it
-    fresh = merge_adapter(det, ["cpu"], tmp_path)
+    fresh = merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
     assert not fresh.cached and (entry / MANIFEST).is_file()
 
 
@@ -102,3 +110,52 @@ def test_no_device_is_a_clear_failure(det, tmp_path):
     with pytest.raises(MergeFailed, match="every merge attempt failed"):
         merge_adapter(det, [], tmp_path)
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_peft_method_writes_the_same_tensors(det, merged, tmp_path):
+    from safetensors.torch import load_file
+
+    result, _ = merged
+    peft = merge_adapter(det, ["cpu"], tmp_path, settings=MergeSettings(MergeMethod.peft, MergeBase.original))
+    a = {k: v for f in Path(result.path).glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in Path(peft.path).glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(a) - {"lm_head.weight"} == set(b) - {"lm_head.weight"}
+    for name in b:
+        if name in a:
+            torch.testing.assert_close(a[name].float(), b[name].float(), rtol=2**-7, atol=1e-6)
+
+
+def test_dequantized_base_is_what_the_qlora_adapter_saw(det, tmp_path):
+    """Merged into dequant(NF4(W)) = PEFT serving the adapter on the NF4-dequantized base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from emq.merge import _dequant_eligible, _nf4_roundtrip, _nf4_settings
+
+    assert det.trained_in_4bit is True
+    res = merge_adapter(det, ["cpu"], tmp_path, settings=MergeSettings(MergeMethod.stream, MergeBase.auto, "float32"))
+    assert res.merge_base == "dequantized"
+    nf4 = _nf4_settings(det)
+    assert nf4 == {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}
+    base = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if _dequant_eligible(name, tuple(p.shape)):
+                p.copy_(_nf4_roundtrip(p.data, "cpu", nf4))
+    ref = PeftModel.from_pretrained(base.float(), det.adapter.path).eval()
+    out = AutoModelForCausalLM.from_pretrained(res.path, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids).logits, ref(ids).logits, atol=2e-3, rtol=0)
+
+
+def test_not_enough_disk_publishes_nothing(det, tmp_path, monkeypatch):
+    import shutil as sh
+
+    from emq.errors import EmqError
+
+    real = sh.disk_usage
+    monkeypatch.setattr("emq.cache.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 1024**2))
+    with pytest.raises(EmqError, match="GiB free"):
+        merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
+    assert [p.name for p in tmp_path.iterdir()] == [".locks"]

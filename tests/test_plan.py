@@ -7,7 +7,7 @@ from emq.detect import AdapterFacts, BaseFacts, DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Gpu, Machine, VllmInfo, vllm_info
 from emq.plan import Route, make_plan
-from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
+from emq.schema import MemoryConfig, MergeMethod, QuantConfig, QuantMethod, RoutePolicy
 
 PARAMS_14B = 14_800_000_000
 
@@ -46,7 +46,7 @@ def _plan(det=None, machine=None, quant=QuantMethod.auto, **memory):
 
 
 def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
-    plan = _plan(machine=_machine(gpu_free_gib=140, ram_gib=100, vllm=_vllm_cuda()))
+    plan = _plan(machine=_machine(gpu_free_gib=140, ram_gib=100, vllm=_vllm_cuda()), merge_method=MergeMethod.peft)
     assert plan.route is Route.merge_then_serve
     assert plan.merge_devices == ["cuda", "cpu"]
     assert plan.quant is QuantMethod.bnb and plan.engine.quantization == "bitsandbytes"
@@ -54,8 +54,9 @@ def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
     assert plan.estimates_gib["kv_headroom"] > 0
 
 
-def test_small_gpu_merges_on_cpu():
-    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, ram_gib=100, vllm=_vllm_cuda()))
+def test_small_gpu_merges_on_cpu_with_peft():
+    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, ram_gib=100, vllm=_vllm_cuda()),
+                 merge_method=MergeMethod.peft)
     assert plan.merge_devices == ["cpu"]
     assert any("no GPU merge" in r for r in plan.reasons)
 
@@ -153,6 +154,15 @@ def test_estimates_cover_every_quant_option():
     e = plan.estimates_gib
     assert e["serve_weights_bnb"] < e["serve_weights_int8"] < e["serve_weights_none"]
     assert e["kv_per_sequence"] > 0 and e["kv_headroom"] > e["kv_per_sequence"]
+
+
+def test_stream_merge_needs_one_shard_not_the_model():
+    det = _det(params=PARAMS_14B)
+    peft = _plan(det=det, merge_method=MergeMethod.peft).estimates_gib["merge_peak_cpu_ram"]
+    stream = _plan(det=det, merge_method=MergeMethod.stream).estimates_gib["merge_peak_cpu_ram"]
+    assert peft > 60 and stream < 12
+    small_gpu = _plan(det=det, machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()))
+    assert small_gpu.merge_devices[0] == "cuda" and small_gpu.merge_method == "stream"
 
 
 def test_every_choice_has_a_reason():

@@ -26,7 +26,8 @@ from emq.machine import GIB, vllm_info  # noqa: E402
 from emq.machine import snapshot as live_snapshot  # noqa: E402
 from emq.merge import merge_adapter  # noqa: E402
 from emq.plan import make_plan  # noqa: E402
-from emq.schema import MemoryConfig, ModelConfig, QuantConfig, QuantMethod  # noqa: E402
+from emq.merge import MergeSettings  # noqa: E402
+from emq.schema import MemoryConfig, MergeMethod, ModelConfig, QuantConfig, QuantMethod  # noqa: E402
 
 H, I, L, V, HEADS, KV = 2048, 5632, 16, 32000, 16, 8
 
@@ -74,7 +75,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="emq-cascade-"))
     base, adapter = build(root)
     det = detect(ModelConfig(name="cascade", base=str(base), adapter=str(adapter)))
-    memory, quant = MemoryConfig(name="default"), QuantConfig(method=QuantMethod.none)
+    # the PEFT method holds the whole fp32 model on the device: the one that can run out of VRAM
+    memory, quant = MemoryConfig(name="default", merge_method=MergeMethod.peft), QuantConfig(method=QuantMethod.none)
     before = snapshot(root / "cache")
     plan = make_plan(det, memory, quant, before)
     print("plan before filling VRAM:", plan.route.value, plan.merge_devices, file=sys.stderr)
@@ -86,7 +88,7 @@ def main() -> None:
     free_after = torch.cuda.mem_get_info()[0] / GIB
 
     t0 = time.perf_counter()
-    result = merge_adapter(det, plan.merge_devices, root / "cache")
+    result = merge_adapter(det, plan.merge_devices, root / "cache", settings=MergeSettings(MergeMethod.peft))
     wall = time.perf_counter() - t0
     replanned = make_plan(det, memory, quant, snapshot(root / "cache"))
     del hog
