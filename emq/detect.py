@@ -12,6 +12,7 @@ Evidence for `trained_in_4bit`, strongest first (DESIGN.md "detect"):
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -181,7 +182,21 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 # --- base ----------------------------------------------------------------------------------
 
+@functools.cache
 def _known_architectures() -> set[str]:
+    """Causal-LM class names transformers knows. Read from modeling_auto.py's source: importing
+    it costs ~2.5 s (it pulls in the generation stack), more than the whole stream merge of a
+    small model; the import is the fallback if the source ever changes shape."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec and spec.origin:
+        src = Path(spec.origin).parent / "models" / "auto" / "modeling_auto.py"
+        text = src.read_text() if src.is_file() else ""
+        m = re.search(r"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = OrderedDict\((.*?)\n\)\n", text, re.S)
+        names = set(re.findall(r'\(\s*"[\w-]+",\s*"(\w+)"\s*\)', m.group(1))) if m else set()
+        if len(names) > 20:
+            return names
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -285,3 +285,11 @@ def test_missing_explicit_training_config(base, tmp_path):
 
 def test_at_least_fifteen_distinct_bad_inputs():
     assert len(BAD_ADAPTERS) + len(BAD_PAIRS) + len(BAD_BASES) + 1 >= 15
+
+
+def test_known_architectures_shortcut_matches_transformers():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from emq.detect import _known_architectures
+
+    assert _known_architectures() == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
