@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import logging
 import math
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,76 +262,89 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
     lm_head = replace.get("lm_head.weight") if untie else None
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
     shards = _shards(base_dir)
-    lm_shape = list(lm_head.shape) if lm_head is not None else None
-    if untie and lm_shape is None:
-        lm_shape = next((info["shape"] for s in shards for n, info in safetensors_header(base_dir / s).items()
-                         if n.endswith(_EMBED_NAMES)), None)
-        if lm_shape is None:
-            raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
-                           "use memory.merge_method=peft for this model")
-    weight_map: dict[str, str] = {}
-    hashes: dict[str, str] = {}
-    work: dict[tuple, torch.Tensor] = {}
+    if untie and lm_head is None and not any(
+            n.endswith(_EMBED_NAMES) for s in shards for n in safetensors_header(base_dir / s)):
+        raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
+                       "use memory.merge_method=peft for this model")
+    if untie and lm_head is None:  # the original shared weight, before any shard changes it
+        emb_shard = next(s for s in shards if any(n.endswith(_EMBED_NAMES) for n in safetensors_header(base_dir / s)))
+        r = stio.Reader(base_dir / emb_shard)
+        lm_head = r.tensor(next(n for n in r.names if n.endswith(_EMBED_NAMES))).clone()
+        r.close()
     bar = tqdm(total=sum((base_dir / s).stat().st_size for s in shards), desc="stream merge", unit="B",
                unit_scale=True)
-    for shard in shards:
+
+    def out_code_of(code: str) -> str:
+        return out_code if code in ("F32", "F16", "BF16") else code
+
+    def merge_shard(shard: str) -> tuple[str, list[str], set[str], str]:
+        """Merge one shard; returns (shard, tensor names written, targets found, sha256)."""
         reader = stio.Reader(base_dir / shard)
         last = untie and shard == shards[-1]
-
-        def out_code_of(name: str, code: str) -> str:
-            return out_code if code in ("F32", "F16", "BF16") else code
-
-        entries = [(n, out_code_of(n, reader.header[n]["dtype"]), reader.header[n]["shape"]) for n in reader.names]
+        entries = [(n, out_code_of(reader.header[n]["dtype"]), reader.header[n]["shape"]) for n in reader.names]
         if last:  # lm_head becomes a tensor of its own, in a shard loaders read
-            entries.append(("lm_head.weight", out_code, lm_shape))
+            entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
         writer = stio.Writer(out / shard, entries)
-        for name in reader.names:
-            code = reader.header[name]["dtype"]
-            start, end = reader.header[name]["data_offsets"]
-            dequant = nf4 is not None and code in ("F32", "F16", "BF16") and \
-                _dequant_eligible(name, tuple(reader.header[name]["shape"]))
-            keep_embed = untie and lm_head is None and name.endswith(_EMBED_NAMES)
-            touched = name in replace or name in deltas or name in bias_deltas or dequant or keep_embed
-            if not touched and code == out_code_of(name, code):
-                writer.copy(name, reader.fd, *reader.span(name))  # untouched: a kernel copy, no decode
-                weight_map[name] = shard
+        work: dict[tuple, torch.Tensor] = {}  # one fp32 buffer per weight shape, reused layer after layer
+        found: set[str] = set()
+        try:
+            for name in reader.names:
+                code = reader.header[name]["dtype"]
+                start, end = reader.header[name]["data_offsets"]
+                dequant = nf4 is not None and code in ("F32", "F16", "BF16") and \
+                    _dequant_eligible(name, tuple(reader.header[name]["shape"]))
+                if not (name in replace or name in deltas or name in bias_deltas or dequant) \
+                        and code == out_code_of(code):
+                    writer.copy(name, reader.fd, *reader.span(name))  # untouched: a kernel copy, no decode
+                    bar.update(end - start)
+                    continue
+                t = reader.tensor(name)
                 bar.update(end - start)
-                continue
-            t = reader.tensor(name)
-            bar.update(end - start)
-            if keep_embed:
-                lm_head = t.clone()  # the original shared weight
-            if name in replace:
-                t = replace[name]
-            elif nf4 is not None and t.is_floating_point() and _dequant_eligible(name, tuple(t.shape)):
-                t = _nf4_roundtrip(t, device, nf4)
-            if name in deltas:
-                d = deltas[name]
-                a, b = d.a.to(device, torch.float32), d.b.to(device, torch.float32)
-                key = (tuple(t.shape), device)
-                if key not in work:  # one fp32 buffer per weight shape, reused layer after layer
-                    work[key] = torch.empty(t.shape, dtype=torch.float32, device=device)
-                t = work[key].copy_(t)
-                if d.embedding or det.adapter.fan_in_fan_out:  # the weight is stored transposed
-                    t.addmm_(a.T, b.T, alpha=d.scale)
-                else:
-                    t.addmm_(b, a, alpha=d.scale)  # W += s·B·A, fused, in fp32
-            if name in bias_deltas:
-                t = t.to(device=device, dtype=torch.float32) + bias_deltas[name].to(device)
-            # a sum is non-finite iff some element is (these magnitudes cannot overflow fp32);
-            # the full check runs only to confirm
-            if (name in deltas or name in bias_deltas) and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
-                               f"check the adapter tensors for that module in {det.adapter.path}")
-            todo.discard(name)
-            # a fresh tensor for the writer thread: `t` may be a pooled buffer the next layer reuses
-            writer.write(name, (t.to(out_dtype, copy=True) if t.is_floating_point() else t).cpu())
-            weight_map[name] = shard
-        if last:
-            writer.write("lm_head.weight", lm_head.to(out_dtype).cpu())
-            weight_map["lm_head.weight"] = shard
-        hashes[shard] = writer.close()
-        reader.close()
+                if name in replace:
+                    t = replace[name]
+                elif dequant:
+                    t = _nf4_roundtrip(t, device, nf4)
+                if name in deltas:
+                    d = deltas[name]
+                    a, b = d.a.to(device, torch.float32), d.b.to(device, torch.float32)
+                    key = tuple(t.shape)
+                    if key not in work:
+                        work[key] = torch.empty(t.shape, dtype=torch.float32, device=device)
+                    t = work[key].copy_(t)
+                    if d.embedding or det.adapter.fan_in_fan_out:  # the weight is stored transposed
+                        t.addmm_(a.T, b.T, alpha=d.scale)
+                    else:
+                        t.addmm_(b, a, alpha=d.scale)  # W += s·B·A, fused, in fp32
+                if name in bias_deltas:
+                    t = t.to(device=device, dtype=torch.float32) + bias_deltas[name].to(device)
+                # a sum is non-finite iff some element is (these magnitudes cannot overflow fp32);
+                # the full check runs only to confirm
+                if (name in deltas or name in bias_deltas) and not torch.isfinite(t.sum()) \
+                        and not torch.isfinite(t).all():
+                    raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
+                                   f"check the adapter tensors for that module in {det.adapter.path}")
+                found.add(name)
+                # a fresh tensor for the writer thread: `t` may be a pooled buffer the next layer reuses
+                writer.write(name, (t.to(out_dtype, copy=True) if t.is_floating_point() else t).cpu())
+            if last:
+                writer.write("lm_head.weight", lm_head.to(out_dtype).cpu())
+            digest = writer.close()
+        except BaseException:
+            writer.abort()  # the temp dir is removed by merge_adapter; the original error stands
+            raise
+        finally:
+            reader.close()
+        return shard, [e[0] for e in entries], found, digest
+
+    # Shards are independent: merge several at once (I/O, hashing and torch kernels release the GIL).
+    weight_map: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    workers = max(1, min(len(shards), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emq-shard") as pool:
+        for shard, names, found, digest in pool.map(merge_shard, shards):
+            weight_map.update({n: shard for n in names})
+            todo -= found
+            hashes[shard] = digest
     bar.close()
     if todo:
         raise EmqError(f"adapter tensors target weights the base does not have: {sorted(todo)[:3]}",

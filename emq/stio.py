@@ -164,6 +164,13 @@ class Writer:
         self._next(name, length)
         self._queue.put(("copy", (src_fd, src_offset, length)))
 
+    def abort(self) -> None:
+        """Stop after a failure elsewhere: drop what is queued, close the file, raise nothing."""
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+        os.close(self._fd)
+
     def close(self) -> str:
         """Finish writing; the file's sha256."""
         self._queue.put(None)
