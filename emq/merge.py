@@ -217,6 +217,38 @@ def _shards(base_dir: Path) -> list[str]:
     return sorted(p.name for p in base_dir.glob("*.safetensors"))
 
 
+_ROW_BLOCK = 256  # CPU: rows per fp32 block, so the fp32 temporaries stay in cache
+
+
+def _apply_delta(w, lora: _Lora | None, bias_delta, device: str, out_dtype, *, transposed: bool):
+    """W + s·B·A (and a bias delta) in fp32, returned in `out_dtype`; None if the result has NaN/inf.
+
+    On the CPU the weight is processed in row blocks: each block is upcast, updated with a fused
+    addmm and cast back while it is in cache, so memory traffic is ~4 bytes/parameter instead of
+    ~20 for whole-tensor fp32 temporaries. A block sum is non-finite iff some element is (these
+    magnitudes cannot overflow fp32), so the NaN/inf check costs one reduction per block.
+    """
+    import torch
+
+    if lora is None:  # bias only
+        out = w.to(device=device, dtype=torch.float32) + bias_delta.to(device)
+        return out.to(out_dtype) if torch.isfinite(out).all() else None
+    a, b = lora.a.to(device, torch.float32), lora.b.to(device, torch.float32)
+    left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += s · left[rows] @ right
+    w = w.to(device)
+    out = torch.empty(w.shape, dtype=out_dtype, device=device)
+    step = w.shape[0] if device != "cpu" else _ROW_BLOCK
+    for r0 in range(0, w.shape[0], step):
+        blk = w[r0:r0 + step].to(torch.float32)
+        blk.addmm_(left[r0:r0 + step], right, alpha=lora.scale)
+        if not torch.isfinite(blk.sum()):
+            return None
+        out[r0:r0 + step].copy_(blk)
+    if bias_delta is not None:
+        raise AssertionError("a weight tensor has no bias delta")  # bias deltas key on *.bias names
+    return out
+
+
 def _cap_malloc_threshold() -> None:
     """glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so the
     per-tensor buffers of a stream merge end up on the heap and are never returned: resident
@@ -285,7 +317,6 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
         if last:  # lm_head becomes a tensor of its own, in a shard loaders read
             entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
         writer = stio.Writer(out / shard, entries)
-        work: dict[tuple, torch.Tensor] = {}  # one fp32 buffer per weight shape, reused layer after layer
         found: set[str] = set()
         try:
             for name in reader.names:
@@ -304,28 +335,14 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
                     t = replace[name]
                 elif dequant:
                     t = _nf4_roundtrip(t, device, nf4)
-                if name in deltas:
-                    d = deltas[name]
-                    a, b = d.a.to(device, torch.float32), d.b.to(device, torch.float32)
-                    key = tuple(t.shape)
-                    if key not in work:
-                        work[key] = torch.empty(t.shape, dtype=torch.float32, device=device)
-                    t = work[key].copy_(t)
-                    if d.embedding or det.adapter.fan_in_fan_out:  # the weight is stored transposed
-                        t.addmm_(a.T, b.T, alpha=d.scale)
-                    else:
-                        t.addmm_(b, a, alpha=d.scale)  # W += s·B·A, fused, in fp32
-                if name in bias_deltas:
-                    t = t.to(device=device, dtype=torch.float32) + bias_deltas[name].to(device)
-                # a sum is non-finite iff some element is (these magnitudes cannot overflow fp32);
-                # the full check runs only to confirm
-                if (name in deltas or name in bias_deltas) and not torch.isfinite(t.sum()) \
-                        and not torch.isfinite(t).all():
-                    raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
-                                   f"check the adapter tensors for that module in {det.adapter.path}")
+                if name in deltas or name in bias_deltas:
+                    t = _apply_delta(t, deltas.get(name), bias_deltas.get(name), device, out_dtype,
+                                     transposed=name in deltas and (deltas[name].embedding or det.adapter.fan_in_fan_out))
+                    if t is None:
+                        raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
+                                       f"check the adapter tensors for that module in {det.adapter.path}")
                 found.add(name)
-                # a fresh tensor for the writer thread: `t` may be a pooled buffer the next layer reuses
-                writer.write(name, (t.to(out_dtype, copy=True) if t.is_floating_point() else t).cpu())
+                writer.write(name, (t.to(out_dtype) if t.is_floating_point() else t).cpu())
             if last:
                 writer.write("lm_head.weight", lm_head.to(out_dtype).cpu())
             digest = writer.close()
