@@ -3,8 +3,8 @@
 Builds a Llama-shaped model (~0.9B params, random bf16 weights, the demo's SmolLM2 tokenizer from
 .gpu_assets/) and an r=16 all-linear adapter whose training config says load_in_4bit, then runs
 `python -m emq` for quant=none, bnb and fp8: detect → plan (merge-then-serve, dequantized merge base)
-→ stream merge on the GPU → vLLM with in-flight quantization → generation. Samples the GPU's used
-memory through NVML during each run. Random weights make the text meaningless; routes, load
+→ stream merge on the GPU → vLLM with in-flight quantization → generation; the weights' GPU memory
+is vLLM's own "Model loading took" figure. Random weights make the text meaningless; routes, load
 times, memory and tokens/s are real. Prints a short table last.
 
 Run on the device machine with vllm 0.23 + bitsandbytes from the wheelhouse on PYTHONPATH:
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -68,26 +68,11 @@ def build() -> tuple[Path, Path]:
     return base, adapter
 
 
-def gpu_used_peak(stop: threading.Event, out: list[float]) -> None:
-    import pynvml
-
-    pynvml.nvmlInit()
-    h = pynvml.nvmlDeviceGetHandleByIndex(0)
-    peak = 0
-    while not stop.is_set():
-        peak = max(peak, pynvml.nvmlDeviceGetMemoryInfo(h).used)
-        stop.wait(0.2)
-    out.append(peak / 1024**3)
-
-
 def main() -> None:
     base, adapter = build()
     rows = []
     for quant in ("none", "bnb", "fp8"):
         run_dir = ROOT / "runs" / quant
-        stop, peak = threading.Event(), []
-        t = threading.Thread(target=gpu_used_peak, args=(stop, peak))
-        t.start()
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "emq", "model=demo_base", "model.demo=false", "model.name=gpu_synth",
@@ -95,17 +80,17 @@ def main() -> None:
              f"hydra.run.dir={run_dir}", f"paths.cache_dir={ROOT / 'cache'}"],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"})
         wall = time.perf_counter() - t0
-        stop.set()
-        t.join()
         status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
         m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+        found = re.findall(r"[Mm]odel loading took ([\d.]+) GiB", proc.stdout + proc.stderr)
+        weights = float(found[-1]) if found else None
         rows.append((quant, status.get("status"), m.get("route"), m.get("vllm_quantization"), m.get("merge_seconds"),
-                     m.get("load_seconds"), m.get("tokens_per_second"), peak[0] if peak else None, wall,
+                     m.get("load_seconds"), m.get("tokens_per_second"), weights, wall,
                      (status.get("error") or "")[:80]))
     print(f"\n{'quant':<6} {'status':<7} {'route':<17} {'vLLM quant':<13} {'merge s':>7} {'load s':>7} "
-          f"{'tok/s':>8} {'GPU peak GiB':>12} {'wall s':>7}  error")
+          f"{'tok/s':>8} {'weights GiB':>12} {'wall s':>7}  error")
     for r in rows:
         print(f"{r[0]:<6} {str(r[1]):<7} {str(r[2]):<17} {str(r[3]):<13} {r[4] or 0:7.1f} {r[5] or 0:7.1f} "
               f"{r[6] or 0:8.1f} {r[7] or 0:12.1f} {r[8]:7.1f}  {r[9]}")
