@@ -43,6 +43,10 @@ class PeakMemory:
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         return rss
 
+    def reset(self) -> None:
+        """Forget the peak so far (e.g. after a one-off demo build in the same process)."""
+        self.peak_rss_bytes = 0
+
     def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self

@@ -64,6 +64,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             status.stage = "detect"
             if cfg.model.demo:
                 ensure_demo(cfg.paths.data_dir)
+                mem.reset()  # a first-run demo build is not part of this model's footprint
             det = detect(cfg.model)
             write_json(run_dir / "detect.json", det)
 
