@@ -263,6 +263,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
             reasons.append(f"serving: ~{est['serve_weights']:.2f} GiB weights in a {pool:.1f} GiB pool leaves "
                            f"{est['kv_headroom']:.2f} GiB for the KV cache"
                            + (f" (~{est['kv_headroom'] / need_kv:.0f} full-length sequences)" if need_kv else ""))
+    if route is Route.stop:
+        reasons.append(f"route: stop, because {stop_reason}")
     lora = route is Route.serve_lora or fallback is Route.serve_lora
     engine = EngineSettings(
         quantization=machine.vllm.quant.get(qm), dtype="bfloat16", memory_utilization=util,

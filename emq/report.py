@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from rich.console import Console
 from rich.table import Table
@@ -16,16 +17,22 @@ def render(table: Table, width: int = 120) -> str:
     return console.export_text()
 
 
+def _where(path: str) -> str:
+    """A hub snapshot path reads better as its repo id."""
+    m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", path)
+    return f"hub:{m.group(1)}/{m.group(2)}" if m else path
+
+
 def plan_table(det: DetectResult, plan: Plan) -> str:
     """The plan as a user reads it: what was found, what will happen, and why."""
     t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
     t.add_column("", style="bold", no_wrap=True)
     t.add_column("value", overflow="fold")
-    t.add_row("base", f"{det.base.path} ({det.base.architecture}, "
-              f"{(det.base.param_count or 0) / 1e6:.0f}M params)" if det.base.param_count else det.base.path)
+    t.add_row("base", f"{_where(det.base.path)} ({det.base.architecture}, "
+              f"{(det.base.param_count or 0) / 1e6:.0f}M params)" if det.base.param_count else _where(det.base.path))
     if det.adapter:
         a = det.adapter
-        t.add_row("adapter", f"{a.path} (r={a.rank}, alpha={a.alpha:g}, {len(a.target_modules)} target modules"
+        t.add_row("adapter", f"{_where(a.path)} (r={a.rank}, alpha={a.alpha:g}, {len(a.target_modules)} target modules"
                   f"{', rslora' if a.use_rslora else ''}{', DoRA' if a.use_dora else ''})")
         verdict = {True: "yes", False: "no", None: "unknown"}[det.trained_in_4bit]
         t.add_row("trained in 4-bit", f"{verdict} (confidence {det.confidence:.2f})")
@@ -35,8 +42,8 @@ def plan_table(det: DetectResult, plan: Plan) -> str:
                       f"{' (' + e.note + ')' if e.note else ''}")
     t.add_row("route", plan.route.value + (f"  (STOP: {plan.stop_reason})" if plan.stop_reason else ""))
     if plan.merge_devices:
-        t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}"
-                  f"{', then ' + plan.fallback.value if plan.fallback else ', then stop'}")
+        t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}; if every attempt fails: "
+                  f"{plan.fallback.value if plan.fallback else 'stop'}")
     t.add_row("quant", f"{plan.quant.value} (vLLM quantization={plan.engine.quantization!r})")
     t.add_row("engine", f"{plan.vllm} on {plan.platform}, memory share {plan.engine.memory_utilization}, "
               f"max_model_len {plan.engine.max_model_len}, eager={plan.engine.enforce_eager}"

@@ -74,10 +74,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             plan = make_plan(det, cfg.memory, cfg.quant, machine)
             write_json(run_dir / "plan.json", {"plan": plan, "machine": machine})
             log.info("plan:\n%s", plan_table(det, plan))
-            if plan.route is Route.stop:
-                raise PlanStop(f"plan stopped: {plan.stop_reason}", "see plan.json for the estimates")
             route = plan.route
             status.route = route.value
+            if route is Route.stop:
+                raise PlanStop(f"plan stopped: {plan.stop_reason}", "see plan.json for the estimates and reasons")
             if cfg.stage is Stage.plan:
                 status.status = "ok"
                 return status
