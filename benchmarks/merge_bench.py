@@ -107,8 +107,10 @@ def build(root: Path, shape: str, shard_bytes: int = 4 * 1024**3) -> tuple[Path,
 
 def child(method: str, base: str, adapter: str, out: str, device: str) -> None:
     """One measured run (a separate process)."""
-    if method == "copy":
+    if method in ("copy", "copy_sync"):
         subprocess.run(["cp", "-r", base, out], check=True)
+        if method == "copy_sync":  # the same floor, durable: emq fsyncs what it publishes
+            subprocess.run(["sync", "-f", out], check=True)
         return
     import torch
 
@@ -175,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="0.5b")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--methods", default="emq_stream,emq_peft,plain_peft,copy")
+    ap.add_argument("--methods", default="emq_stream,emq_peft,plain_peft,copy,copy_sync")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir on /tmp)")
     ap.add_argument("--warm", action="store_true", help="keep the page cache between runs (default: drop it)")
@@ -211,6 +213,9 @@ def main() -> None:
             print(f"stream peak RSS / plain PEFT:  {s['peak_rss_gib'] / p['peak_rss_gib']:.3f}  (target <= 0.25)")
         if s and "copy" in med:
             print(f"stream wall / cp -r:           {s['wall_s'] / med['copy']['wall_s']:.2f}  (target <= 2)")
+            if "copy_sync" in med:
+                print(f"stream wall / cp -r + sync:    {s['wall_s'] / med['copy_sync']['wall_s']:.2f}  "
+                      "(emq fsyncs its entry; cp and save_pretrained do not)")
             print(f"stream throughput:             {size / s['wall_s']:.2f} GiB/s of bf16 weights "
                   f"(a 14B model, 27.5 GiB: ~{27.5 / (size / s['wall_s']):.0f} s)")
     finally:

@@ -108,6 +108,7 @@ class Writer:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._hash = hashlib.sha256()
         self._pos = 0
+        self._flushed = 0
         self._i = 0
         self._error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=4)
@@ -131,6 +132,7 @@ class Writer:
                     while done < len(view):
                         done += os.pwrite(self._fd, view[done:], self._pos + done)
                     self._pos += len(view)
+                    self._start_writeback()
                 else:  # ("copy", (src_fd, src_offset, length))
                     src, src_off, length = payload
                     done = 0
@@ -142,8 +144,17 @@ class Writer:
                     for off in range(0, length, 1 << 24):  # hash what was copied (page cache reads)
                         self._hash.update(os.pread(src, min(1 << 24, length - off), src_off + off))
                     self._pos += length
+                    self._start_writeback()
             except BaseException as e:  # surfaced by close()
                 self._error = e
+
+    def _start_writeback(self, every: int = 256 << 20) -> None:
+        """Ask the kernel to start writing finished bytes to disk now (FADV_DONTNEED starts
+        writeback of dirty pages and drops clean ones), so the fsync at close has little left to
+        wait for and a large merge does not fill the page cache."""
+        if self._pos - self._flushed >= every and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self._flushed, self._pos - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._pos
 
     def _next(self, name: str, size: int) -> None:
         if self._error is not None:
@@ -175,9 +186,11 @@ class Writer:
         os.close(self._fd)
 
     def close(self) -> str:
-        """Finish writing; the file's sha256."""
+        """Finish writing and fsync (here, while other shards are still being merged); the sha256."""
         self._queue.put(None)
         self._thread.join()
+        if self._error is None:
+            os.fsync(self._fd)
         os.close(self._fd)
         if self._error is not None:
             raise self._error
