@@ -266,6 +266,32 @@ def _cap_malloc_threshold() -> None:
         pass
 
 
+def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple[str, str, list[str]]]:
+    """(input shard, output file, tensor names) per output file. With at least `workers` input
+    shards the layout is kept; otherwise each input is split into contiguous, byte-balanced parts
+    so that reading, merging, writing and hashing run on every core (the index maps the names)."""
+    headers = {s: safetensors_header(base_dir / s) for s in shards}
+    order = {s: sorted(h, key=lambda k: h[k]["data_offsets"][0]) for s, h in headers.items()}
+    if len(shards) >= workers:
+        return [(s, s, order[s]) for s in shards]
+    per = -(-workers // len(shards))
+    groups: list[tuple[str, list[str]]] = []
+    for s in shards:
+        h = headers[s]
+        total = sum(h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for n in order[s]) or 1
+        cut, acc, current = total / per, 0, []
+        for n in order[s]:
+            current.append(n)
+            acc += h[n]["data_offsets"][1] - h[n]["data_offsets"][0]
+            if acc >= cut * (len([g for g in groups if g[0] == s]) + 1) and len(current) > 0:
+                groups.append((s, current))
+                current = []
+        if current:
+            groups.append((s, current))
+    n = len(groups)
+    return [(s, f"model-{i + 1:05d}-of-{n:05d}.safetensors", names) for i, (s, names) in enumerate(groups)]
+
+
 def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
     """Tensor by tensor: untouched tensors are copied file-to-file; targeted ones get W + s·B·A in
     fp32. Returns the sha256 of every shard written (computed while writing)."""
@@ -309,17 +335,21 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
     def out_code_of(code: str) -> str:
         return out_code if code in ("F32", "F16", "BF16") else code
 
-    def merge_shard(shard: str) -> tuple[str, list[str], set[str], str]:
-        """Merge one shard; returns (shard, tensor names written, targets found, sha256)."""
-        reader = stio.Reader(base_dir / shard)
-        last = untie and shard == shards[-1]
-        entries = [(n, out_code_of(reader.header[n]["dtype"]), reader.header[n]["shape"]) for n in reader.names]
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    parts = _output_parts(base_dir, shards, workers)
+
+    def merge_shard(part: tuple[str, str, list[str]]) -> tuple[str, list[str], set[str], str]:
+        """Merge one output part; returns (output file, tensor names written, targets found, sha256)."""
+        in_shard, shard, names = part
+        reader = stio.Reader(base_dir / in_shard)
+        last = untie and part is parts[-1]
+        entries = [(n, out_code_of(reader.header[n]["dtype"]), reader.header[n]["shape"]) for n in names]
         if last:  # lm_head becomes a tensor of its own, in a shard loaders read
             entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
         writer = stio.Writer(out / shard, entries)
         found: set[str] = set()
         try:
-            for name in reader.names:
+            for name in names:
                 code = reader.header[name]["dtype"]
                 start, end = reader.header[name]["data_offsets"]
                 dequant = nf4 is not None and code in ("F32", "F16", "BF16") and \
@@ -356,9 +386,8 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
     # Shards are independent: merge several at once (I/O, hashing and torch kernels release the GIL).
     weight_map: dict[str, str] = {}
     hashes: dict[str, str] = {}
-    workers = max(1, min(len(shards), os.cpu_count() or 1, 4))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emq-shard") as pool:
-        for shard, names, found, digest in pool.map(merge_shard, shards):
+    with ThreadPoolExecutor(max_workers=min(workers, len(parts)), thread_name_prefix="emq-shard") as pool:
+        for shard, names, found, digest in pool.map(merge_shard, parts):
             weight_map.update({n: shard for n in names})
             todo -= found
             hashes[shard] = digest
