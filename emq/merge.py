@@ -221,7 +221,8 @@ _ROW_BLOCK = 256  # CPU: rows per fp32 block, so the fp32 temporaries stay in ca
 
 
 def _apply_delta(w, lora: _Lora | None, bias_delta, device: str, out_dtype, *, transposed: bool):
-    """W + s·B·A (and a bias delta) in fp32, returned in `out_dtype`; None if the result has NaN/inf.
+    """W + s·B·A in fp32 (for a weight), or b + s·lora_B.bias (for a bias: `lora` is None), returned
+    in `out_dtype`; None if the result has NaN/inf.
 
     On the CPU the weight is processed in row blocks: each block is upcast, updated with a fused
     addmm and cast back while it is in cache, so memory traffic is ~4 bytes/parameter instead of
@@ -244,8 +245,6 @@ def _apply_delta(w, lora: _Lora | None, bias_delta, device: str, out_dtype, *, t
         if not torch.isfinite(blk.sum()):
             return None
         out[r0:r0 + step].copy_(blk)
-    if bias_delta is not None:
-        raise AssertionError("a weight tensor has no bias delta")  # bias deltas key on *.bias names
     return out
 
 

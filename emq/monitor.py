@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psutil
 
@@ -55,7 +54,3 @@ class PeakMemory:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sample()
-
-
-def now() -> float:
-    return time.perf_counter()

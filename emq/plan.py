@@ -6,7 +6,7 @@ are loaded, so a plan can be printed as a dry run before anything expensive star
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from emq.detect import DetectResult
@@ -63,7 +63,6 @@ class Plan:
     platform: str
     vllm: str | None
     stop_reason: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
