@@ -319,12 +319,12 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
     lm_head = replace.get("lm_head.weight") if untie else None
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
     shards = _shards(base_dir)
-    if untie and lm_head is None and not any(
-            n.endswith(_EMBED_NAMES) for s in shards for n in safetensors_header(base_dir / s)):
-        raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
-                       "use memory.merge_method=peft for this model")
     if untie and lm_head is None:  # the original shared weight, before any shard changes it
-        emb_shard = next(s for s in shards if any(n.endswith(_EMBED_NAMES) for n in safetensors_header(base_dir / s)))
+        emb_shard = next((s for s in shards if any(n.endswith(_EMBED_NAMES) for n in safetensors_header(base_dir / s))),
+                         None)
+        if emb_shard is None:
+            raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
+                           "use memory.merge_method=peft for this model")
         r = stio.Reader(base_dir / emb_shard)
         lm_head = r.tensor(next(n for n in r.names if n.endswith(_EMBED_NAMES))).clone()
         r.close()
