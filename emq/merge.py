@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import emq
 from emq import cache
@@ -136,10 +136,25 @@ def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
 
 @dataclass
 class _Lora:
-    a: Any  # torch.Tensor [r, in]   (embedding: [r, num_embeddings])
-    b: Any  # torch.Tensor [out, r]  (embedding: [dim, r])
+    a: Any  # _Ref to [r, in]   (embedding: [r, num_embeddings])
+    b: Any  # _Ref to [out, r]  (embedding: [dim, r])
     scale: float
     embedding: bool = False
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """An adapter tensor read when needed (not all held in memory for the whole merge)."""
+
+    reader: Any
+    name: str
+
+    @property
+    def shape(self) -> list[int]:
+        return self.reader.header[self.name]["shape"]
+
+    def load(self):
+        return self.reader.tensor(self.name)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -150,9 +165,10 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, Any]]:
-    """(LoRA deltas by base weight name, bias deltas by base bias name, replacement tensors by name)."""
-    from safetensors.torch import load_file
+def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, _Ref], Any]:
+    """(LoRA deltas by base weight name, bias deltas by base bias name, replacement tensors by name,
+    the open adapter reader — close it when done)."""
+    from emq import stio
 
     a = det.adapter
     if a.use_dora:
@@ -162,10 +178,11 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
     if a.weight_file != "adapter_model.safetensors":
         raise EmqError(f"{a.path} has weights as {a.weight_file}; the stream merge reads safetensors",
                        "re-save the adapter with safe_serialization=True, or use memory.merge_method=peft")
-    tensors = load_file(str(Path(a.path) / a.weight_file))
+    reader = stio.Reader(Path(a.path) / a.weight_file)
     parts: dict[str, dict[str, Any]] = {}
-    replace: dict[str, Any] = {}
-    for name, t in tensors.items():
+    replace: dict[str, _Ref] = {}
+    for name in reader.names:
+        t = _Ref(reader, name)
         short = name[len(_ADAPTER):] if name.startswith(_ADAPTER) else name
         m = re.match(r"^(.+)\.lora_(A|B)\.weight$", short) or re.match(r"^(.+)\.lora_embedding_(A|B)$", short)
         if m:
@@ -174,7 +191,7 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
             continue
         m = re.match(r"^(.+)\.lora_B\.bias$", short)
         if m:
-            parts.setdefault(m.group(1), {})["bias"] = t
+            parts.setdefault(m.group(1), {})["bias"] = t.load()
             continue
         if short.endswith(".base_layer.weight"):  # embedding layers PEFT saves with a LoRA on them
             replace[short[: -len(".base_layer.weight")] + ".weight"] = t
@@ -192,7 +209,7 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
         deltas[f"{module}.weight"] = _Lora(p["A"], p["B"], scale, p["embedding"])
         if p.get("bias") is not None:
             bias_deltas[f"{module}.bias"] = p["bias"].float() * scale
-    return deltas, bias_deltas, replace
+    return deltas, bias_deltas, replace, reader
 
 
 def _dequant_eligible(name: str, shape: tuple[int, ...]) -> bool:
@@ -234,7 +251,7 @@ def _apply_delta(w, lora: _Lora | None, bias_delta, device: str, out_dtype, *, t
     if lora is None:  # bias only
         out = w.to(device=device, dtype=torch.float32) + bias_delta.to(device)
         return out.to(out_dtype) if torch.isfinite(out).all() else None
-    a, b = lora.a.to(device, torch.float32), lora.b.to(device, torch.float32)
+    a, b = lora.a.load().to(device, torch.float32), lora.b.load().to(device, torch.float32)
     left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += s · left[rows] @ right
     w = w.to(device)
     out = torch.empty(w.shape, dtype=out_dtype, device=device)
@@ -265,10 +282,15 @@ def _cap_malloc_threshold() -> None:
         pass
 
 
-def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple[str, str, list[str]]]:
+_COPY_COST = 0.15  # an untouched tensor (kernel copy + hash) costs ~this much per byte of a merged one
+
+
+def _output_parts(base_dir: Path, shards: list[str], workers: int,
+                  merged: Callable[[str], bool]) -> list[tuple[str, str, list[str]]]:
     """(input shard, output file, tensor names) per output file. With at least `workers` input
-    shards the layout is kept; otherwise each input is split into contiguous, byte-balanced parts
-    so that reading, merging, writing and hashing run on every core (the index maps the names)."""
+    shards the layout is kept; otherwise each input is split into contiguous parts of equal work
+    (merged tensors weigh more than copied ones) so that reading, merging, writing and hashing run
+    on every core (the index maps the names)."""
     headers = {s: safetensors_header(base_dir / s) for s in shards}
     order = {s: sorted(h, key=lambda k: h[k]["data_offsets"][0]) for s, h in headers.items()}
     if len(shards) >= workers:
@@ -277,11 +299,16 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
     groups: list[tuple[str, list[str]]] = []
     for s in shards:
         h = headers[s]
-        total = sum(h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for n in order[s]) or 1
-        cut, acc, current = total / per, 0, []
+
+        def cost(n: str) -> float:
+            size = h[n]["data_offsets"][1] - h[n]["data_offsets"][0]
+            return size if merged(n) else size * _COPY_COST
+
+        total = sum(cost(n) for n in order[s]) or 1.0
+        cut, acc, current = total / per, 0.0, []
         for n in order[s]:
             current.append(n)
-            acc += h[n]["data_offsets"][1] - h[n]["data_offsets"][0]
+            acc += cost(n)
             if acc >= cut * (len([g for g in groups if g[0] == s]) + 1) and len(current) > 0:
                 groups.append((s, current))
                 current = []
@@ -294,18 +321,26 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
 def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
     """Tensor by tensor: untouched tensors are copied file-to-file; targeted ones get W + s·B·A in
     fp32. Returns the sha256 of every shard written (computed while writing)."""
+    _cap_malloc_threshold()
+    deltas, bias_deltas, replace, adapter_reader = _load_adapter(det)
+    try:
+        return _stream_merge_with(det, inputs, device, out, deltas, bias_deltas, replace)
+    finally:
+        adapter_reader.close()
+
+
+def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, deltas: dict[str, _Lora],
+                       bias_deltas: dict[str, Any], replace: dict[str, _Ref]) -> dict[str, str]:
     import torch
     from tqdm import tqdm
 
     from emq import stio
 
-    _cap_malloc_threshold()
     base_dir = Path(det.base.path)
     settings = inputs["settings"]
     out_dtype = getattr(torch, settings["out_dtype"])
     out_code = stio.dtype_code(out_dtype)
     nf4 = settings.get("nf4")
-    deltas, bias_deltas, replace = _load_adapter(det)
     cfg = json.loads((base_dir / "config.json").read_text())
     tied = bool(cfg.get("tie_word_embeddings", False))
     if tied and "lm_head.weight" in deltas:
@@ -316,7 +351,7 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
     # to keep serving what the adapter computes (PEFT's own merge_and_unload changes both).
     embed_changed = any(n.endswith(_EMBED_NAMES) for n in set(deltas) | set(replace))
     untie = tied and ("lm_head.weight" in replace or embed_changed)
-    lm_head = replace.get("lm_head.weight") if untie else None
+    lm_head = replace["lm_head.weight"].load() if untie and "lm_head.weight" in replace else None
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
     shards = _shards(base_dir)
     if untie and lm_head is None:  # the original shared weight, before any shard changes it
@@ -335,7 +370,8 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
         return out_code if code in ("F32", "F16", "BF16") else code
 
     workers = max(1, min(os.cpu_count() or 1, 4))
-    parts = _output_parts(base_dir, shards, workers)
+    parts = _output_parts(base_dir, shards, workers, lambda n: n in deltas or n in bias_deltas or n in replace or (
+        nf4 is not None and _dequant_eligible(n, (0, 0))))
 
     def merge_shard(part: tuple[str, str, list[str]]) -> tuple[str, list[str], set[str], str]:
         """Merge one output part; returns (output file, tensor names written, targets found, sha256)."""
@@ -361,7 +397,7 @@ def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> di
                 t = reader.tensor(name)
                 bar.update(end - start)
                 if name in replace:
-                    t = replace[name]
+                    t = replace[name].load()
                 elif dequant:
                     t = _nf4_roundtrip(t, device, nf4)
                 if name in deltas or name in bias_deltas:
@@ -411,7 +447,7 @@ def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict
     from transformers import AutoModelForCausalLM
 
     if det.adapter.use_dora:
-        _load_adapter(det)  # raises the DoRA error
+        _load_adapter(det)  # raises the DoRA error before opening anything
     settings = inputs["settings"]
     log.info("merge (peft): loading %s in fp32 on %s", det.base.path, device)
     model = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.float32, device_map=device)
