@@ -150,11 +150,9 @@ def _merge_diagnostic(e: MergeFailed, plan, machine) -> EmqError:
     tried = "; ".join(f"{a['device']}: {a.get('error', 'ok')}" for a in e.attempts) or "no device allowed"
     est = plan.estimates_gib
     gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
-    options = []
-    if plan.engine.max_lora_rank is not None or not plan.engine.enable_lora:
-        options.append("memory.stop_on_failure=false (serve the LoRA through vLLM instead)")
-    options += [f"a machine with ≥ {est['merge_peak_cpu_ram']:.0f} GiB free RAM or "
-                f"≥ {est['merge_peak_gpu_vram']:.0f} GiB free VRAM", "free memory held by other processes"]
+    options = ["memory.stop_on_failure=false (serve the LoRA through vLLM instead)",
+               f"a machine with ≥ {est['merge_peak_cpu_ram']:.0f} GiB free RAM or "
+               f"≥ {est['merge_peak_gpu_vram']:.0f} GiB free VRAM", "free memory held by other processes"]
     return EmqError(f"merge failed on every device ({tried}); GPU merge needs ~{est['merge_peak_gpu_vram']:.1f} GiB "
                     f"VRAM ({gpu_free:.1f} free at plan time), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
                     f"({machine.ram_available_bytes / GIB:.1f} available)", "; or ".join(options))

@@ -48,13 +48,11 @@ class Reader:
         if hasattr(os, "posix_fadvise"):  # read ahead while we compute: the file is read once, in order
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        raw = os.pread(self.fd, 8, 0)
-        if len(raw) < 8:
-            raise EmqError(f"{path} is empty or truncated", "re-download or re-save the weights")
-        (n,) = struct.unpack("<Q", raw)
-        header = json.loads(os.pread(self.fd, n, 8))
+        from emq.detect import safetensors_header  # the one validating header parser
+
+        header = safetensors_header(path)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
         self.data_start = 8 + n
-        self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
         self.header: dict[str, dict[str, Any]] = header
         self.names = sorted(header, key=lambda k: header[k]["data_offsets"][0])  # file order
 
