@@ -23,19 +23,22 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import logging
 import math
+import os
 import re
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import numpy as np
 
 import emq
-from emq import cache
+from emq import cache, stio
 from emq.detect import DetectResult, safetensors_header
 from emq.errors import EmqError
 from emq.records import write_json
@@ -153,8 +156,16 @@ class _Ref:
     def shape(self) -> list[int]:
         return self.reader.header[self.name]["shape"]
 
-    def load(self):
-        return self.reader.tensor(self.name)
+    @property
+    def code(self) -> str:
+        return self.reader.header[self.name]["dtype"]
+
+    def load(self) -> np.ndarray:
+        """As held by `stio.np_dtype` (BF16 as its bits)."""
+        return self.reader.array(self.name)
+
+    def f32(self) -> np.ndarray:
+        return stio.to_f32(self.load(), self.code)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -166,10 +177,8 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, _Ref], Any]:
-    """(LoRA deltas by base weight name, bias deltas by base bias name, replacement tensors by name,
-    the open adapter reader — close it when done)."""
-    from emq import stio
-
+    """(LoRA deltas by base weight name, bias deltas (fp32) by base bias name, replacement tensors by
+    name, the open adapter reader — close it when done)."""
     a = det.adapter
     if a.use_dora:
         raise EmqError(f"{a.path}: DoRA adapters are not supported by emq's merge (the magnitude vector needs "
@@ -191,7 +200,7 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
             continue
         m = re.match(r"^(.+)\.lora_B\.bias$", short)
         if m:
-            parts.setdefault(m.group(1), {})["bias"] = t.load()
+            parts.setdefault(m.group(1), {})["bias"] = t
             continue
         if short.endswith(".base_layer.weight"):  # embedding layers PEFT saves with a LoRA on them
             replace[short[: -len(".base_layer.weight")] + ".weight"] = t
@@ -208,7 +217,7 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
         scale = alpha / math.sqrt(r) if a.use_rslora else alpha / r
         deltas[f"{module}.weight"] = _Lora(p["A"], p["B"], scale, p["embedding"])
         if p.get("bias") is not None:
-            bias_deltas[f"{module}.bias"] = p["bias"].float() * scale
+            bias_deltas[f"{module}.bias"] = p["bias"].f32() * np.float32(scale)
     return deltas, bias_deltas, replace, reader
 
 
@@ -219,6 +228,7 @@ def _dequant_eligible(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def _nf4_roundtrip(t, device: str, nf4: dict[str, Any]):
+    """dequant(NF4(t)) with bitsandbytes (a torch tensor in, the same dtype out)."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     w = t.to(device)
@@ -227,42 +237,124 @@ def _nf4_roundtrip(t, device: str, nf4: dict[str, Any]):
     return dequantize_4bit(packed, state).to(t.dtype)
 
 
+def _torch_dtype(code: str):
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
+
+
+def _to_torch(a: np.ndarray, code: str):
+    """A numpy-held float tensor as a torch tensor on the CPU (shares memory)."""
+    import torch
+
+    if code == "BF16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _into_numpy(t, code: str, out: np.ndarray) -> None:
+    """Copy a torch tensor (any device, dtype of `code`) into the numpy-held `out`."""
+    import torch
+
+    t = t.cpu().contiguous()
+    np.copyto(out, t.view(torch.int16).numpy().view(np.uint16) if code == "BF16" else t.numpy())
+
+
+def _convert(a: np.ndarray, code: str, out_code: str) -> np.ndarray:
+    if code == out_code or code not in stio.FLOAT_CODES:
+        return a
+    out = np.empty(a.shape, stio.np_dtype(out_code))
+    stio.from_f32(stio.to_f32(a, code), out_code, out)
+    return out
+
+
+_BLOCK = 1 << 18  # CPU: fp32 elements per block of rows (1 MiB), so the temporaries stay in cache
+
+
+class _Scratch:
+    """Per-worker fp32 / uint32 block buffers, reused for every tensor (see stio.BufferPool)."""
+
+    def __init__(self):
+        self.f32 = np.empty(_BLOCK, np.float32)
+        self.u32 = np.empty(_BLOCK, np.uint32)
+        self.ones = np.ones(_BLOCK, np.float32)
+
+    def blocks(self, rows: int, cols: int) -> tuple[int, np.ndarray, np.ndarray]:
+        if self.f32.size < cols:
+            self.f32, self.u32, self.ones = np.empty(cols, np.float32), np.empty(cols, np.uint32), np.ones(cols, np.float32)
+        step = min(rows, self.f32.size // cols)
+        return step, self.f32[: step * cols].reshape(step, cols), self.u32[: step * cols].reshape(step, cols)
+
+    def finite(self, blk: np.ndarray) -> bool:
+        """Whether every element is finite: NaN and inf propagate through a dot product with ones
+        (a BLAS call, ~2x faster than sum; these magnitudes cannot overflow fp32)."""
+        return bool(np.isfinite(np.dot(blk.reshape(-1), self.ones[: blk.size])))
+
+
+def _merge_weight_cpu(w: np.ndarray, code: str, lora: _Lora, out: np.ndarray, out_code: str, *,
+                      transposed: bool, scratch: _Scratch) -> bool:
+    """out = W + s·B·A in fp32, rounded once to `out_code`; `out` may be `w` (in place). False if
+    the result has NaN/inf.
+
+    Row blocks: each block of W is upcast, gets its rows of (B)(s·A) from one matmul, is checked
+    and rounded back while it is in cache, so memory traffic is ~4 bytes per parameter. numpy,
+    not torch: a CPU merge does not pay torch's import (2-3 s cold, longer than the whole merge
+    of a 0.5B model). The caller limits BLAS to one thread per worker (see `_stream_merge`).
+    """
+    a, b = lora.a.f32(), lora.b.f32()
+    left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += left[rows] @ (s·right)
+    left = np.ascontiguousarray(left)
+    right = np.ascontiguousarray(right * np.float32(lora.scale))
+    rows, cols = w.shape
+    step, blk_all, bits_all = scratch.blocks(rows, cols)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        blk, bits = blk_all[:n], bits_all[:n]
+        np.matmul(left[r0:r0 + n], right, out=blk)
+        blk += stio.to_f32(w[r0:r0 + n], code, out=bits.view(np.float32) if code == "BF16" else None)
+        if not scratch.finite(blk):
+            return False
+        stio.from_f32(blk, out_code, out[r0:r0 + n], scratch=bits)
+    return True
+
+
+def _merge_weight_torch(w: np.ndarray, code: str, lora: _Lora, out: np.ndarray, out_code: str, *,
+                        transposed: bool, device: str) -> bool:
+    """The same update with torch on `device` (a GPU: the whole tensor at once)."""
+    import torch
+
+    a = torch.from_numpy(lora.a.f32()).to(device)
+    b = torch.from_numpy(lora.b.f32()).to(device)
+    left, right = (a.T, b.T) if transposed else (b, a)
+    blk = _to_torch(w, code).to(device=device, dtype=torch.float32)
+    blk.addmm_(left, right, alpha=lora.scale)
+    if not torch.isfinite(blk).all():
+        return False
+    _into_numpy(blk.to(_torch_dtype(out_code)), out_code, out)
+    return True
+
+
+def _add_bias(w: np.ndarray, code: str, delta: np.ndarray, out_code: str) -> np.ndarray | None:
+    """b + s·lora_B.bias (fp32), in `out_code`; None if non-finite."""
+    x = stio.to_f32(w, code) + delta
+    if not np.isfinite(x).all():
+        return None
+    out = np.empty(x.shape, stio.np_dtype(out_code))
+    stio.from_f32(x, out_code, out)
+    return out
+
+
+def _dequant_np(w: np.ndarray, code: str, device: str, nf4: dict[str, Any]) -> np.ndarray:
+    """dequant(NF4(w)) in place (bitsandbytes, through torch)."""
+    _into_numpy(_nf4_roundtrip(_to_torch(w, code), device, nf4), code, w)
+    return w
+
+
 def _shards(base_dir: Path) -> list[str]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return sorted(p.name for p in base_dir.glob("*.safetensors"))
-
-
-_ROW_BLOCK = 256  # CPU: rows per fp32 block, so the fp32 temporaries stay in cache
-
-
-def _apply_delta(w, lora: _Lora | None, bias_delta, device: str, out_dtype, *, transposed: bool):
-    """W + s·B·A in fp32 (for a weight), or b + s·lora_B.bias (for a bias: `lora` is None), returned
-    in `out_dtype`; None if the result has NaN/inf.
-
-    On the CPU the weight is processed in row blocks: each block is upcast, updated with a fused
-    addmm and cast back while it is in cache, so memory traffic is ~4 bytes/parameter instead of
-    ~20 for whole-tensor fp32 temporaries. A block sum is non-finite iff some element is (these
-    magnitudes cannot overflow fp32), so the NaN/inf check costs one reduction per block.
-    """
-    import torch
-
-    if lora is None:  # bias only
-        out = w.to(device=device, dtype=torch.float32) + bias_delta.to(device)
-        return out.to(out_dtype) if torch.isfinite(out).all() else None
-    a, b = lora.a.load().to(device, torch.float32), lora.b.load().to(device, torch.float32)
-    left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += s · left[rows] @ right
-    w = w.to(device)
-    out = torch.empty(w.shape, dtype=out_dtype, device=device)
-    step = w.shape[0] if device != "cpu" else _ROW_BLOCK
-    for r0 in range(0, w.shape[0], step):
-        blk = w[r0:r0 + step].to(torch.float32)
-        blk.addmm_(left[r0:r0 + step], right, alpha=lora.scale)
-        if not torch.isfinite(blk.sum()):
-            return None
-        out[r0:r0 + step].copy_(blk)
-    return out
 
 
 def _cap_malloc_threshold() -> None:
@@ -282,15 +374,13 @@ def _cap_malloc_threshold() -> None:
         pass
 
 
-_COPY_COST = 0.15  # an untouched tensor (kernel copy + hash) costs ~this much per byte of a merged one
-
-
-def _output_parts(base_dir: Path, shards: list[str], workers: int,
-                  merged: Callable[[str], bool]) -> list[tuple[str, str, list[str]]]:
+def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple[str, str, list[str]]]:
     """(input shard, output file, tensor names) per output file. With at least `workers` input
-    shards the layout is kept; otherwise each input is split into contiguous parts of equal work
-    (merged tensors weigh more than copied ones) so that reading, merging, writing and hashing run
-    on every core (the index maps the names)."""
+    shards the layout is kept; otherwise each input is split into contiguous parts of equal bytes
+    so that reading, merging, hashing and writing run on every core (the index maps the names).
+    Bytes, not merged bytes: with hashing and direct writes, an untouched tensor costs about as
+    much per byte as a merged one (measured: weighting merged bytes 2x made the 0.5B CPU merge
+    ~15 % slower)."""
     headers = {s: safetensors_header(base_dir / s) for s in shards}
     order = {s: sorted(h, key=lambda k: h[k]["data_offsets"][0]) for s, h in headers.items()}
     if len(shards) >= workers:
@@ -299,19 +389,14 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int,
     groups: list[tuple[str, list[str]]] = []
     for s in shards:
         h = headers[s]
-
-        def cost(n: str) -> float:
-            size = h[n]["data_offsets"][1] - h[n]["data_offsets"][0]
-            return size if merged(n) else size * _COPY_COST
-
-        total = sum(cost(n) for n in order[s]) or 1.0
-        cut, acc, current = total / per, 0.0, []
+        size = {n: h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for n in order[s]}
+        cut, acc, current, made = (sum(size.values()) or 1) / per, 0, [], 0
         for n in order[s]:
             current.append(n)
-            acc += cost(n)
-            if acc >= cut * (len([g for g in groups if g[0] == s]) + 1) and len(current) > 0:
+            acc += size[n]
+            if acc >= cut * (made + 1):
                 groups.append((s, current))
-                current = []
+                current, made = [], made + 1
         if current:
             groups.append((s, current))
     n = len(groups)
@@ -321,25 +406,27 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int,
 def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
     """Tensor by tensor: untouched tensors are copied file-to-file; targeted ones get W + s·B·A in
     fp32. Returns the sha256 of every shard written (computed while writing)."""
+    from threadpoolctl import threadpool_limits
+
     _cap_malloc_threshold()
     deltas, bias_deltas, replace, adapter_reader = _load_adapter(det)
+    # One BLAS thread per worker: the workers already fill the cores, and OpenBLAS threads that
+    # spin-wait beside them doubled the CPU time of a 2-core merge (measured).
+    limits = threadpool_limits(limits=1, user_api="blas")
     try:
         return _stream_merge_with(det, inputs, device, out, deltas, bias_deltas, replace)
     finally:
+        limits.restore_original_limits()
         adapter_reader.close()
 
 
 def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, deltas: dict[str, _Lora],
-                       bias_deltas: dict[str, Any], replace: dict[str, _Ref]) -> dict[str, str]:
-    import torch
+                       bias_deltas: dict[str, np.ndarray], replace: dict[str, _Ref]) -> dict[str, str]:
     from tqdm import tqdm
-
-    from emq import stio
 
     base_dir = Path(det.base.path)
     settings = inputs["settings"]
-    out_dtype = getattr(torch, settings["out_dtype"])
-    out_code = stio.dtype_code(out_dtype)
+    out_code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[settings["out_dtype"]]
     nf4 = settings.get("nf4")
     cfg = json.loads((base_dir / "config.json").read_text())
     tied = bool(cfg.get("tie_word_embeddings", False))
@@ -351,7 +438,9 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     # to keep serving what the adapter computes (PEFT's own merge_and_unload changes both).
     embed_changed = any(n.endswith(_EMBED_NAMES) for n in set(deltas) | set(replace))
     untie = tied and ("lm_head.weight" in replace or embed_changed)
-    lm_head = replace["lm_head.weight"].load() if untie and "lm_head.weight" in replace else None
+    lm_head = None
+    if untie and "lm_head.weight" in replace:
+        lm_head = _convert(replace["lm_head.weight"].load(), replace["lm_head.weight"].code, out_code)
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
     shards = _shards(base_dir)
     if untie and lm_head is None:  # the original shared weight, before any shard changes it
@@ -361,60 +450,94 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
             raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
                            "use memory.merge_method=peft for this model")
         r = stio.Reader(base_dir / emb_shard)
-        lm_head = r.tensor(next(n for n in r.names if n.endswith(_EMBED_NAMES))).clone()
+        emb = next(n for n in r.names if n.endswith(_EMBED_NAMES))
+        lm_head = _convert(r.array(emb), r.header[emb]["dtype"], out_code)
         r.close()
     bar = tqdm(total=sum((base_dir / s).stat().st_size for s in shards), desc="stream merge", unit="B",
                unit_scale=True)
 
     def out_code_of(code: str) -> str:
-        return out_code if code in ("F32", "F16", "BF16") else code
+        return out_code if code in stio.FLOAT_CODES else code
 
     workers = max(1, min(os.cpu_count() or 1, 4))
-    parts = _output_parts(base_dir, shards, workers, lambda n: n in deltas or n in bias_deltas or n in replace or (
-        nf4 is not None and _dequant_eligible(n, (0, 0))))
+    parts = _output_parts(base_dir, shards, workers)
 
     def merge_shard(part: tuple[str, str, list[str]]) -> tuple[str, list[str], set[str], str]:
         """Merge one output part; returns (output file, tensor names written, targets found, sha256)."""
         in_shard, shard, names = part
         reader = stio.Reader(base_dir / in_shard)
+        info = reader.header
+
+        def dequant(n: str) -> bool:
+            return nf4 is not None and info[n]["dtype"] in stio.FLOAT_CODES and \
+                _dequant_eligible(n, tuple(info[n]["shape"]))
+
+        # decoded: read whole and worked on; the rest (untouched, same dtype) pass through as bytes
+        decoded = {n: n in deltas or n in bias_deltas or dequant(n) or info[n]["dtype"] != out_code_of(info[n]["dtype"])
+                   for n in names}
+        plan = [(n, decoded[n]) for n in names if n not in replace]  # replaced tensors come from the adapter
+        biggest = max((reader.span(n)[1] for n, whole in plan if whole), default=0)
+        pool = stio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
+        pieces = reader.stream(plan, pool)
+        scratch = _Scratch()
         last = untie and part is parts[-1]
-        entries = [(n, out_code_of(reader.header[n]["dtype"]), reader.header[n]["shape"]) for n in names]
+        entries = [(n, out_code_of(info[n]["dtype"]), info[n]["shape"]) for n in names]
         if last:  # lm_head becomes a tensor of its own, in a shard loaders read
             entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
         writer = stio.Writer(out / shard, entries)
         found: set[str] = set()
         try:
             for name in names:
-                code = reader.header[name]["dtype"]
-                start, end = reader.header[name]["data_offsets"]
-                dequant = nf4 is not None and code in ("F32", "F16", "BF16") and \
-                    _dequant_eligible(name, tuple(reader.header[name]["shape"]))
-                if not (name in replace or name in deltas or name in bias_deltas or dequant) \
-                        and code == out_code_of(code):
-                    writer.copy(name, reader.fd, *reader.span(name))  # untouched: a kernel copy, no decode
-                    bar.update(end - start)
+                length = reader.span(name)[1]
+                if name not in replace and not decoded[name]:  # untouched: bytes in, bytes out
+                    left = length
+                    while left:
+                        got, raw, buf = next(pieces)
+                        assert got == name, (got, name)
+                        writer.write(name, raw, release=lambda b=buf: pool.give(b))
+                        left -= raw.nbytes
+                        bar.update(raw.nbytes)
+                    if not length:
+                        writer.write(name, b"")
                     continue
-                t = reader.tensor(name)
-                bar.update(end - start)
-                if name in replace:
-                    t = replace[name].load()
-                elif dequant:
-                    t = _nf4_roundtrip(t, device, nf4)
-                if name in deltas or name in bias_deltas:
-                    t = _apply_delta(t, deltas.get(name), bias_deltas.get(name), device, out_dtype,
-                                     transposed=name in deltas and (deltas[name].embedding or det.adapter.fan_in_fan_out))
-                    if t is None:
-                        raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
-                                       f"check the adapter tensors for that module in {det.adapter.path}")
+                buf = None
+                if name in replace:  # modules_to_save: the adapter's tensor, not the base's
+                    w, code = replace[name].load(), replace[name].code
+                else:
+                    got, w, buf = next(pieces)
+                    assert got == name, (got, name)
+                    code = info[name]["dtype"]
+                    if dequant(name):
+                        w = _dequant_np(w, code, device, nf4)
+                bar.update(length)
+                if name in deltas:
+                    if code not in stio.FLOAT_CODES:
+                        raise EmqError(f"{name} in {in_shard} is {code}, not a float weight a LoRA can merge into",
+                                       "use a 16-bit base (not a pre-quantized checkpoint) as model.base")
+                    merged = w if code == out_code else np.empty(w.shape, stio.np_dtype(out_code))
+                    lora = deltas[name]
+                    transposed = lora.embedding or det.adapter.fan_in_fan_out
+                    ok = _merge_weight_cpu(w, code, lora, merged, out_code, transposed=transposed, scratch=scratch) \
+                        if device == "cpu" else \
+                        _merge_weight_torch(w, code, lora, merged, out_code, transposed=transposed, device=device)
+                    w = merged if ok else None
+                elif name in bias_deltas:
+                    w = _add_bias(w, code, bias_deltas[name], out_code)
+                else:
+                    w = _convert(w, code, out_code_of(code))
+                if w is None:
+                    raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
+                                   f"check the adapter tensors for that module in {det.adapter.path}")
                 found.add(name)
-                writer.write(name, (t.to(out_dtype) if t.is_floating_point() else t).cpu())
+                writer.write(name, w, release=None if buf is None else lambda b=buf: pool.give(b))
             if last:
-                writer.write("lm_head.weight", lm_head.to(out_dtype).cpu())
+                writer.write("lm_head.weight", lm_head)
             digest = writer.close()
         except BaseException:
             writer.abort()  # the temp dir is removed by merge_adapter; the original error stands
             raise
         finally:
+            pieces.close()
             reader.close()
         return shard, [e[0] for e in entries], found, digest
 
@@ -473,6 +596,18 @@ def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict
 _KERNELS = {MergeMethod.stream: _stream_merge, MergeMethod.peft: _peft_merge}
 
 
+class _NeverRaised(Exception):
+    pass
+
+
+def _torch_oom() -> type[BaseException]:
+    """torch's out-of-memory error when torch is loaded: a CPU stream merge never imports torch
+    (an except clause evaluates this only once an exception is on its way, so torch is loaded
+    if it raised one)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", _NeverRaised) if torch is not None else _NeverRaised
+
+
 def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
                   settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
     """Return a merged checkpoint for the detected base + adapter, building it if needed.
@@ -488,8 +623,6 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
         EmqError: unsupported adapter, NaN/inf, no disk space (nothing is published).
         MergeFailed: no device could merge (attempts say why).
     """
-    import torch
-
     settings = settings or MergeSettings()
     t0 = time.perf_counter()
     inputs = merge_inputs(det, settings)
@@ -530,11 +663,12 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
                 log.info("merge: wrote %s on %s in %.1f s", entry, device, seconds)
                 return MergeResult(str(entry), key, False, device, s["method"], s["merge_base"],
                                    time.perf_counter() - t0, attempts)
-            except torch.OutOfMemoryError as e:
+            except _torch_oom() as e:
                 attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
                 log.warning("merge on %s ran out of memory; trying the next device", device)
                 del e  # its traceback holds the half-loaded model
                 gc.collect()
+                torch = sys.modules["torch"]
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             except (MemoryError, RuntimeError) as e:
