@@ -253,11 +253,9 @@ def _to_torch(a: np.ndarray, code: str):
 
 
 def _into_numpy(t, code: str, out: np.ndarray) -> None:
-    """Copy a torch tensor (any device, dtype of `code`) into the numpy-held `out`."""
-    import torch
-
-    t = t.cpu().contiguous()
-    np.copyto(out, t.view(torch.int16).numpy().view(np.uint16) if code == "BF16" else t.numpy())
+    """Copy a torch tensor (any device, dtype of `code`) into the numpy-held `out`, directly (no
+    intermediate CPU tensor)."""
+    _to_torch(out, code).copy_(t)
 
 
 def _convert(a: np.ndarray, code: str, out_code: str) -> np.ndarray:
@@ -459,6 +457,14 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     def out_code_of(code: str) -> str:
         return out_code if code in stio.FLOAT_CODES else code
 
+    if device != "cpu" or nf4 is not None:
+        # torch (GPU math) and bitsandbytes (NF4 round trip) are imported here, once, before the
+        # workers start: importing them from two threads at once can hand one thread a
+        # half-initialised module (bitsandbytes' CPU ops were then missing).
+        import torch  # noqa: F401
+
+        if nf4 is not None:
+            import bitsandbytes.functional  # noqa: F401
     workers = max(1, min(os.cpu_count() or 1, 4))
     parts = _output_parts(base_dir, shards, workers)
 

@@ -255,10 +255,13 @@ class Writer:
     at a time.
 
     A background thread hashes what it is given and copies it into page-aligned staging buffers;
-    another writes full stages to the file (direct I/O), so hashing, writing and the caller's
-    compute overlap. `close` writes the last stage, trims the file to size, fsyncs and returns
-    the sha256.
+    `FLUSHERS` others write full stages at their place in the file (direct I/O), so hashing,
+    several writes in flight (what a fast SSD or a virtual disk needs to reach its throughput)
+    and the caller's compute overlap. `close` writes the last stage, trims the file to size,
+    fsyncs and returns the sha256.
     """
+
+    STAGES, FLUSHERS = 4, 2
 
     def __init__(self, path: Path, entries: list[tuple[str, str, list[int]]], metadata: dict[str, str] | None = None,
                  direct: bool = True):
@@ -280,16 +283,19 @@ class Writer:
         self._hash = hashlib.sha256()
         self._i, self._left = 0, 0  # tensor being written, and its bytes still to come
         self._error: BaseException | None = None
-        self._stages = [np.frombuffer(mmap.mmap(-1, CHUNK), np.uint8) for _ in range(2)]
-        self._stage, self._fill, self._flushed = 0, 0, 0
-        self._free: queue.Queue = queue.Queue()  # stages the flusher has written
-        self._free.put(1)
+        self._stages = [np.frombuffer(mmap.mmap(-1, CHUNK), np.uint8) for _ in range(self.STAGES)]
+        self._stage, self._fill, self._staged = 0, 0, 0  # current stage, bytes in it, file offset of it
+        self._free: queue.Queue = queue.Queue()  # stages written, ready to fill again
+        for k in range(1, self.STAGES):
+            self._free.put(k)
         self._queue: queue.Queue = queue.Queue()
         self._full: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"emq-write-{path.name}", daemon=True)
-        self._flusher = threading.Thread(target=self._flush_loop, name=f"emq-flush-{path.name}", daemon=True)
+        self._flushers = [threading.Thread(target=self._flush_loop, name=f"emq-flush-{path.name}", daemon=True)
+                          for _ in range(self.FLUSHERS)]
         self._thread.start()
-        self._flusher.start()
+        for t in self._flushers:
+            t.start()
         self._queue.put((struct.pack("<Q", len(blob)) + blob, None))
 
     # -- writer thread: hash, stage ----------------------------------------------------------
@@ -314,18 +320,17 @@ class Writer:
             self._fill += k
             src = src[k:]
             if self._fill == CHUNK:
-                self._full.put((self._stage, CHUNK))
-                self._stage = self._free.get()  # wait until the flusher is done with the other one
-                self._fill = 0
+                self._full.put((self._stage, self._staged, CHUNK))
+                self._stage = self._free.get()  # waits while every other stage is being written
+                self._fill, self._staged = 0, self._staged + CHUNK
 
     # -- flusher thread: write full stages at their place in the file ------------------------
     def _flush_loop(self) -> None:
         while (item := self._full.get()) is not None:
-            stage, n = item
+            stage, offset, n = item
             try:
                 if self._error is None:
-                    self._pwrite(self._stages[stage][:_up(n)], self._flushed)
-                    self._flushed += n
+                    self._pwrite(self._stages[stage][:_up(n)], offset)
             except BaseException as e:
                 self._error = self._error or e
             self._free.put(stage)
@@ -365,13 +370,18 @@ class Writer:
         self._left -= n
         self._queue.put((data, release))
 
+    def _stop_flushers(self) -> None:
+        for _ in self._flushers:
+            self._full.put(None)
+        for t in self._flushers:
+            t.join()
+
     def abort(self) -> None:
         """Stop after a failure elsewhere: drop what is queued, close the file, raise nothing."""
         self._error = self._error or RuntimeError("aborted")
         self._queue.put(None)
         self._thread.join()
-        self._full.put(None)
-        self._flusher.join()
+        self._stop_flushers()
         os.close(self._fd)
 
     def close(self) -> str:
@@ -381,9 +391,8 @@ class Writer:
         self._thread.join()
         if self._error is None and self._fill:
             self._stages[self._stage][self._fill:_up(self._fill)] = 0  # direct writes are whole blocks
-            self._full.put((self._stage, self._fill))
-        self._full.put(None)
-        self._flusher.join()
+            self._full.put((self._stage, self._staged, self._fill))
+        self._stop_flushers()
         try:
             if self._error is None:
                 if self._i != len(self._expect) or self._left:
