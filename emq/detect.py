@@ -97,6 +97,7 @@ class BaseFacts:
     bytes_per_dtype: dict[str, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
     largest_shard_bytes: int = 0
+    largest_linear_bytes: int = 0  # the biggest 2-D weight a LoRA targets (headers, else config)
     num_layers: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
@@ -228,16 +229,18 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         missing = sorted(set(shards) - set(present))
         raise EmqError(f"{index_path} lists shards that are missing: {missing[:3]}{' …' if len(missing) > 3 else ''}",
                        "finish the download (or re-save the model) so every shard is present")
-    count = nbytes = largest = 0
+    count = nbytes = largest = linear = 0
     per_dtype: dict[str, int] = {}
     for s in present:
         path = base_dir / s
         largest = max(largest, path.stat().st_size)
-        for info in safetensors_header(path).values():
+        for name, info in safetensors_header(path).items():
             numel = 1
             for d in info["shape"]:
                 numel *= d
             b = numel * _BYTES_PER_DTYPE.get(info["dtype"], 2)
+            if len(info["shape"]) == 2 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe")):
+                linear = max(linear, b)
             count += numel
             nbytes += b
             per_dtype[info["dtype"]] = per_dtype.get(info["dtype"], 0) + b
@@ -257,6 +260,8 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         model_type=cfg["model_type"], dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         weights_local=bool(present), param_count=param_count, param_bytes=param_bytes,
         bytes_per_dtype=per_dtype, shards=shards, largest_shard_bytes=largest,
+        largest_linear_bytes=linear or 2 * (cfg.get("hidden_size") or 0) * max(
+            cfg.get("intermediate_size") or 0, cfg.get("hidden_size") or 0),
         num_layers=cfg.get("num_hidden_layers"), num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         quantization_config=cfg.get("quantization_config"),

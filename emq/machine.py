@@ -6,6 +6,7 @@ system calls.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -49,6 +50,7 @@ class Machine:
     ram_available_bytes: int
     disk_free_bytes: int  # at the merge cache
     vllm: VllmInfo
+    cpu_count: int = 4
 
     @property
     def cuda(self) -> bool:
@@ -122,4 +124,5 @@ def snapshot(cache_dir: str | Path) -> Machine:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
-                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), *installed_vllm()))
+                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), *installed_vllm()),
+                   cpu_count=os.cpu_count() or 1)

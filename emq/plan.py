@@ -106,21 +106,23 @@ def _lora_rank(det: DetectResult) -> int:
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
 
 
-def _merge_peaks(det: DetectResult, method: MergeMethod) -> dict[str, float]:
+def _merge_peaks(det: DetectResult, method: MergeMethod, cpus: int) -> dict[str, float]:
     """Peak RAM / VRAM of a merge, from the real bytes.
 
     peft: the whole model in fp32 plus the adapter, +15 % allocator slack (on either device).
-    stream: one shard in memory (read + written copy) plus the adapter in fp32 and 0.5 GiB of
-    runtime; on the GPU only the largest tensor's fp32 working copies and the adapter.
+    stream: a few tensors per parallel part plus the adapter in fp32 (merge.stream_peak_ram);
+    on the GPU each part's largest tensor in fp32 plus its bf16 copies, and the adapter.
     """
+    from emq.merge import stream_peak_ram, stream_workers
+
     params = det.base.param_count or 0
     adapter = det.adapter.weight_bytes if det.adapter else 0
     if method is MergeMethod.peft:
         peak = (params * 4 + adapter * 2) * 1.15 / GIB
         return {"merge_peak_cpu_ram": peak, "merge_peak_gpu_vram": peak}
-    shard = det.base.largest_shard_bytes or min(det.base.param_bytes or 0, 5 * 10**9)
-    return {"merge_peak_cpu_ram": (shard * 2 + adapter * 2) / GIB + 0.5,
-            "merge_peak_gpu_vram": (shard + adapter * 2) / GIB + 0.5}
+    linear = det.base.largest_linear_bytes or min(det.base.param_bytes or 0, 5 * 10**9)
+    return {"merge_peak_cpu_ram": stream_peak_ram(linear, adapter, cpus) / GIB,
+            "merge_peak_gpu_vram": (stream_workers(cpus) * linear * 3.5 + adapter * 2) / GIB + 0.5}
 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
@@ -147,7 +149,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     est = {
         "base_bf16": bf16 / GIB,
         "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
-        **_merge_peaks(det, memory.merge_method),
+        **_merge_peaks(det, memory.merge_method, machine.cpu_count),
         "merged_disk": bf16 / GIB,
         **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
     }

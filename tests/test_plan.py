@@ -16,7 +16,8 @@ def _det(trained_in_4bit: bool | None = True, adapter: bool = True, params: int 
          use_dora: bool = False, rank: int = 32) -> DetectResult:
     base = BaseFacts(ref="/m/base", path="/m/base", architecture="Qwen2ForCausalLM", model_type="qwen2",
                      dtype="bfloat16", weights_local=True, param_count=params, param_bytes=params * 2,
-                     num_layers=48, num_kv_heads=8, head_dim=128)
+                     num_layers=48, num_kv_heads=8, head_dim=128,
+                     largest_linear_bytes=params // PARAMS_14B * 5120 * 13824 * 2)  # Qwen2.5-14B's MLP weights
     blockers = ["DoRA (vLLM's LoRA path serves plain LoRA)"] if use_dora else []
     facts = AdapterFacts(path="/m/adapter", rank=rank, alpha=2 * rank, use_rslora=False, use_dora=use_dora,
                          target_modules=["q_proj", "v_proj"], modules_to_save=[], rank_pattern={},
@@ -156,11 +157,12 @@ def test_estimates_cover_every_quant_option():
     assert e["kv_per_sequence"] > 0 and e["kv_headroom"] > e["kv_per_sequence"]
 
 
-def test_stream_merge_needs_one_shard_not_the_model():
+def test_stream_merge_needs_a_few_tensors_not_the_model():
     det = _det(params=PARAMS_14B)
     peft = _plan(det=det, merge_method=MergeMethod.peft).estimates_gib["merge_peak_cpu_ram"]
     stream = _plan(det=det, merge_method=MergeMethod.stream).estimates_gib["merge_peak_cpu_ram"]
-    assert peft > 60 and stream < 12
+    # measured on an H200 host (16 cores, 4 parts): 3.28 GiB peak RSS for a 14B-shaped r=32 merge
+    assert peft > 60 and 2.5 < stream < 5
     small_gpu = _plan(det=det, machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()))
     assert small_gpu.merge_devices[0] == "cuda" and small_gpu.merge_method == "stream"
 
