@@ -2,9 +2,10 @@
 
 Methods
 - `stream` (default): walk the base's safetensors shards tensor by tensor; for each targeted
-  weight add scale·(B·A) computed in fp32 (on the GPU when the device is cuda) and cast back;
-  write each output shard as soon as it is done. Peak memory ≈ one shard + the adapter, whatever
-  the model size.
+  weight add scale·(B·A) computed in fp32 (numpy on the CPU, torch on the GPU when the device is
+  cuda) and round once to the output dtype; hash and write each output shard as it goes (see
+  emq/stio.py). Peak memory ≈ a few tensors per parallel part + the adapter, whatever the model
+  size (`stream_peak_ram`).
 - `peft` (reference): PeftModel.merge_and_unload with the weights in fp32, then save_pretrained.
 
 Merge base (for the linear weights a QLoRA run quantized):
@@ -355,23 +356,6 @@ def _shards(base_dir: Path) -> list[str]:
     return sorted(p.name for p in base_dir.glob("*.safetensors"))
 
 
-def _cap_malloc_threshold() -> None:
-    """glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so the
-    per-tensor buffers of a stream merge end up on the heap and are never returned: resident
-    memory creeps up by hundreds of MB. Pinning the threshold at 1 MiB keeps every tensor buffer
-    an mmap that is unmapped when freed (measured: peak RSS 430 → 354 MB on a 0.5B merge)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except OSError:  # not glibc: nothing to tune
-        pass
-
-
 def stream_workers(cpus: int) -> int:
     """Parts merged at once by `stream` (each: a reader, the merge, a writer)."""
     return max(1, min(cpus, 4))
@@ -415,11 +399,10 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
 
 
 def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
-    """Tensor by tensor: untouched tensors are copied file-to-file; targeted ones get W + s·B·A in
+    """Tensor by tensor: untouched tensors pass through as bytes; targeted ones get W + s·B·A in
     fp32. Returns the sha256 of every shard written (computed while writing)."""
     from threadpoolctl import threadpool_limits
 
-    _cap_malloc_threshold()
     deltas, bias_deltas, replace, adapter_reader = _load_adapter(det)
     # One BLAS thread per worker: the workers already fill the cores, and OpenBLAS threads that
     # spin-wait beside them doubled the CPU time of a 2-core merge (measured).
