@@ -22,6 +22,7 @@ Devices are tried in the plan's order; a CUDA out-of-memory error moves on to th
 """
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -677,6 +678,12 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
             except (MemoryError, RuntimeError) as e:
                 attempts.append({"device": device, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 log.warning("merge on %s failed (%s); trying the next device", device, type(e).__name__)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up after the check
+                    raise EmqError(f"the disk at {root} filled up while writing the merged checkpoint "
+                                   f"({e.strerror}); nothing was published",
+                                   "free disk space or point EMQ_CACHE / paths.cache_dir elsewhere") from None
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         raise MergeFailed(f"every merge attempt failed: {attempts}",

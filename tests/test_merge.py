@@ -159,3 +159,27 @@ def test_not_enough_disk_publishes_nothing(det, tmp_path, monkeypatch):
     with pytest.raises(EmqError, match="GiB free"):
         merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
     assert [p.name for p in tmp_path.iterdir()] == [".locks"]
+
+
+def test_disk_filling_up_mid_write_is_a_clear_error_and_publishes_nothing(det, tmp_path, monkeypatch):
+    """Mocked: a full disk cannot be made here safely, so the writer's pwrite fails with ENOSPC
+    after the first few blocks, as it does when another job fills the disk during a merge."""
+    import errno
+    import os
+
+    from emq import stio
+    from emq.errors import EmqError
+
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(stio.os, "pwrite", pwrite)
+    with pytest.raises(EmqError, match="filled up while writing") as info:
+        merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
+    assert "EMQ_CACHE" in info.value.fix
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".locks"] == []  # no entry, no temp dir
