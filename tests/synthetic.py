@@ -81,3 +81,45 @@ def make_adapter(path: Path, base: str, *, r: int = 4, targets=("q_proj", "v_pro
     cfg.update(config or {})
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     return path
+
+
+# Adapter features the merge must reproduce, as LoraConfig arguments (adapters made by PEFT itself).
+LORA_FEATURES = {
+    "plain": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "rslora": dict(target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "rank_alpha_pattern": dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 8},
+                               alpha_pattern={"down_proj": 32}),
+    "lora_bias": dict(target_modules=["q_proj"], lora_bias=True),
+    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+    "lora_on_embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+}
+IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 64, 200, 17]])
+
+
+def peft_adapter(base: Path, out: Path, **lora_kw) -> Path:
+    """An adapter saved by PEFT (init_lora_weights=False gives nonzero B; modules_to_save copies are
+    nudged so they differ from the base too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kw))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
+    """fp32 logits on IDS of a checkpoint, or of PEFT serving `adapter` on it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(IDS).logits

@@ -15,37 +15,9 @@ from emq.detect import detect
 from emq.errors import EmqError
 from emq.merge import MergeSettings, merge_adapter
 from emq.schema import MergeBase, MergeMethod, ModelConfig
-from tests.synthetic import make_base
+from tests.synthetic import LORA_FEATURES, logits, make_base, peft_adapter
 
 FP32_ATOL = 1e-4
-IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 64, 200, 17]])
-
-
-def _peft_adapter(base: Path, out: Path, **lora_kw) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kw)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():  # make modules_to_save copies differ from the base too
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.05)
-    peft_model.save_pretrained(out)
-    return out
-
-
-def _logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        return model.eval()(IDS).logits
 
 
 def _merge(base: Path, adapter: Path, cache: Path, method=MergeMethod.stream) -> Path:
@@ -54,21 +26,10 @@ def _merge(base: Path, adapter: Path, cache: Path, method=MergeMethod.stream) ->
     return Path(result.path)
 
 
-FEATURES = {
-    "plain": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "rslora": dict(target_modules=["q_proj", "v_proj"], use_rslora=True),
-    "rank_alpha_pattern": dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 8},
-                               alpha_pattern={"down_proj": 32}),
-    "lora_bias": dict(target_modules=["q_proj"], lora_bias=True),
-    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]),
-    "lora_on_embedding": dict(target_modules=["embed_tokens", "q_proj"]),
-}
-
-
 @pytest.mark.parametrize("method", [MergeMethod.stream, MergeMethod.peft])
-@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("feature", list(LORA_FEATURES))
 def test_merge_matches_peft(tmp_path, feature, method):
-    kw = dict(FEATURES[feature])
+    kw = dict(LORA_FEATURES[feature])
     config = None
     if feature == "lora_bias":  # lora_bias needs a base bias to add to
         from tests.synthetic import llama_config
@@ -76,9 +37,9 @@ def test_merge_matches_peft(tmp_path, feature, method):
     base = make_base(tmp_path / "base", shards=2, config=config)
     if config is not None:  # add the q/k/v/o biases the config promises
         _add_attention_biases(base)
-    adapter = _peft_adapter(base, tmp_path / "adapter", **kw)
+    adapter = peft_adapter(base, tmp_path / "adapter", **kw)
     merged = _merge(base, adapter, tmp_path / "cache", method)
-    torch.testing.assert_close(_logits(merged), _logits(base, adapter), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(base, adapter), atol=FP32_ATOL, rtol=0)
 
 
 def _add_attention_biases(base: Path) -> None:
@@ -102,17 +63,17 @@ def _add_attention_biases(base: Path) -> None:
 
 def test_tied_embeddings_with_lm_head_saved(tmp_path):
     base = make_base(tmp_path / "base", tied=True)
-    adapter = _peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"])
     merged = _merge(base, adapter, tmp_path / "cache")
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
-    torch.testing.assert_close(_logits(merged), _logits(base, adapter), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(base, adapter), atol=FP32_ATOL, rtol=0)
 
 
 def test_tied_embeddings_with_lora_on_embedding(tmp_path):
     base = make_base(tmp_path / "base", tied=True)
-    adapter = _peft_adapter(base, tmp_path / "adapter", target_modules=["embed_tokens", "v_proj"])
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=["embed_tokens", "v_proj"])
     merged = _merge(base, adapter, tmp_path / "cache")
-    torch.testing.assert_close(_logits(merged), _logits(base, adapter), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(base, adapter), atol=FP32_ATOL, rtol=0)
 
 
 def test_fan_in_fan_out_gpt2(tmp_path):
@@ -121,14 +82,14 @@ def test_fan_in_fan_out_gpt2(tmp_path):
     torch.manual_seed(0)
     base = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)).save_pretrained(base)
-    adapter = _peft_adapter(base, tmp_path / "adapter", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     merged = _merge(base, adapter, tmp_path / "cache")
-    torch.testing.assert_close(_logits(merged), _logits(base, adapter), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(base, adapter), atol=FP32_ATOL, rtol=0)
 
 
 def test_dora_is_refused_before_any_work(tmp_path):
     base = make_base(tmp_path / "base")
-    adapter = _peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
     det = detect(ModelConfig(name="t", base=str(base), adapter=str(adapter)))
     with pytest.raises(EmqError, match="DoRA"):
         merge_adapter(det, ["cpu"], tmp_path / "cache")
@@ -139,7 +100,7 @@ def test_nan_in_adapter_is_an_error_naming_the_module(tmp_path):
     from safetensors.torch import load_file, save_file
 
     base = make_base(tmp_path / "base")
-    adapter = _peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
     t = load_file(adapter / "adapter_model.safetensors")
     key = next(k for k in t if "layers.1" in k and "lora_B" in k)
     t[key][0, 0] = float("nan")

@@ -160,21 +160,10 @@ def test_filesystem_without_direct_io_falls_back_to_buffered(tmp_path, monkeypat
 
 def test_cpu_stream_merge_does_not_import_torch(tmp_path):
     """torch's import costs 2-3 s cold, longer than a whole 0.5B merge: the CPU path uses numpy."""
-    from tests.synthetic import make_base
+    from tests.synthetic import make_adapter, make_base
 
     base = make_base(tmp_path / "base", shards=2)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    g = torch.Generator().manual_seed(0)
-    lora = {}
-    for name, t in load_file(str(next(base.glob("*.safetensors")))).items():
-        if name.endswith("q_proj.weight"):
-            mod = "base_model.model." + name.removesuffix(".weight")
-            lora[f"{mod}.lora_A.weight"] = torch.randn(4, t.shape[1], generator=g)
-            lora[f"{mod}.lora_B.weight"] = torch.randn(t.shape[0], 4, generator=g)
-    save_file(lora, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}')
+    adapter = make_adapter(tmp_path / "adapter", str(base), targets=("q_proj",))
     code = f"""
 import sys
 from emq.detect import detect

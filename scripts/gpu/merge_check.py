@@ -1,8 +1,8 @@
 """GPU check: the stream merge on CUDA writes what the CPU stream merge writes, and serves what
 PEFT serves, feature by feature — in one process.
 
-For each adapter feature (made by PEFT itself on a tiny synthetic Llama base, as in
-tests/test_merge_features.py), merge with `stream` on cuda and on cpu (fp32 output), then compare
+For each adapter feature (made by PEFT itself on a tiny synthetic Llama base, with the helpers
+tests/test_merge_features.py uses), merge with `stream` on cuda and on cpu (fp32 output), then compare
 the merged tensors (cuda vs cpu) and the merged model's logits against PEFT serving the adapter.
 Prints a short table last; exit 1 if any row fails.
 
@@ -20,44 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from emq.detect import detect  # noqa: E402
 from emq.merge import MergeSettings, merge_adapter  # noqa: E402
 from emq.schema import MergeBase, MergeMethod, ModelConfig  # noqa: E402
-from tests.synthetic import make_base  # noqa: E402
+from tests.synthetic import LORA_FEATURES, logits, make_base, peft_adapter  # noqa: E402
 
-FEATURES = {
-    "plain": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "rslora": dict(target_modules=["q_proj", "v_proj"], use_rslora=True),
-    "rank_alpha_pattern": dict(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 8},
-                               alpha_pattern={"down_proj": 32}),
-    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]),
-    "lora_on_embedding": dict(target_modules=["embed_tokens", "q_proj"]),
-}
-IDS = torch.tensor([[1, 5, 9, 42, 7, 100, 3, 64, 200, 17]])
+# lora_bias is left out: it needs a base with attention biases (covered on the CPU by the tests)
+FEATURES = {k: v for k, v in LORA_FEATURES.items() if k != "lora_bias"}
 ATOL = 1e-4
-
-
-def adapter(base: Path, out: Path, **kw) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out)
-    return out
-
-
-def logits(path: Path, lora: Path | None = None) -> torch.Tensor:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if lora is not None:
-        model = PeftModel.from_pretrained(model, lora)
-    with torch.no_grad():
-        return model.eval()(IDS).logits
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +40,7 @@ def main() -> int:
         root = Path(d)
         base = make_base(root / "base", shards=2)
         for feature, kw in FEATURES.items():
-            lora = adapter(base, root / feature, **kw)
+            lora = peft_adapter(base, root / feature, **kw)
             det = detect(ModelConfig(name=feature, base=str(base), adapter=str(lora)))
             settings = MergeSettings(MergeMethod.stream, MergeBase.original, "float32")
             on = {dev: merge_adapter(det, [dev], root / f"cache-{dev}", settings=settings) for dev in ("cuda", "cpu")}
