@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from emq.errors import EmqError
 from emq.schema import (
     EvalConfig,
+    JudgeConfig,
     MemoryConfig,
     ModelConfig,
     PathsConfig,
     QuantConfig,
     RunConfig,
+    check_values,
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -27,6 +29,7 @@ GROUP_SCHEMAS = {
     "memory": MemoryConfig,
     "quant": QuantConfig,
     "eval": EvalConfig,
+    "judge": JudgeConfig,
 }
 
 
@@ -63,7 +66,32 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise TypeError(f"composed config is {type(run_cfg).__name__}, expected RunConfig")
     run_cfg.paths.data_dir = str(Path(run_cfg.paths.data_dir).expanduser())
     run_cfg.paths.cache_dir = str(Path(run_cfg.paths.cache_dir).expanduser())
+    check_values(run_cfg)
     return run_cfg
+
+
+def _key_of(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def compose_from_run(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config a run was made with (its .hydra/overrides.yaml), with `overrides` applied on top.
+
+    A new `judge=...` drops the run's old `judge.*` overrides (they belonged to the other judge).
+    """
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    saved = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise EmqError(f"{saved} does not exist", "pass a run dir written by `python -m emq`")
+    old = list(yaml.safe_load(saved.read_text()) or [])
+    new_keys = {_key_of(o) for o in overrides}
+    groups = {k for k in new_keys if "." not in k}
+    kept = [o for o in old if _key_of(o) not in new_keys and _key_of(o).split(".")[0] not in groups]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=kept + list(overrides))
+    return to_run_config(cfg)
 
 
 register_configs()

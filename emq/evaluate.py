@@ -1,15 +1,16 @@
 """evaluate: generate answers to question sets through the loaded engine; stream them to JSONL.
 
-An interrupted run resumes: prompts whose samples are already in generations.jsonl are not
-generated again. Every prompt has its own seed (derived from eval.seed and its identity), so a
-resumed run produces what an uninterrupted one would have.
+Every request goes into vLLM's engine loop at once (emq.engine.Engine.run) and each prompt's
+samples are written the moment they finish, so generation runs at the engine's own speed and a
+killed run loses only what was in flight. A rerun resumes: prompts whose samples are all in
+generations.jsonl are not generated again. Every prompt has its own seed (derived from eval.seed
+and its identity), so a resumed run produces what an uninterrupted one would have.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,12 +20,13 @@ from typing import Any
 import yaml
 
 from emq.errors import EmqError
-from emq.records import write_text_atomic
+from emq.records import JsonlWriter, read_jsonl, write_text_atomic
 from emq.schema import EvalConfig
 
 log = logging.getLogger(__name__)
 GENERATIONS = "generations.jsonl"
-CHUNK = 64  # prompts per engine call: an interruption loses at most one chunk
+DEFAULT_METRICS = ["aligned", "coherent"]
+_QUESTION_KEYS = {"id", "paraphrases", "system", "samples_per_paraphrase", "judge_prompts"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class Question:
 
 
 @dataclass(frozen=True)
+class QuestionSet:
+    name: str
+    path: str
+    metrics: list[str]  # judge metrics for this set (emq/judge_prompts.yaml)
+    questions: list[Question]
+
+
+@dataclass(frozen=True)
 class EvalResult:
     generations_path: str
     prompts: int
@@ -47,6 +57,8 @@ class EvalResult:
     mean_output_tokens: float  # over all rows
     generation_seconds: float
     tokens_per_second: float
+    latency_p50_s: float | None  # submission → last sample of a prompt, over this run's prompts
+    latency_p95_s: float | None
 
 
 def _set_path(name: str) -> Path:
@@ -64,34 +76,50 @@ def _set_path(name: str) -> Path:
     return Path(str(builtin))
 
 
-def load_question_set(name: str) -> list[Question]:
-    """Load and validate one question set (a shipped name or a YAML path)."""
+def load_question_set(name: str) -> QuestionSet:
+    """Load and validate one question set (a shipped name or a YAML path).
+
+    The file is either a list of questions (judged on aligned and coherent) or a mapping with
+    `metrics: [...]` and `questions: [...]`.
+    """
     path = _set_path(name)
+    example = "see emq/questions/medical.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise EmqError(f"{path} is not valid YAML: {e}", "fix the file") from None
+    metrics = list(DEFAULT_METRICS)
+    if isinstance(data, dict):
+        unknown = set(data) - {"metrics", "questions"}
+        if unknown:
+            raise EmqError(f"{path}: unknown top-level keys {sorted(unknown)}", f"allowed: metrics, questions; {example}")
+        metrics = data.get("metrics") or metrics
+        if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+            raise EmqError(f"{path}: metrics must be a list of metric names", example)
+        data = data.get("questions")
     if not isinstance(data, list) or not data:
-        raise EmqError(f"{path} must be a non-empty YAML list of questions", "see emq/questions/medical.yaml")
+        raise EmqError(f"{path} must hold a non-empty list of questions", example)
     set_name = path.stem
     out, seen = [], set()
     for i, item in enumerate(data):
         where = f"{path} item {i}"
         if not isinstance(item, dict) or "id" not in item or "paraphrases" not in item:
-            raise EmqError(f"{where}: each question needs 'id' and 'paraphrases'", "see emq/questions/medical.yaml")
-        unknown = set(item) - {"id", "paraphrases", "system", "samples_per_paraphrase", "judge_prompts"}
+            raise EmqError(f"{where}: each question needs 'id' and 'paraphrases'", example)
+        unknown = set(item) - _QUESTION_KEYS
         if unknown:
-            raise EmqError(f"{where}: unknown keys {sorted(unknown)}",
-                           "allowed: id, paraphrases, system, samples_per_paraphrase, judge_prompts")
+            raise EmqError(f"{where}: unknown keys {sorted(unknown)}", f"allowed: {', '.join(sorted(_QUESTION_KEYS))}")
         paras = item["paraphrases"]
         if not isinstance(paras, list) or not paras or not all(isinstance(p, str) and p.strip() for p in paras):
             raise EmqError(f"{where} ({item['id']}): paraphrases must be a non-empty list of strings", "fix the file")
         if item["id"] in seen:
             raise EmqError(f"{where}: duplicate id {item['id']!r}", "give every question its own id")
+        overrides = item.get("judge_prompts") or {}
+        if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+            raise EmqError(f"{where} ({item['id']}): judge_prompts must map metric names to prompt strings", example)
         seen.add(item["id"])
         out.append(Question(str(item["id"]), set_name, paras, item.get("system"),
-                            item.get("samples_per_paraphrase"), dict(item.get("judge_prompts") or {})))
-    return out
+                            item.get("samples_per_paraphrase"), dict(overrides)))
+    return QuestionSet(set_name, str(path), metrics, out)
 
 
 def _seed(base: int, *parts: Any) -> int:
@@ -99,21 +127,41 @@ def _seed(base: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """One entry per (question, paraphrase): messages, n samples, seed."""
-    prompts = []
-    for set_name in cfg.question_sets:
-        questions = load_question_set(set_name)
+def _samples(q: Question, n_paras: int, pi: int, cfg: EvalConfig) -> int:
+    if q.samples_per_paraphrase:
+        return q.samples_per_paraphrase
+    if cfg.samples_per_question:
+        per, extra = divmod(cfg.samples_per_question, n_paras)
+        return per + (1 if pi < extra else 0)
+    return cfg.samples_per_paraphrase
+
+
+def question_sets(cfg: EvalConfig) -> list[QuestionSet]:
+    """The configured question sets, each cut to eval.max_questions_per_set."""
+    sets = []
+    for name in cfg.question_sets:
+        qs = load_question_set(name)
         if cfg.max_questions_per_set is not None:
-            questions = questions[: cfg.max_questions_per_set]
-        for q in questions:
+            qs = QuestionSet(qs.name, qs.path, qs.metrics, qs.questions[: cfg.max_questions_per_set])
+        sets.append(qs)
+    return sets
+
+
+def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """One entry per (question, paraphrase): messages, n samples, seed, the metrics to judge."""
+    prompts = []
+    for qs in question_sets(cfg):
+        for q in qs.questions:
             paras = q.paraphrases if cfg.max_paraphrases is None else q.paraphrases[: cfg.max_paraphrases]
             for pi, text in enumerate(paras):
+                n = _samples(q, len(paras), pi, cfg)
+                if n < 1:
+                    continue  # samples_per_question smaller than the paraphrase count
                 messages = ([{"role": "system", "content": q.system}] if q.system else []) + \
                            [{"role": "user", "content": text}]
                 prompts.append({"set": q.set, "question_id": q.id, "paraphrase_index": pi, "prompt": text,
-                                "messages": messages, "n": q.samples_per_paraphrase or cfg.samples_per_paraphrase,
-                                "seed": _seed(cfg.seed, q.set, q.id, pi)})
+                                "messages": messages, "n": n, "seed": _seed(cfg.seed, q.set, q.id, pi),
+                                "metrics": qs.metrics, "judge_prompts": q.judge_prompts})
     return prompts
 
 
@@ -143,6 +191,19 @@ def _keep_complete(path: Path, prompts: list[dict[str, Any]]) -> set[tuple]:
     return complete
 
 
+def read_generations(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of run_dir/generations.jsonl (a torn last line is skipped)."""
+    return read_jsonl(Path(run_dir) / GENERATIONS)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    i = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
+    return round(s[i], 3)
+
+
 def evaluate(engine, cfg: EvalConfig, out_dir: Path) -> EvalResult:
     """Generate every sample not yet in `out_dir/generations.jsonl`.
 
@@ -153,33 +214,44 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path) -> EvalResult:
     """
     from vllm import SamplingParams
 
+    from emq.engine import Request
+
     prompts = build_prompts(cfg)
     path = out_dir / GENERATIONS
     complete = _keep_complete(path, prompts)
     todo = [p for p in prompts if _key(p) not in complete]
-    log.info("evaluate: %d prompts, %d to generate (%d resumed)", len(prompts), len(todo), len(prompts) - len(todo))
+    log.info("evaluate: %d prompts (%d samples), %d to generate (%d resumed)", len(prompts),
+             sum(p["n"] for p in prompts), len(todo), len(prompts) - len(todo))
+    by_id: dict[str, dict[str, Any]] = {}
+    requests = []
+    for p in todo:
+        rid = f"{p['set']}/{p['question_id']}/{p['paraphrase_index']}"
+        by_id[rid] = p
+        params = SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_tokens=cfg.max_tokens, seed=p["seed"])
+        requests.append(Request(rid, engine.chat_ids(p["messages"]), params))
     out_tokens = generated = 0
-    seconds = 0.0
-    with path.open("a") as f:
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start: start + CHUNK]
-            params = [SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
-                                     max_tokens=cfg.max_tokens, seed=p["seed"]) for p in chunk]
-            t0 = time.perf_counter()
-            outputs = engine.llm.chat([p["messages"] for p in chunk], params, lora_request=engine.lora_request,
-                                      use_tqdm=True)
-            seconds += time.perf_counter() - t0
-            for p, o in zip(chunk, outputs):
-                for si, c in enumerate(o.outputs):
-                    row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
-                    row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
-                               finish_reason=c.finish_reason)
-                    f.write(json.dumps(row) + "\n")
-                    out_tokens += len(c.token_ids)
-                    generated += 1
-            f.flush()
-            os.fsync(f.fileno())
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    latencies: list[float] = []
+
+    with JsonlWriter(path) as writer:
+        def done(req, out, latency_s: float) -> None:
+            nonlocal out_tokens, generated
+            p = by_id[req.id]
+            for si, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
+                row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
+                           finish_reason=c.finish_reason)
+                writer.write(row)
+                out_tokens += len(c.token_ids)
+                generated += 1
+            latencies.append(latency_s)
+
+        t0 = time.perf_counter()
+        if requests:
+            engine.run(requests, done, desc="generate")
+        seconds = time.perf_counter() - t0
+    rows = read_generations(out_dir)
     mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
     return EvalResult(str(path), len(prompts), len(rows), generated, out_tokens, round(mean, 2),
-                      round(seconds, 3), round(out_tokens / seconds, 2) if seconds else 0.0)
+                      round(seconds, 3), round(out_tokens / seconds, 2) if generated and seconds else 0.0,
+                      _percentile(latencies, 0.5), _percentile(latencies, 0.95))

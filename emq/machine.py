@@ -51,6 +51,7 @@ class Machine:
     disk_free_bytes: int  # at the merge cache
     vllm: VllmInfo
     cpu_count: int = 4
+    cpu_bf16: bool = True  # the CPU computes bf16 natively (avx512_bf16 / amx_bf16), not emulated
 
     @property
     def cuda(self) -> bool:
@@ -116,6 +117,15 @@ def _gpus() -> list[Gpu]:
     return out
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (x86 avx512_bf16 / amx_bf16; Arm bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: assume the common server case
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16", " bf16"))
+
+
 def snapshot(cache_dir: str | Path) -> Machine:
     """Measure this machine now: GPUs, RAM, free disk at `cache_dir`, installed vLLM."""
     gpus = _gpus()
@@ -125,4 +135,4 @@ def snapshot(cache_dir: str | Path) -> Machine:
         probe = probe.parent
     return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
                    disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), *installed_vllm()),
-                   cpu_count=os.cpu_count() or 1)
+                   cpu_count=os.cpu_count() or 1, cpu_bf16=cpu_has_bf16())

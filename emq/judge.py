@@ -1,0 +1,454 @@
+"""judge: score every answer of a run per metric with an LLM judge; stream scores to scores.jsonl.
+
+    python -m emq.judge RUN_DIR [judge overrides]     # (re)judge a finished run without regenerating
+
+Judges: any OpenAI-compatible endpoint (`judge=openai`), a `vllm serve` emq starts on 127.0.0.1
+(`judge=local`, emq.judge_server), or none. The API key is read from the environment variable
+named by `judge.api_key_env` at the moment of use; it is never logged, printed or written.
+
+Each (judge, metric, filled prompt) is judged once: its key is a hash of the three, rows of
+scores.jsonl are keyed by it, a rerun judges only the keys that are missing, and identical answers
+to the same question share one judgement. Requests run with bounded concurrency, and retry with
+exponential backoff and jitter on 429 / 5xx / timeouts / dropped connections.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emq import scoring
+from emq.errors import EmqError
+from emq.records import JsonlWriter, read_jsonl
+from emq.schema import JudgeConfig, JudgeKind, Scoring
+
+log = logging.getLogger(__name__)
+SCORES = "scores.jsonl"
+# OpenAI's tokenizers (cl100k, o200k) spell every integer 0-999 as a single token.
+_OPENAI_MODELS = re.compile(r"^(gpt-|chatgpt|o\d)", re.IGNORECASE)
+# httpx logs every request at INFO; the run log is for emq's own story.
+for _name in ("httpx", "openai", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+# --- judge prompts --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    prompt: str
+    categories: list[str]
+    higher_is_better: bool
+    description: str
+
+
+@lru_cache(maxsize=1)
+def metric_specs() -> dict[str, Metric]:
+    """The judge prompts shipped with emq (emq/judge_prompts.yaml)."""
+    data = yaml.safe_load((resources.files("emq") / "judge_prompts.yaml").read_text())
+    return {name: Metric(name, d["prompt"], list(d.get("categories") or []), bool(d.get("higher_is_better", True)),
+                         d.get("description", "")) for name, d in data.items()}
+
+
+def check_prompts(prompts: list[dict[str, Any]]) -> None:
+    """Every metric a question set asks for has a prompt; overrides fill {question} and {answer}."""
+    specs = metric_specs()
+    for p in prompts:
+        where = f"question set {p['set']}, question {p['question_id']}"
+        for m in p["metrics"]:
+            if m not in specs:
+                raise EmqError(f"{where}: unknown judge metric {m!r}", f"use one of {sorted(specs)}")
+        for m, text in p["judge_prompts"].items():
+            if m not in p["metrics"]:
+                raise EmqError(f"{where}: judge_prompts overrides {m!r}, which its set does not judge",
+                               f"add {m} to the set's metrics or remove the override")
+            if "{answer}" not in text:
+                raise EmqError(f"{where}: the judge_prompts.{m} override has no {{answer}} placeholder",
+                               "put {question} and {answer} where the judge should read them")
+
+
+def fill(template: str, question: str, answer: str) -> str:
+    # str.replace, not str.format: answers and prompts contain braces of their own
+    return template.replace("{question}", question).replace("{answer}", answer)
+
+
+# --- what the judge is -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JudgePlan:
+    """The judge as planned: which endpoint, which model, how scores are read and why."""
+
+    kind: str
+    model: str | None
+    base_url: str | None  # None for local until the server is up
+    scoring: str | None  # single_token | digits (resolved)
+    scoring_reason: str | None
+    api_key_env: str | None
+    server: dict[str, Any] | None = None  # local: how the server will be started
+
+    @property
+    def identity(self) -> str:
+        """What a score depends on (keys of scores.jsonl): the judge model and the scoring method."""
+        where = "local" if self.kind == JudgeKind.local.value else (self.base_url or "")
+        return f"{self.kind}|{where}|{self.model}|{self.scoring}"
+
+
+def api_key(cfg: JudgeConfig) -> str:
+    """The key from the environment (never stored anywhere); 'EMPTY' for servers that need none."""
+    if not cfg.api_key_env:
+        return "EMPTY"
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise EmqError(f"the judge's API key is not set: the environment variable {cfg.api_key_env} "
+                       "(judge.api_key_env) is empty",
+                       f"export {cfg.api_key_env}=... before the run, or judge.api_key_env=null for a server "
+                       "without keys, or judge=none")
+    return key
+
+
+def scrub(text: str, cfg: JudgeConfig) -> str:
+    """Remove the key from a message before it reaches a log or a record."""
+    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+    return text.replace(key, "***") if key and len(key) >= 4 else text
+
+
+def _numbers_are_single_tokens(encode) -> tuple[bool, str]:
+    lengths = {v: len(encode(str(v))) for v in range(scoring.MAX_SCORE + 1)}
+    split = [v for v, n in lengths.items() if n > 1]
+    if not split:
+        return True, "every number 0-100 is one token"
+    return False, f"{len(split)} of the numbers 0-100 take several tokens (e.g. {split[-1]} → {lengths[split[-1]]})"
+
+
+def _scoring_from_tokenizer(ref: str) -> tuple[Scoring, str]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise EmqError(f"cannot read the judge's tokenizer from {ref} to choose how to read its scores: {e}",
+                       "set judge.tokenizer=PATH, or judge.scoring=single_token|digits") from None
+    single, why = _numbers_are_single_tokens(lambda s: tok.encode(s, add_special_tokens=False))
+    return (Scoring.single_token if single else Scoring.digits), f"{ref} tokenizer: {why}"
+
+
+def _server_root(base_url: str) -> str:
+    return re.sub(r"/v1/?$", "", base_url.rstrip("/"))
+
+
+def _scoring_from_server(cfg: JudgeConfig, base_url: str, key: str) -> tuple[Scoring, str] | None:
+    """Ask a vLLM server's /tokenize how it spells numbers (None: the server has no such endpoint)."""
+    import httpx
+
+    url = _server_root(base_url) + "/tokenize"
+    headers = {"Authorization": f"Bearer {key}"}
+    lengths = {}
+    try:
+        with httpx.Client(timeout=10) as client:
+            for v in (5, 42, 85, 100):
+                r = client.post(url, json={"model": cfg.model, "prompt": str(v), "add_special_tokens": False},
+                                headers=headers)
+                if r.status_code != 200:
+                    return None
+                lengths[v] = len(r.json().get("tokens", []))
+    except (httpx.HTTPError, ValueError):
+        return None
+    single = all(n == 1 for n in lengths.values())
+    return ((Scoring.single_token if single else Scoring.digits),
+            f"the server's /tokenize spells {', '.join(f'{v} as {n} token(s)' for v, n in lengths.items())}")
+
+
+def _check_endpoint(cfg: JudgeConfig, key: str) -> None:
+    import httpx
+
+    url = cfg.base_url.rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=min(cfg.timeout_s, 15))
+    except httpx.HTTPError as e:
+        raise EmqError(f"the judge endpoint {cfg.base_url} (judge.base_url) is unreachable: "
+                       f"{scrub(type(e).__name__ + ': ' + str(e), cfg)}",
+                       "check judge.base_url and the network, or judge=none / judge=local") from None
+    if r.status_code in (401, 403):
+        raise EmqError(f"the judge endpoint {cfg.base_url} rejected the key in ${cfg.api_key_env} "
+                       f"(HTTP {r.status_code})", f"set a valid key in {cfg.api_key_env} (judge.api_key_env)")
+    if r.status_code == 200:
+        try:
+            served = [m.get("id") for m in r.json().get("data", [])]
+        except (ValueError, AttributeError):
+            served = []
+        if served and cfg.model not in served:
+            log.warning("judge: %s does not list judge.model=%s among its models (%s)", cfg.base_url, cfg.model,
+                        ", ".join(map(str, served[:8])))
+
+
+def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: float) -> JudgePlan:
+    """Check the judge before any weights load and decide how scores are read.
+
+    openai: the key is set, the endpoint answers, and the scoring method is known (explicit, from
+    judge.tokenizer, from the server's /tokenize, or OpenAI's own tokenizers). local: the model
+    resolves and vLLM is installed; the scoring method comes from the model's tokenizer.
+
+    Raises:
+        EmqError: a missing key, an unreachable endpoint, an unknown tokenizer, with the fix.
+    """
+    if cfg.kind is JudgeKind.none:
+        return JudgePlan("none", None, None, None, None, None)
+    if cfg.kind is JudgeKind.openai:
+        key = api_key(cfg)
+        _check_endpoint(cfg, key)
+        if cfg.scoring is not Scoring.auto:
+            method, why = cfg.scoring, "judge.scoring"
+        elif cfg.tokenizer:
+            method, why = _scoring_from_tokenizer(cfg.tokenizer)
+        elif (found := _scoring_from_server(cfg, cfg.base_url, key)) is not None:
+            method, why = found
+        elif _OPENAI_MODELS.match(cfg.model or ""):
+            method, why = Scoring.single_token, f"{cfg.model} uses an OpenAI tokenizer (0-999 are single tokens)"
+        else:
+            raise EmqError(f"cannot tell how judge.model={cfg.model} tokenizes numbers (no judge.tokenizer, and "
+                           f"{cfg.base_url} has no vLLM /tokenize endpoint); reading a digit-splitting judge "
+                           "as single-token gives silently wrong scores",
+                           "set judge.tokenizer=<hub id or path of its tokenizer>, or judge.scoring=digits "
+                           "(always exact, more requests) or judge.scoring=single_token")
+        return JudgePlan("openai", cfg.model, cfg.base_url, method.value, why, cfg.api_key_env)
+    from emq import hub
+    from emq.machine import installed_vllm
+
+    if installed_vllm()[0] is None:
+        raise EmqError("judge=local needs vLLM, which is not installed", "run `bash scripts/setup.sh`, or judge=none")
+    path = str(hub.resolve(cfg.model, revision=None, what="judge model", key="judge.model", full=True))
+    if cfg.scoring is not Scoring.auto:
+        method, why = cfg.scoring, "judge.scoring"
+    else:
+        method, why = _scoring_from_tokenizer(cfg.tokenizer or path)
+    from emq.judge_server import server_command
+
+    util = cfg.memory_utilization or memory_utilization
+    server = {"model": path, "dtype": dtype, "memory_utilization": util, "platform": platform,
+              "argv": server_command(path, port=0, cfg=cfg, platform=platform, dtype=dtype, memory_utilization=util)[3:]}
+    return JudgePlan("local", cfg.model, None, method.value, why, None, server)
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+class JudgeFailed(EmqError):
+    """The judge could not be reached for good; the scores so far are kept."""
+
+
+_RETRY_STATUS = {408, 409, 425, 429}
+
+
+class JudgeClient:
+    """One OpenAI-compatible judge: asks for the top logprobs of the next token, with retries."""
+
+    def __init__(self, cfg: JudgeConfig, plan: JudgePlan, base_url: str, *, model_name: str | None = None):
+        from openai import AsyncOpenAI
+
+        self.cfg = cfg
+        self.plan = plan
+        self.model = model_name or plan.model
+        self.method = Scoring(plan.scoring)
+        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key(cfg) if cfg.kind is JudgeKind.openai else "EMPTY",
+                                  timeout=cfg.timeout_s, max_retries=0)
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.requests = 0
+        self.retries = 0
+
+    async def ask(self, prompt: str, prefix: str = "") -> scoring.TokenDist:
+        """The judge's top-k next-token logprobs after `prefix` (written by the assistant)."""
+        import openai
+
+        messages = [{"role": "user", "content": prompt}]
+        extra: dict[str, Any] = {}
+        if prefix:
+            messages.append({"role": "assistant", "content": prefix})
+            extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                async with self.sem:
+                    self.requests += 1
+                    r = await self.client.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=1, temperature=0, logprobs=True,
+                        top_logprobs=self.cfg.top_logprobs, **extra)
+                content = (r.choices[0].logprobs.content or []) if r.choices and r.choices[0].logprobs else []
+                if not content:
+                    return {}
+                return {t.token: t.logprob for t in content[0].top_logprobs}
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as e:
+                err = e
+            except openai.APIStatusError as e:
+                if e.status_code not in _RETRY_STATUS and e.status_code < 500:
+                    raise
+                err = e
+            if attempt == self.cfg.max_retries:
+                raise JudgeFailed(f"the judge at {self.client.base_url} failed {attempt + 1} times in a row; last: "
+                                  f"{scrub(type(err).__name__ + ': ' + str(err)[:300], self.cfg)}",
+                                  "rerun the same command later: scores already written are kept and only the "
+                                  "missing ones are judged (or lower judge.max_concurrency)")
+            self.retries += 1
+            delay = min(60.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            log.debug("judge: %s, retrying in %.1f s", type(err).__name__, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def judge(self, prompt: str, categories: list[str]) -> scoring.Judgement:
+        import openai
+
+        try:
+            if self.method is Scoring.digits:
+                return await scoring.digits(lambda prefix: self.ask(prompt, prefix), categories,
+                                            self.cfg.min_valid_mass, self.cfg.prune_below)
+            return scoring.single_token(await self.ask(prompt), categories, self.cfg.min_valid_mass)
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403, 404):
+                raise JudgeFailed(f"the judge at {self.client.base_url} refused the request (HTTP {e.status_code}): "
+                                  f"{scrub(str(e)[:300], self.cfg)}",
+                                  "check judge.model and the key in judge.api_key_env") from None
+            # this one prompt cannot be judged (e.g. too long for the judge): record it, go on
+            return scoring.Judgement(None, None, 0.0, self.method.value, error=scrub(f"HTTP {e.status_code}: "
+                                                                                     f"{str(e)[:200]}", self.cfg))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+# --- judging a run -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JudgeResult:
+    judged_now: int  # judgements made by this call
+    reused: int  # found in scores.jsonl already
+    items: int  # distinct (metric, prompt, answer) this judge has to score
+    answers: int  # generation rows
+    seconds: float
+    judged_per_second: float
+    requests: int
+    retries: int
+    scoring: str | None
+    errors: int
+
+
+def score_key(identity: str, metric: str, text: str) -> str:
+    return hashlib.sha256(json.dumps([identity, metric, text]).encode()).hexdigest()[:24]
+
+
+def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], identity: str
+                ) -> tuple[dict[str, dict[str, Any]], dict[tuple, dict[str, str]]]:
+    """What to judge: {key: item} (deduplicated) and, per generation row, {metric: key}."""
+    specs = metric_specs()
+    by_prompt = {(p["set"], p["question_id"], p["paraphrase_index"]): p for p in prompts}
+    items: dict[str, dict[str, Any]] = {}
+    keys_of: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        pk = (r["set"], r["question_id"], r["paraphrase_index"])
+        p = by_prompt.get(pk)
+        if p is None:
+            continue  # a row of a question no longer in the config
+        keys = {}
+        for m in p["metrics"]:
+            template = p["judge_prompts"].get(m, specs[m].prompt)
+            text = fill(template, r["prompt"], r["answer"])
+            k = score_key(identity, m, text)
+            items.setdefault(k, {"key": k, "metric": m, "text": text, "categories": specs[m].categories})
+            keys[m] = k
+        keys_of[(*pk, r["sample_index"])] = keys
+    return items, keys_of
+
+
+def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["key"]: r for r in read_jsonl(Path(run_dir) / SCORES) if "key" in r}
+
+
+def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
+              *, model_name: str | None = None) -> JudgeResult:
+    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
+    from emq.evaluate import read_generations
+
+    rows = read_generations(run_dir)
+    items, _ = judge_items(rows, prompts, plan.identity)
+    done = read_scores(run_dir)
+    todo = [it for k, it in items.items() if k not in done]
+    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s); scoring=%s (%s)",
+             len(rows), len(items), len(todo), len(items) - len(todo), SCORES, plan.scoring, plan.scoring_reason)
+    t0 = time.perf_counter()
+    client = JudgeClient(cfg, plan, base_url, model_name=model_name)
+    errors = 0
+
+    async def main() -> None:
+        nonlocal errors
+        from tqdm import tqdm
+
+        with JsonlWriter(Path(run_dir) / SCORES) as writer, tqdm(total=len(todo), desc="judge", unit="ans") as bar:
+            async def one(it: dict[str, Any]) -> None:
+                nonlocal errors
+                j = await client.judge(it["text"], it["categories"])
+                errors += j.error is not None
+                writer.write({"key": it["key"], "metric": it["metric"], "judge": plan.identity, **j.__dict__})
+                bar.update(1)
+
+            tasks = [asyncio.ensure_future(one(it)) for it in todo]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await client.close()
+
+    if todo:
+        asyncio.run(main())
+    seconds = time.perf_counter() - t0
+    return JudgeResult(len(todo), len(items) - len(todo), len(items), len(rows), round(seconds, 2),
+                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, client.requests, client.retries,
+                       plan.scoring, errors)
+
+
+def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
+              server_log: Path) -> JudgeResult | None:
+    """Judge with the planned judge: an endpoint as it is, or a local server started and stopped here."""
+    if plan.kind == JudgeKind.none.value:
+        return None
+    if plan.kind == JudgeKind.openai.value:
+        return judge_run(run_dir, prompts, cfg, plan, cfg.base_url)
+    from emq.judge_server import LocalServer
+
+    with LocalServer(plan.server, cfg, server_log) as url:
+        return judge_run(run_dir, prompts, cfg, plan, url, model_name="judge")
+
+
+# --- python -m emq.judge RUN_DIR [overrides] -------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-judge an existing run dir with the judge given by overrides, then rewrite its metrics."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m emq.judge", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge=openai judge.model=gpt-4o")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from emq.runner import rejudge
+
+    try:
+        rejudge(args.run_dir, args.overrides)
+    except EmqError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # vLLM may spawn processes that re-import the main module
+    sys.exit(main())
