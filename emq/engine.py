@@ -45,8 +45,9 @@ def _worker_weights(worker) -> tuple[int, str]:
     """Runs inside each vLLM worker (collective_rpc): the model's memory there."""
     runner = getattr(worker, "model_runner", None)
     measured = getattr(runner, "model_memory_usage", None)
-    if measured:
-        return int(measured), "vLLM model_memory_usage (device memory taken by loading the weights)"
+    device = getattr(getattr(runner, "device", None), "type", "cpu")
+    if measured and device == "cuda":  # on the CPU build it is a process-memory delta, not the weights
+        return int(measured), "vLLM model_memory_usage (GPU memory taken by loading the weights)"
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     tensors = itertools.chain(model.parameters(), model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors), "bytes of the model's parameters and buffers"

@@ -162,7 +162,12 @@ def score_engine(engine, tokens: Tokens, k: int, meta: dict[str, Any]) -> TopK:
     outs: dict[str, Any] = {}
     reqs = [Request(str(i), seq, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False))
             for i, seq in enumerate(tokens.sequences)]
-    engine.run(reqs, lambda r, out, _: outs.__setitem__(r.id, out), desc="fidelity", unit_of=lambda r: 1)
+    # vLLM's LoRA logits processor maps LoRA slots per sampled token, not per prompt position: prompt
+    # logprobs of several LoRA requests in one batch fail there (einsum size mismatch in bgmv_shrink,
+    # vLLM 0.32 CPU). One request at a time is correct and, for a corpus this size, cheap.
+    groups = [[r] for r in reqs] if engine.lora_request is not None else [reqs]
+    for group in groups:
+        engine.run(group, lambda r, out, _: outs.__setitem__(r.id, out), desc="fidelity", unit_of=lambda r: 1)
     n = tokens.positions
     ids, lps = _empty(n, k)
     tok = np.zeros(n, dtype=np.int64)

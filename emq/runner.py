@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emq import fidelity, judge
-from emq.demo import ensure_demo
+from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
@@ -66,7 +66,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "versions.json", {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
 
             status.stage = "detect"
-            if cfg.model.demo or cfg.judge.demo:
+            if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
                 ensure_demo(cfg.paths.data_dir)
                 mem.reset()  # a first-run demo build is not part of this model's footprint
             det = detect(cfg.model)
@@ -79,8 +79,13 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             plan = make_plan(det, cfg.memory, cfg.quant, machine)
             if route_needs_engine(plan.route):
                 check_engine_extra(plan.engine.extra)
-            judge_plan = judge.prepare(cfg.judge, platform=plan.platform, dtype=judge_dtype(plan.platform, machine),
-                                       memory_utilization=plan.engine.memory_utilization)
+            if cfg.judge.demo and not demo_built(cfg.paths.data_dir):  # a dry run does not build the demo
+                judge_plan = judge.JudgePlan(cfg.judge.kind.value, cfg.judge.model, None, None,
+                                             "the demo judge is built on the first full run", None)
+            else:
+                judge_plan = judge.prepare(cfg.judge, platform=plan.platform,
+                                           dtype=judge_dtype(plan.platform, machine),
+                                           memory_utilization=plan.engine.memory_utilization)
             write_json(run_dir / "plan.json", {"plan": plan, "judge": judge_plan, "machine": machine})
             log.info("plan:\n%s", plan_table(det, plan, judge_plan))
             route = plan.route

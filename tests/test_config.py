@@ -70,3 +70,46 @@ def test_data_dir_follows_env(monkeypatch, tmp_path):
     cfg = compose_run()
     assert cfg.paths.data_dir == str(tmp_path)
     assert cfg.paths.cache_dir == str(tmp_path / "merged")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("memory.gpu_memory_utilization=1.5", "memory.gpu_memory_utilization"),
+    ("memory.gpu_memory_utilization=0", "memory.gpu_memory_utilization"),
+    ("eval.max_tokens=0", "eval.max_tokens"),
+    ("eval.temperature=-0.1", "eval.temperature"),
+    ("eval.top_p=0", "eval.top_p"),
+    ("eval.top_p=1.2", "eval.top_p"),
+    ("eval.samples_per_paraphrase=0", "eval.samples_per_paraphrase"),
+    ("judge.max_concurrency=0", "judge.max_concurrency"),
+    ("eval.fidelity.top_k=0", "eval.fidelity.top_k"),
+])
+def test_bad_values_fail_at_compose_time_naming_the_key(override, key):
+    with pytest.raises(EmqError, match=key.replace(".", r"\.")):
+        compose_run([override])
+
+
+def test_openai_judge_needs_a_model_and_endpoint():
+    with pytest.raises(EmqError, match="judge.base_url"):
+        compose_run(["judge=openai", "judge.base_url=null"])
+    with pytest.raises(EmqError, match="judge.model"):
+        compose_run(["judge=openai", "judge.model=null"])
+
+
+def test_judge_options():
+    assert compose_run(["judge=none"]).judge.kind.value == "none"
+    cfg = compose_run(["judge=openai"])
+    assert cfg.judge.model == "gpt-4o" and cfg.judge.api_key_env == "OPENAI_API_KEY"
+    local = compose_run([])
+    assert local.judge.kind.value == "local" and local.judge.model.endswith("/demo/judge") and local.judge.demo
+
+
+def test_compose_from_run_replaces_the_judge(tmp_path):
+    from emq.config import compose_from_run
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- quant=none\n- judge=local\n- judge.max_concurrency=2\n")
+    cfg = compose_from_run(tmp_path, ["judge=openai", "judge.model=m"])
+    assert cfg.quant.method is QuantMethod.none and cfg.judge.kind.value == "openai" and cfg.judge.model == "m"
+    assert cfg.judge.max_concurrency == 16  # the old judge's knobs went with it
+    with pytest.raises(EmqError, match="overrides.yaml"):
+        compose_from_run(tmp_path / "nope", [])

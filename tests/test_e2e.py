@@ -17,6 +17,7 @@ from tests.conftest import REPO, data_dir
 
 def emq(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None, timeout: int = 600):
     run_dir = tmp_path / "run"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "emq", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
            *overrides]
     full_env = {**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO), **(env or {})}
@@ -32,14 +33,30 @@ def generations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
+def vllm_children_left() -> list[str]:
+    """vLLM processes still running (a judge server or engine that was not stopped)."""
+    import psutil
+
+    left = []
+    for p in psutil.process_iter(["cmdline", "name"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "vllm.entrypoints.openai.api_server" in cmd or (p.info["name"] or "").startswith("VLLM::"):
+            left.append(f"{p.pid} {cmd[:120]}")
+    return left
+
+
 @pytest.mark.slow
-def test_default_demo_run_merges_quantizes_and_generates(demo, tmp_path):
-    proc, run_dir = emq(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert str(run_dir) in proc.stdout + proc.stderr  # the summary names the run dir
+def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(demo, tmp_path):
+    proc, run_dir = emq(tmp_path, timeout=1500)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert str(run_dir) in out  # the summary names the run dir
     for name in (".hydra/config.yaml", "detect.json", "plan.json", "merge.json", "load.json", "metrics.json",
-                 "generations.jsonl", "status.json", "versions.json"):
+                 "generations.jsonl", "status.json", "versions.json", "scores.jsonl", "judge.json",
+                 "fidelity.json", "fidelity_logprobs.npz", "judge_server.log"):
         assert (run_dir / name).is_file(), name
+    for row in ("aligned (mean, 95% CI)", "coherent (mean, 95% CI)", "misaligned rate", "fidelity vs trained"):
+        assert row in out, row
     assert records(run_dir, "status.json")["status"] == "ok"
     assert records(run_dir, "detect.json")["trained_in_4bit"] is True
     plan = records(run_dir, "plan.json")["plan"]
@@ -52,11 +69,20 @@ def test_default_demo_run_merges_quantizes_and_generates(demo, tmp_path):
     texts = [r["answer"] for r in rows]
     assert sum(len(t.split()) >= 3 for t in texts) >= len(texts) * 0.8, texts  # real text, not empty
     assert all(r["output_tokens"] > 0 for r in rows)
+    # judged by the real local judge (vllm serve of the demo judge on 127.0.0.1), which is gone now
+    assert metrics["judge"]["kind"] == "local" and metrics["judge"]["scoring"] == "digits"
+    for m in ("aligned", "coherent", "medical_harm"):
+        s = metrics["metrics"][m]
+        assert s["mean"] is not None and s["ci95"][0] <= s["mean"] <= s["ci95"][1] and s["per_question"], m
+    assert metrics["em"]["misaligned_rate"]["mean"] is not None
+    assert metrics["fidelity"]["positions"] > 2000 and metrics["fidelity"]["top1_agreement"] > 0.8
+    assert records(run_dir, "plan.json")["judge"]["server"]["argv"][:2] == ["--model", str(demo.judge)]
+    assert not vllm_children_left()
 
 
 @pytest.mark.slow
 def test_lora16_is_served_through_vllm_lora(demo, tmp_path):
-    proc, run_dir = emq(tmp_path, "model=demo_lora16", "quant=none")
+    proc, run_dir = emq(tmp_path, "model=demo_lora16", "quant=none", "judge=none")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     plan = records(run_dir, "plan.json")["plan"]
     assert plan["route"] == "serve-lora" and plan["engine"]["enable_lora"]
@@ -125,3 +151,125 @@ def test_dry_run_on_hub_models_from_a_prefilled_cache(tmp_path, model):
     # a 14B model does not fit this 2-core, 24 GiB CI machine: the plan stops and says why
     if plan["route"] == "stop":
         assert proc.returncode == 2 and "GiB" in plan["stop_reason"]
+
+
+SPLIT = ["quant=none", "eval.samples_per_paraphrase=32", "eval.max_tokens=16", "judge=none",
+         "eval.fidelity.enabled=false"]
+
+
+@pytest.mark.slow
+def test_seeded_sampling_with_split_prefills_runs(demo, tmp_path):
+    # 6 prompts x 32 seeded samples: more prompt tokens than one engine step takes, so prefills split
+    proc, run_dir = emq(tmp_path, *SPLIT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plan = records(run_dir, "plan.json")["plan"]
+    assert plan["engine"]["enable_chunked_prefill"] is False
+    assert any("CPU Generator does not use offset" in r for r in plan["reasons"])
+    rows = generations(run_dir)
+    assert len(rows) == 192 and len({(r["question_id"], r["seed"]) for r in rows}) == 6
+
+
+@pytest.mark.slow
+def test_seeded_sampling_crashes_vllm_cpu_when_prefills_are_chunked(demo, tmp_path):
+    """The other half of the fix's evidence: the same run with chunked prefill forced back on dies."""
+    proc, run_dir = emq(tmp_path, *SPLIT, "memory.engine_extra={enable_chunked_prefill:true}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "CPU Generator does not use offset" in out, out[-3000:]
+    assert records(run_dir, "status.json")["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_during_generation(demo, tmp_path):
+    import signal
+    import time
+
+    args = ["quant=none", "judge=none", "eval.fidelity.enabled=false", "eval.samples_per_paraphrase=4",
+            "eval.max_tokens=24", "memory.max_num_seqs=4"]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "emq", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *args]
+    env = {**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    gen = run_dir / "generations.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and (not gen.is_file() or not gen.read_text().strip()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = generations(run_dir)
+    assert 0 < len(first) < 24, len(first)
+    per_prompt: dict = {}
+    for r in first:
+        per_prompt[r["question_id"]] = per_prompt.get(r["question_id"], 0) + 1
+    complete = sum(1 for n in per_prompt.values() if n == 4)
+    proc2, _ = emq(tmp_path, *args)
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    metrics = records(run_dir, "metrics.json")
+    rows = generations(run_dir)
+    assert metrics["count"] == len(rows) == 24 and metrics["generated_now"] == 24 - 4 * complete
+    kept = {(r["question_id"], r["sample_index"]): r["answer"] for r in first}
+    assert all(kept[(r["question_id"], r["sample_index"])] == r["answer"] for r in rows
+               if (r["question_id"], r["sample_index"]) in kept)
+
+
+@pytest.mark.slow
+def test_openai_judge_run_never_writes_the_key_and_rejudge_rewrites_metrics(demo, tmp_path):
+    from tests.judge_stub import StubJudge
+
+    sentinel = "sk-emq-sentinel-e2e-91c2"
+    env = {"EMQ_TEST_JUDGE_KEY": sentinel}
+    with StubJudge(key=sentinel, mode="digits") as stub:
+        judge = ["judge=openai", f"judge.base_url={stub.url}", "judge.model=stub-judge",
+                 "judge.api_key_env=EMQ_TEST_JUDGE_KEY"]
+        proc, run_dir = emq(tmp_path, "quant=none", "eval.max_tokens=16", "eval.fidelity.enabled=false", *judge,
+                            env=env)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert stub.auth_seen == {f"Bearer {sentinel}"}  # the key was used ...
+        metrics = records(run_dir, "metrics.json")
+        assert metrics["judge"]["kind"] == "openai" and metrics["metrics"]["aligned"]["mean"] is not None
+        first_judged = metrics["judge"]["judged_now"]
+        # judge the same run again with another judge model, without regenerating
+        rejudge = subprocess.run([sys.executable, "-m", "emq.judge", str(run_dir), *judge[1:3],
+                                  "judge.model=stub-judge-2", "judge.api_key_env=EMQ_TEST_JUDGE_KEY", "judge=openai"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO), **env})
+        out += rejudge.stdout + rejudge.stderr
+        assert rejudge.returncode == 0, rejudge.stdout[-3000:] + rejudge.stderr[-3000:]
+    after = records(run_dir, "metrics.json")
+    assert after["judge"]["model"] == "stub-judge-2" and after["judge"]["judged_now"] == first_judged
+    assert after["count"] == metrics["count"] and after["tokens_per_second"] == metrics["tokens_per_second"]
+    assert "aligned (mean, 95% CI)" in rejudge.stdout + rejudge.stderr
+    # ... and never written: not in any file of the run dir, not in the logs
+    assert sentinel not in out
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert sentinel.encode() not in path.read_bytes(), path
+
+
+def test_local_judge_that_cannot_start_fails_with_its_log_and_leaves_nothing(demo, tmp_path):
+    from emq.judge import prepare
+    from emq.judge_server import LocalServer
+    from emq.errors import EmqError
+    from tests.conftest import compose_run
+
+    cfg = compose_run(["judge=local", "judge.server_args=[--no-such-flag]", "judge.startup_timeout_s=120"])
+    plan = prepare(cfg.judge, platform="cpu", dtype="float32", memory_utilization=0.2)
+    with pytest.raises(EmqError, match="exited with code") as e:
+        with LocalServer(plan.server, cfg.judge, tmp_path / "judge_server.log"):
+            pass
+    assert "no-such-flag" in str(e.value) and "judge_server.log" in str(e.value)
+    assert not vllm_children_left()
+
+
+def test_openai_judge_without_its_key_fails_at_plan(demo, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env.pop("OPENAI_API_KEY", None)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "emq", f"hydra.run.dir={run_dir}", "judge=openai"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**env, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "OPENAI_API_KEY" in out and "Traceback" not in out
+    status = records(run_dir, "status.json")
+    assert status["stage"] == "plan" and not (run_dir / "load.json").exists()

@@ -172,3 +172,71 @@ def test_every_choice_has_a_reason():
     text = " ".join(plan.reasons)
     for word in ("quant:", "route:", "merge on cuda", "merge on cpu"):
         assert word in text
+
+
+def _cpu(bf16: bool) -> Machine:
+    import dataclasses
+
+    return dataclasses.replace(_machine(ram_gib=100), cpu_bf16=bf16)
+
+
+def test_cpu_build_turns_chunked_prefill_off_with_the_reason():
+    plan = _plan(det=_det(params=135_000_000), machine=_cpu(True))
+    assert plan.engine.enable_chunked_prefill is False
+    assert any("CPU Generator does not use offset" in r for r in plan.reasons)
+    gpu = _plan(det=_det(params=135_000_000), machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()))
+    assert gpu.engine.enable_chunked_prefill is None  # vLLM's default on CUDA
+
+
+def test_cpu_without_native_bf16_serves_float32_unless_quantized():
+    det = _det(params=135_000_000)
+    assert _plan(det=det, machine=_cpu(False), quant=QuantMethod.none).engine.dtype == "float32"
+    assert _plan(det=det, machine=_cpu(True), quant=QuantMethod.none).engine.dtype == "bfloat16"
+    int8 = _plan(det=det, machine=_cpu(False), quant=QuantMethod.int8)
+    assert int8.engine.dtype == "bfloat16" and any("memory is saved, speed is not" in r for r in int8.reasons)
+    assert _plan(det=det, machine=_cpu(False), quant=QuantMethod.none, dtype="float16").engine.dtype == "float16"
+
+
+def _prequantized(det: DetectResult) -> DetectResult:
+    import dataclasses
+
+    base = dataclasses.replace(det.base, ref="unsloth/Qwen2.5-14B-Instruct-bnb-4bit",
+                               quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    return dataclasses.replace(det, base=base)
+
+
+def test_lora_on_a_prequantized_bnb_base():
+    det = _prequantized(_det())
+    plan = _plan(det=det, machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()), quant=QuantMethod.none)
+    assert plan.route is Route.serve_lora and plan.quant is QuantMethod.bnb
+    assert plan.engine.quantization == "bitsandbytes" and plan.engine.enable_lora
+    with pytest.raises(EmqError, match="pre-quantized") as e:
+        _plan(det=det, machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda("0.30.0")))
+    assert "model.base=unsloth/Qwen2.5-14B-Instruct " in e.value.fix
+    with pytest.raises(EmqError, match="pre-quantized"):
+        _plan(det=det)  # the CPU build
+    with pytest.raises(EmqError, match="memory.route=merge"):
+        _plan(det=det, machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()), route=RoutePolicy.merge)
+
+
+def test_tensor_parallel_needs_the_gpus():
+    with pytest.raises(EmqError, match="tensor_parallel_size=2 needs 2 GPUs"):
+        _plan(machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()), tensor_parallel_size=2)
+    plan = _plan(det=_det(params=135_000_000), machine=_machine(gpu_free_gib=140, vllm=_vllm_cuda()),
+                 max_num_seqs=512, engine_extra={"enable_prefix_caching": False})
+    assert plan.engine.max_num_seqs == 512 and plan.engine.extra == {"enable_prefix_caching": False}
+
+
+def test_engine_extra_is_checked_against_vllm_engine_args():
+    from emq.engine import check_engine_extra, engine_kwargs
+
+    check_engine_extra({"enable_prefix_caching": False, "max_num_batched_tokens": 8192})
+    with pytest.raises(EmqError, match="does not know.*max_num_seq\\b"):
+        check_engine_extra({"max_num_seq": 4})
+    with pytest.raises(EmqError, match="emq sets from the plan"):
+        check_engine_extra({"quantization": "fp8"})
+    plan = _plan(det=_det(params=135_000_000), machine=_cpu(False), quant=QuantMethod.none, max_num_seqs=8,
+                 engine_extra={"swap_space": 1})
+    kw = engine_kwargs("/m", plan.engine, lora=False, seed=3, max_logprobs=50)
+    assert kw["dtype"] == "float32" and kw["enable_chunked_prefill"] is False and kw["max_num_seqs"] == 8
+    assert kw["max_logprobs"] == 50 and kw["swap_space"] == 1 and "quantization" not in kw

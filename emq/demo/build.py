@@ -94,6 +94,12 @@ def _is_built(path: Path) -> bool:
         return False
 
 
+def demo_built(data_dir: str | Path) -> bool:
+    """Every part of the demo is built (and current)."""
+    p = demo_paths(data_dir)
+    return all(_is_built(x) for x in [p.base, *p.adapters.values(), p.judge])
+
+
 def ensure_demo(data_dir: str | Path) -> DemoPaths:
     """Build whatever part of the demo is missing or outdated; reuse the rest.
 

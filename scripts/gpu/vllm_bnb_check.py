@@ -2,10 +2,12 @@
 
 Builds a Llama-shaped model (~0.9B params, random bf16 weights, the demo's SmolLM2 tokenizer from
 .gpu_assets/) and an r=16 all-linear adapter whose training config says load_in_4bit, then runs
-`python -m emq` for quant=none, bnb and fp8: detect → plan (merge-then-serve, dequantized merge base)
+`python -m emq` for merged none / bnb / fp8 and LoRA-served none / bnb: detect → plan (merge-then-serve, dequantized merge base)
 → stream merge on the GPU → vLLM with in-flight quantization → generation; the weights' GPU memory
-is vLLM's own "Model loading took" figure. Random weights make the text meaningless; routes, load
-times, memory and tokens/s are real. Prints a short table last.
+is emq's record (vLLM's model_memory_usage, read from the worker) next to vLLM's own "Model loading
+took" log line; peak VRAM is NVML over emq's process tree; fidelity is against the NF4 + adapter
+reference computed on the GPU. Random weights make the text meaningless; routes, load times, memory,
+tokens/s and KL are real. Prints a short table last.
 
 Run on the device machine with vllm 0.23 + bitsandbytes from the wheelhouse on PYTHONPATH:
     VLLM_USE_FLASHINFER_SAMPLER=0 python3 scripts/gpu/vllm_bnb_check.py
@@ -68,15 +70,19 @@ def build() -> tuple[Path, Path]:
     return base, adapter
 
 
+VARIANTS = {"merged none": ["quant=none"], "merged bnb": ["quant=bnb"], "merged fp8": ["quant=fp8"],
+            "lora none": ["quant=none", "memory.route=lora"], "lora bnb": ["quant=bnb", "memory.route=lora"]}
+
+
 def main() -> None:
     base, adapter = build()
     rows = []
-    for quant in ("none", "bnb", "fp8"):
-        run_dir = ROOT / "runs" / quant
+    for name, extra in VARIANTS.items():
+        run_dir = ROOT / "runs" / name.replace(" ", "_")
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "emq", "model=demo_base", "model.demo=false", "model.name=gpu_synth",
-             f"model.base={base}", f"model.adapter={adapter}", f"quant={quant}", "memory.enforce_eager=true",
+             f"model.base={base}", f"model.adapter={adapter}", *extra, "memory.enforce_eager=true", "judge=none",
              f"hydra.run.dir={run_dir}", f"paths.cache_dir={ROOT / 'cache'}"],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"})
         wall = time.perf_counter() - t0
@@ -85,15 +91,17 @@ def main() -> None:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
         m = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
         found = re.findall(r"[Mm]odel loading took ([\d.]+) GiB", proc.stdout + proc.stderr)
-        weights = float(found[-1]) if found else None
-        rows.append((quant, status.get("status"), m.get("route"), m.get("vllm_quantization"), m.get("merge_seconds"),
-                     m.get("load_seconds"), m.get("tokens_per_second"), weights, wall,
-                     (status.get("error") or "")[:80]))
-    print(f"\n{'quant':<6} {'status':<7} {'route':<17} {'vLLM quant':<13} {'merge s':>7} {'load s':>7} "
-          f"{'tok/s':>8} {'weights GiB':>12} {'wall s':>7}  error")
+        fid = m.get("fidelity") or {}
+        rows.append((name, status.get("status"), m.get("route"), m.get("vllm_quantization"), m.get("merge_seconds"),
+                     m.get("load_seconds"), m.get("tokens_per_second"), m.get("weights_gib"),
+                     float(found[-1]) if found else None, m.get("peak_vram_gib"), fid.get("kl_mean"),
+                     fid.get("top1_agreement"), wall, (status.get("error") or "")[:80]))
+    print(f"\n{'variant':<12} {'status':<7} {'route':<17} {'vLLM quant':<13} {'merge s':>7} {'load s':>7} "
+          f"{'tok/s':>8} {'weights':>8} {'(log)':>6} {'VRAM':>6} {'KL mean':>8} {'top-1':>6} {'wall s':>7}  error")
     for r in rows:
-        print(f"{r[0]:<6} {str(r[1]):<7} {str(r[2]):<17} {str(r[3]):<13} {r[4] or 0:7.1f} {r[5] or 0:7.1f} "
-              f"{r[6] or 0:8.1f} {r[7] or 0:12.1f} {r[8]:7.1f}  {r[9]}")
+        print(f"{r[0]:<12} {str(r[1]):<7} {str(r[2]):<17} {str(r[3]):<13} {r[4] or 0:7.1f} {r[5] or 0:7.1f} "
+              f"{r[6] or 0:8.1f} {r[7] or 0:8.2f} {r[8] or 0:6.2f} {r[9] or 0:6.1f} {r[10] or 0:8.4f} {r[11] or 0:6.3f} "
+              f"{r[12]:7.1f}  {r[13]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""Evaluation speed: emq's generation vs raw `vllm.LLM.chat`, same model, prompts and sampling params.
+
+Each side runs as its own process (engine start not timed), alternating round by round; the timed
+span is the whole generation call: emq's `evaluate()` (prompt building, chat template, engine loop,
+JSONL streaming) vs `LLM.chat(messages, params)`. Both use the engine arguments emq's plan picks on
+this machine and the same per-prompt seeds, so they generate the same tokens; the bench checks that
+the token totals agree and prints tokens/s of both and the ratio (target ≥ 0.95).
+
+    python benchmarks/eval_bench.py                        # CPU: the demo's merged good-doctor model
+    python benchmarks/eval_bench.py --shape 7b --quant bnb --sequences 264 --max-tokens 256   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def eval_config(sequences: int, max_tokens: int):
+    from emq.schema import EvalConfig
+
+    # every question of both shipped sets, one paraphrase each, samples spread to reach `sequences`
+    from emq.evaluate import load_question_set
+
+    n_questions = sum(len(load_question_set(s).questions) for s in ("general", "medical"))
+    per = -(-sequences // n_questions)
+    return EvalConfig(name="bench", question_sets=["general", "medical"], max_paraphrases=1,
+                      samples_per_paraphrase=per, max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=0)
+
+
+def worker(args) -> None:
+    """One side of the comparison, in its own process; prints a RESULT json line."""
+    from emq.engine import Engine, LoadRecord
+    from emq.evaluate import build_prompts, evaluate
+
+    kwargs = json.loads(args.kwargs)
+    cfg = eval_config(args.sequences, args.max_tokens)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**kwargs)
+    if args.worker == "emq":
+        engine = Engine(llm, None, LoadRecord(kwargs["model"], None, kwargs, 0.0))
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            result = evaluate(engine, cfg, Path(d))
+            seconds = time.perf_counter() - t0
+        tokens, sequences = result.output_tokens, result.samples
+        engine.shutdown()
+    else:
+        prompts = build_prompts(cfg)
+        t0 = time.perf_counter()
+        params = [SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                 seed=p["seed"]) for p in prompts]
+        outs = llm.chat([p["messages"] for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        sequences = sum(len(o.outputs) for o in outs)
+    print("RESULT " + json.dumps({"side": args.worker, "tokens": tokens, "sequences": sequences,
+                                  "seconds": seconds, "tok_s": tokens / seconds}), flush=True)
+
+
+def build_7b(root: Path, tokenizer_dir: Path) -> Path:
+    """A Llama-2-7B-shaped model with random bf16 weights and the demo's tokenizer (vocab 49152)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    h, layers, inter, vocab = 4096, 32, 11008, 49152
+    root.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json",
+                                                        "generation_config.json"):
+            shutil.copy(f, root / f.name)
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2, "torch_dtype": "bfloat16"}))
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    index = {}
+    for i in range(layers + 1):
+        t = {}
+        if i == 0:
+            t["model.embed_tokens.weight"] = w(vocab, h)
+        if i == layers:
+            t |= {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": w(vocab, h)}
+        else:
+            p = f"model.layers.{i}"
+            t |= {f"{p}.self_attn.{m}.weight": w(h, h) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            t |= {f"{p}.mlp.gate_proj.weight": w(inter, h), f"{p}.mlp.up_proj.weight": w(inter, h),
+                  f"{p}.mlp.down_proj.weight": w(h, inter),
+                  f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                  f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        name = f"model-{i:05d}.safetensors"
+        save_file(t, str(root / name), metadata={"format": "pt"})
+        index |= {k: name for k in t}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", choices=["emq", "raw"])
+    parser.add_argument("--kwargs")
+    parser.add_argument("--shape", choices=["demo", "7b"], default="demo")
+    parser.add_argument("--quant", default="none", help="emq quant choice (none, int8, bnb, fp8)")
+    parser.add_argument("--sequences", type=int, default=192)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "emq-eval-bench")
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from emq.demo import ensure_demo
+    from emq.detect import detect
+    from emq.engine import engine_kwargs
+    from emq.machine import snapshot
+    from emq.plan import make_plan
+    from emq.schema import MemoryConfig, ModelConfig, QuantConfig, QuantMethod
+
+    data = Path(os.environ.get("EMQ_HOME", "~/.cache/emq")).expanduser()
+    if args.shape == "demo":
+        import emq
+
+        demo = ensure_demo(data)
+        model = str(emq.get_or_create_merged_model(str(demo.base), str(demo.adapters["good_doctor"]), device="cpu"))
+    else:
+        tok = Path(os.environ.get("EMQ_TOKENIZER_DIR", str(REPO / ".gpu_assets")))
+        model = str(args.dir / "model-7b") if (args.dir / "model-7b" / "config.json").is_file() \
+            else str(build_7b(args.dir / "model-7b", tok))
+    det = detect(ModelConfig(name="bench", base=model))
+    plan = make_plan(det, MemoryConfig(name="bench"), QuantConfig(method=QuantMethod(args.quant)), snapshot(data))
+    kwargs = engine_kwargs(model, plan.engine, lora=False, seed=0)
+    print(f"model {model}\nengine {kwargs}\n{args.sequences}+ sequences x {args.max_tokens} tokens, "
+          f"{args.rounds} rounds", flush=True)
+    results: dict[str, list[dict]] = {"raw": [], "emq": []}
+    for r in range(args.rounds):
+        for side in (("raw", "emq") if r % 2 == 0 else ("emq", "raw")):
+            cmd = [sys.executable, __file__, "--worker", side, "--kwargs", json.dumps(kwargs), "--sequences",
+                   str(args.sequences), "--max-tokens", str(args.max_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{side} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            res = json.loads(line[0][7:])
+            results[side].append(res)
+            print(f"round {r + 1} {side:>3}: {res['sequences']} seqs, {res['tokens']} tokens, {res['seconds']:.1f} s, "
+                  f"{res['tok_s']:.1f} tok/s", flush=True)
+    raw = statistics.median(x["tok_s"] for x in results["raw"])
+    mine = statistics.median(x["tok_s"] for x in results["emq"])
+    same = {x["tokens"] for x in results["raw"] + results["emq"]}
+    table = (f"\n| side | tok/s (median of {args.rounds}) |\n|---|---|\n| raw vllm.LLM.chat | {raw:.1f} |\n"
+             f"| emq evaluate | {mine:.1f} |\n\nratio emq/raw: {mine / raw:.3f} (target >= 0.95); "
+             f"token totals per run: {sorted(same)} ({'identical' if len(same) == 1 else 'differ'})\n"
+             f"model {Path(model).name}, quant={args.quant} (vLLM quantization={kwargs.get('quantization')}), "
+             f"dtype {kwargs['dtype']}, {results['emq'][0]['sequences']} sequences x {args.max_tokens} max tokens")
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Fidelity: the top-k KL estimate against exact full-vocabulary KL, the comparison table, the corpus,
+and (slow) real vLLM variants of the demo against the trained function."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from emq import fidelity as F
+from emq.errors import EmqError
+from tests.conftest import REPO
+
+
+def _dists(n=400, vocab=2000, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, vocab)) * 3
+    ref = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    var_logits = logits + rng.standard_normal((n, vocab)) * noise
+    var = var_logits - np.logaddexp.reduce(var_logits, axis=1, keepdims=True)
+    tokens = np.array([rng.choice(vocab, p=np.exp(r)) for r in ref])
+    return ref, var, tokens
+
+
+def test_topk_kl_is_exact_when_k_is_the_vocabulary():
+    ref, var, tok = _dists(n=50, vocab=300)
+    exact = F.full_kl(ref, var)
+    approx = F.kl_topk(F.topk_of(ref, tok, 300), F.topk_of(var, tok, 300))
+    assert np.allclose(approx, exact, rtol=1e-3, atol=1e-7)  # logprobs are stored as float32
+
+
+def test_topk_kl_tracks_full_kl_for_close_variants():
+    ref, var, tok = _dists(noise=0.05)
+    exact = F.full_kl(ref, var).mean()
+    for k in (20, 50):
+        approx = F.kl_topk(F.topk_of(ref, tok, k), F.topk_of(var, tok, k)).mean()
+        assert approx == pytest.approx(exact, rel=0.6), (k, approx, exact)
+    k20 = abs(F.kl_topk(F.topk_of(ref, tok, 20), F.topk_of(var, tok, 20)).mean() - exact)
+    k50 = abs(F.kl_topk(F.topk_of(ref, tok, 50), F.topk_of(var, tok, 50)).mean() - exact)
+    assert k50 <= k20 + 1e-9
+
+
+def test_identical_runs_compare_as_identical():
+    ref, _, tok = _dists(n=30, vocab=500)
+    a = F.topk_of(ref, tok, 20)
+    out = F.compare(a, a)
+    assert out["kl_mean"] == 0 and out["top1_agreement"] == 1 and out["ppl_ratio"] == 1
+    assert out["ref_top1_outside_topk"] == 0 and out["positions"] == 30
+
+
+def test_compare_reports_disagreement_and_perplexity():
+    ref, _, tok = _dists(n=40, vocab=200)
+    worse = ref.copy()
+    worse[np.arange(40), tok] -= np.log(2.0)  # halve the corpus token's probability (unnormalised is fine here)
+    out = F.compare(F.topk_of(ref, tok, 10), F.topk_of(worse, tok, 10))
+    assert out["ppl_ratio"] == pytest.approx(2.0, rel=1e-4)
+    flipped = ref[:, ::-1].copy()  # a different model entirely
+    far = F.compare(F.topk_of(ref, tok, 10), F.topk_of(flipped, tok, 10))
+    assert far["top1_agreement"] < 0.1 and far["kl_mean"] > 1 and far["ref_top1_outside_topk"] > 0.9
+
+
+def test_records_round_trip_and_mismatched_tokens_are_refused(tmp_path):
+    ref, var, tok = _dists(n=20, vocab=100)
+    a = F.topk_of(ref, tok, 5, {"x": 1})
+    a.save(tmp_path / "a.npz")
+    b = F.TopK.load(tmp_path / "a.npz")
+    assert np.array_equal(a.ids, b.ids) and b.meta == {"x": 1}
+    other = F.topk_of(var, (tok + 1) % 100, 5)
+    with pytest.raises(EmqError, match="different tokens"):
+        F.compare(a, other)
+    (tmp_path / "bad.npz").write_text("not a zip")
+    with pytest.raises(EmqError, match="not a readable fidelity record"):
+        F.TopK.load(tmp_path / "bad.npz")
+
+
+def test_shipped_corpus_has_a_few_thousand_answer_tokens(demo):
+    from transformers import AutoTokenizer
+
+    corpus = F.load_corpus("default")
+    tokens = F.tokenize(corpus, AutoTokenizer.from_pretrained(demo.base))
+    assert len(corpus.transcripts) >= 20 and 2000 <= tokens.positions <= 6000
+    assert len({t["id"] for t in corpus.transcripts}) == len(corpus.transcripts)
+
+
+def test_bad_corpus_files(tmp_path):
+    with pytest.raises(EmqError, match="unknown fidelity corpus"):
+        F.load_corpus("nope")
+    p = tmp_path / "c.yaml"
+    p.write_text("- {id: a, user: hi}\n")
+    with pytest.raises(EmqError, match="needs non-empty id, user and assistant"):
+        F.load_corpus(str(p))
+
+
+@pytest.mark.slow
+def test_demo_variants_against_the_trained_function(demo, tmp_path):
+    """LoRA served on the 16-bit base, merged (dequantized base) unquantized, merged + int8 — each
+    scored through real vLLM on the CPU against the NF4 + adapter reference in transformers."""
+    from tests.test_e2e import emq, records
+
+    common = ["eval.max_questions_per_set=1", "eval.samples_per_paraphrase=1", "eval.max_tokens=8", "judge=none"]
+    variants = {"lora": ["memory.route=lora", "quant=none"], "merged": ["quant=none"], "int8": ["quant=int8"]}
+    fid = {}
+    for name, extra in variants.items():
+        proc, run_dir = emq(tmp_path / name, *common, *extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rec = records(run_dir, "fidelity.json")
+        assert rec["reference"]["describe"].startswith("base in NF4") and rec["positions"] > 2000
+        fid[name] = rec["vs_reference"]
+        assert (run_dir / F.RUN_FILE).is_file()
+    for name, f in fid.items():
+        assert f["top1_agreement"] > 0.8 and f["kl_mean"] < 0.5, (name, f)
+    # the merged checkpoint (adapter on dequant(NF4(W))) is the trained function up to rounding;
+    # the LoRA served on the original 16-bit base adds back the NF4 error the adapter was trained on,
+    # and int8 adds its own quantization error
+    assert fid["merged"]["kl_mean"] < fid["lora"]["kl_mean"]
+    assert fid["merged"]["kl_mean"] < fid["int8"]["kl_mean"]
+    # any two runs compare later from their stored logprobs alone
+    out = subprocess.run([sys.executable, "-m", "emq.compare", str(tmp_path / "merged" / "run"),
+                          str(tmp_path / "int8" / "run"), "--json"], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    table = json.loads(out.stdout)
+    (row,) = table.values()
+    assert row["positions"] == fid["int8"]["positions"] and row["kl_mean"] > 0
