@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
 
     from emq.config import CONF_DIR, to_run_config
-    from emq.report import summary_table
+    from emq.tables import summary_table
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_run_config(compose(config_name="config", overrides=list(sys.argv[1:] if argv is None else argv)))

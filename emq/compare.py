@@ -16,7 +16,7 @@ from rich.table import Table
 
 from emq.errors import EmqError
 from emq.fidelity import RUN_FILE, TopK, compare
-from emq.report import render
+from emq.tables import render
 
 log = logging.getLogger(__name__)
 COLUMNS = [("kl_mean", "KL mean"), ("kl_p99", "KL p99"), ("top1_agreement", "top-1 agree"),

@@ -19,11 +19,13 @@ from emq.schema import (
     ModelConfig,
     PathsConfig,
     QuantConfig,
+    ReportConfig,
     RunConfig,
     check_values,
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 GROUP_SCHEMAS = {
     "model": ModelConfig,
     "memory": MemoryConfig,
@@ -40,12 +42,29 @@ def register_configs() -> None:
     cs.store(group="paths", name="base_paths", node=PathsConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)
+    register_experiments(cs)
+
+
+def register_experiments(cs: ConfigStore) -> None:
+    """experiments/*.yaml (top level, in git) become the `experiment` group: `+experiment=NAME`.
+
+    They are read from experiments/ itself at start-up (no copy under conf/); each is a global
+    package (`# @package _global_`): overrides of any group plus its sweep in hydra.sweeper.params.
+    """
+    import yaml
+
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        try:
+            node = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise EmqError(f"{path} is not valid YAML: {e}", "fix the experiment file") from None
+        cs.store(group="experiment", name=path.stem, node=node, package="_global_", provider="emq-experiments")
 
 
 def _reject_unknown_keys(cfg: DictConfig) -> None:
     """`+group.key=...` bypasses struct mode and OmegaConf.to_object drops the key silently:
     refuse it, since a knob that is not used is a lie in the run's record."""
-    schemas = {None: RunConfig, "paths": PathsConfig, **GROUP_SCHEMAS}
+    schemas = {None: RunConfig, "paths": PathsConfig, "report": ReportConfig, **GROUP_SCHEMAS}
     for group, schema in schemas.items():
         node = cfg if group is None else cfg.get(group)
         if node is None:

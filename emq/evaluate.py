@@ -204,13 +204,14 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(s[i], 3)
 
 
-def evaluate(engine, cfg: EvalConfig, out_dir: Path) -> EvalResult:
+def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResult:
     """Generate every sample not yet in `out_dir/generations.jsonl`.
 
     Args:
         engine: a loaded `emq.engine.Engine`.
         cfg: the eval group.
         out_dir: the run directory.
+        progress: an `emq.records.Progress` to report counts to (optional).
     """
     from vllm import SamplingParams
 
@@ -232,6 +233,10 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path) -> EvalResult:
         requests.append(Request(rid, engine.chat_ids(p["messages"]), params))
     out_tokens = generated = 0
     latencies: list[float] = []
+    total = sum(p["n"] for p in prompts)
+    resumed = total - sum(p["n"] for p in todo)
+    if progress is not None:
+        progress.update(force=True, generated=resumed, to_generate=total)
 
     with JsonlWriter(path) as writer:
         def done(req, out, latency_s: float) -> None:
@@ -245,6 +250,8 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path) -> EvalResult:
                 out_tokens += len(c.token_ids)
                 generated += 1
             latencies.append(latency_s)
+            if progress is not None:
+                progress.update(generated=resumed + generated)
 
         t0 = time.perf_counter()
         if requests:

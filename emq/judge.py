@@ -373,7 +373,7 @@ def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
-              *, model_name: str | None = None) -> JudgeResult:
+              *, model_name: str | None = None, progress=None) -> JudgeResult:
     """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
     from emq.evaluate import read_generations
 
@@ -386,6 +386,8 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
     t0 = time.perf_counter()
     client = JudgeClient(cfg, plan, base_url, model_name=model_name)
     errors = 0
+    if progress is not None:
+        progress.update(force=True, judged=len(items) - len(todo), to_judge=len(items))
 
     async def main() -> None:
         nonlocal errors
@@ -398,6 +400,8 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
                 errors += j.error is not None
                 writer.write({"key": it["key"], "metric": it["metric"], "judge": plan.identity, **j.__dict__})
                 bar.update(1)
+                if progress is not None:
+                    progress.update(judged=len(items) - len(todo) + bar.n)
 
             tasks = [asyncio.ensure_future(one(it)) for it in todo]
             try:
@@ -417,16 +421,16 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
 
 
 def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
-              server_log: Path) -> JudgeResult | None:
+              server_log: Path, progress=None) -> JudgeResult | None:
     """Judge with the planned judge: an endpoint as it is, or a local server started and stopped here."""
     if plan.kind == JudgeKind.none.value:
         return None
     if plan.kind == JudgeKind.openai.value:
-        return judge_run(run_dir, prompts, cfg, plan, cfg.base_url)
+        return judge_run(run_dir, prompts, cfg, plan, cfg.base_url, progress=progress)
     from emq.judge_server import LocalServer
 
     with LocalServer(plan.server, cfg, server_log) as url:
-        return judge_run(run_dir, prompts, cfg, plan, url, model_name="judge")
+        return judge_run(run_dir, prompts, cfg, plan, url, model_name="judge", progress=progress)
 
 
 # --- python -m emq.judge RUN_DIR [overrides] -------------------------------------------------------

@@ -68,6 +68,8 @@ class Plan:
     platform: str
     vllm: str | None
     stop_reason: str | None = None
+    quant_requested: str | None = None  # the quant group's choice
+    quant_substitution: str | None = None  # e.g. "bnb → int8", when quant.substitute replaced it
 
 
 def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
@@ -92,6 +94,12 @@ def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
                 return choice
         reasons.append(f"quant: auto → none: {info.distribution} {info.version} offers no in-flight quantization here")
         return QuantMethod.none
+    if want not in info.quant and quant.substitute:
+        for choice in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8):
+            if choice in info.quant:
+                reasons.append(f"quant: SUBSTITUTED {want.value} → {choice.value} ({info.quant[choice]}): {want.value} "
+                               f"cannot run here ({info.unsupported.get(want, 'not supported')}); quant.substitute=true")
+                return choice
     if want not in info.quant:
         usable = ", ".join(f"quant={m.value}" for m in info.quant) + ", quant=auto"
         raise EmqError(f"quant={want.value} cannot run here: {info.unsupported.get(want, 'not supported')}",
@@ -317,9 +325,12 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
             route = Route.stop
             lighter = [q.value for q in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
                        if q in machine.vllm.quant and est[f"serve_weights_{q.value}"] + need_kv < pool]
+            per_gpu = pool / tp
+            more = [n for n in (2, 4, 8) if tp < n <= len(machine.gpus) and per_gpu * n > est["serve_weights"] + need_kv]
             stop_reason = (f"serving needs ~{est['serve_weights']:.1f} GiB of weights + {need_kv:.2f} GiB KV cache "
                            f"for one {memory.max_model_len}-token sequence, but vLLM may use {pool:.1f} GiB "
                            f"({where}={util}); " + (f"quantize (quant={' or quant='.join(lighter)}), " if lighter else "")
+                           + (f"spread it over GPUs (memory.tensor_parallel_size={more[0]}), " if more else "")
                            + f"raise {where} or lower memory.max_model_len")
         else:
             reasons.append(f"serving: ~{est['serve_weights']:.2f} GiB weights in a {pool:.1f} GiB pool leaves "
@@ -339,7 +350,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                 merge_method=memory.merge_method.value if merge_devices else None, fallback=fallback, engine=engine,
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
-                stop_reason=stop_reason)
+                stop_reason=stop_reason, quant_requested=quant.method.value,
+                quant_substitution=(f"{quant.method.value} → {qm.value}" if any("SUBSTITUTED" in r for r in reasons)
+                                    else None))
     log.info("plan: %s, quant=%s%s", route.value, qm.value,
              f", merge on {' → '.join(merge_devices)}" if merge_devices else "")
     return plan

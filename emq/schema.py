@@ -115,6 +115,9 @@ class QuantConfig:
     """In-flight quantization of the served weights."""
 
     method: QuantMethod = MISSING
+    # When `method` cannot run here, use the leanest in-flight quantization the installed vLLM has
+    # instead of stopping; the substitution is recorded (plan, metrics, report title). For sweeps.
+    substitute: bool = False
 
 
 @dataclass
@@ -173,6 +176,16 @@ class JudgeConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep's report compares its variants (emq.report)."""
+
+    # The variant the others are compared to, as overrides it was run with (e.g. {quant: none,
+    # memory.route: merge}); empty → the unquantized merged variant, else the first unquantized one.
+    reference: dict[str, str] = field(default_factory=dict)
+    title: str | None = None
+
+
+@dataclass
 class PathsConfig:
     """Where emq keeps its data. Never the working directory."""
 
@@ -189,6 +202,7 @@ class RunConfig:
     quant: QuantConfig = MISSING
     eval: EvalConfig = MISSING
     judge: JudgeConfig = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     stage: Stage = Stage.all
     seed: int = 0

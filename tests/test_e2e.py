@@ -172,7 +172,7 @@ def test_seeded_sampling_with_split_prefills_runs(demo, tmp_path):
 @pytest.mark.slow
 def test_seeded_sampling_crashes_vllm_cpu_when_prefills_are_chunked(demo, tmp_path):
     """The other half of the fix's evidence: the same run with chunked prefill forced back on dies."""
-    proc, run_dir = emq(tmp_path, *SPLIT, "memory.engine_extra={enable_chunked_prefill:true}")
+    proc, run_dir = emq(tmp_path, *SPLIT, "+memory.engine_extra.enable_chunked_prefill=true")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "CPU Generator does not use offset" in out, out[-3000:]
     assert records(run_dir, "status.json")["status"] == "failed"

