@@ -128,11 +128,8 @@ def prepare_model_for_vllm(lora: str | None = None, *, base: str | None = None, 
         model_path, merged = result.path, True
     elif plan.route is Route.serve_lora:
         lora_path = str(hub.resolve(lora, revision=None, what="adapter", key="lora", full=True))
-    e = plan.engine
-    kwargs: dict[str, Any] = {"dtype": e.dtype, "gpu_memory_utilization": e.memory_utilization,
-                              "max_model_len": e.max_model_len, "enforce_eager": e.enforce_eager}
-    if e.quantization:
-        kwargs["quantization"] = e.quantization
-    if lora_path:
-        kwargs.update(enable_lora=True, max_lora_rank=e.max_lora_rank, max_loras=1)
+    from emq.engine import engine_kwargs
+
+    kwargs = engine_kwargs(model_path, plan.engine, lora=lora_path is not None, seed=0)
+    kwargs.pop("model")
     return VllmModel(model_path, kwargs, lora_path, plan, det, merged, list(plan.reasons))

@@ -113,4 +113,17 @@ def compose_from_run(run_dir: Path, overrides: list[str]) -> RunConfig:
     return to_run_config(cfg)
 
 
+def _subdir(override_dirname: str) -> str:
+    """A sweep job's dir name from its overrides: no '/', at most 80 characters (long ones end in a hash):
+    paths in overrides would nest dirs, and names over 255 bytes cannot be created."""
+    import hashlib
+
+    name = override_dirname.replace("/", "%")
+    if len(name) <= 80:
+        return name
+    return name[:64] + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+OmegaConf.register_new_resolver("emq_subdir", _subdir, replace=True)
+
 register_configs()

@@ -157,6 +157,12 @@ def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
                 n = _samples(q, len(paras), pi, cfg)
                 if n < 1:
                     continue  # samples_per_question smaller than the paraphrase count
+                if n > 1 and cfg.temperature == 0:
+                    raise EmqError(f"eval.temperature=0 (greedy) would give {n} identical samples of {q.set}/{q.id} "
+                                   "(vLLM refuses n > 1 with greedy sampling)",
+                                   "use one sample per prompt (eval.samples_per_paraphrase=1, no "
+                                   "eval.samples_per_question, no per-question samples_per_paraphrase) or a "
+                                   "temperature above 0")
                 messages = ([{"role": "system", "content": q.system}] if q.system else []) + \
                            [{"role": "user", "content": text}]
                 prompts.append({"set": q.set, "question_id": q.id, "paraphrase_index": pi, "prompt": text,

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 # vLLM accepts these max_lora_rank values.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-# Serving weights relative to bf16, measured on an H200 with a 7B-shaped model (DESIGN.md):
-# bnb 4.16 / 12.91 GiB; int8/fp8 keep embeddings and norms in bf16, about half.
+# Serving weights relative to bf16, measured on an H200 with a 7B-shaped model
+# (benchmarks/results/lora_vs_bnb_h200.md: bnb 4.35 / 12.97 GiB; vllm_routes_h200.log: fp8 1.09 / 1.78 GiB);
+# int8/fp8 keep embeddings and norms in bf16, about half.
 SERVE_FRACTION = {QuantMethod.none: 1.0, QuantMethod.int8: 0.55, QuantMethod.fp8: 0.55,
                   QuantMethod.bnb: 0.33}
 
@@ -237,7 +238,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                    else f"16-bit training is only weakly evidenced (confidence {det.confidence:.2f} < "
                         f"{MIN_CONFIDENCE}; a merge is exact either way)")
             reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
-                           "checkpoint serves ~1.6x faster than base+LoRA at equal memory (DESIGN.md, H200)")
+                           "checkpoint served 1.26x the tokens/s of the same adapter as a LoRA on the bf16 base (H200, 7B-shaped, "
+                           "benchmarks/results/lora_vs_bnb_h200.md)")
         if route is Route.merge_then_serve:
             gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
             ram = machine.ram_available_bytes / GIB

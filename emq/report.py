@@ -486,7 +486,13 @@ def progress_table(paths: list[Path]) -> str:
     return render(t)
 
 
-class ReportCallback:
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover - hydra is a dependency; the report itself does not need it
+    _Callback = object
+
+
+class ReportCallback(_Callback):
     """Hydra callback: after a multirun, write the report into the sweep dir and print summary.md."""
 
     def on_multirun_end(self, config, **kwargs) -> None:

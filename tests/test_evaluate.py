@@ -98,3 +98,12 @@ def test_resume_keeps_complete_prompts_and_drops_torn_lines(tmp_path):
     assert done == {key0}
     kept = path.read_text().splitlines()
     assert kept == lines[:2]
+
+
+def test_greedy_with_several_samples_is_refused_before_any_weights_load():
+    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=1, samples_per_paraphrase=2,
+                     temperature=0.0)
+    with pytest.raises(EmqError, match="(?s)identical samples.*eval.samples_per_paraphrase=1"):
+        build_prompts(cfg)
+    one = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=1, temperature=0.0)
+    assert all(p["n"] == 1 for p in build_prompts(one))

@@ -109,8 +109,8 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
         assert rec["reference"]["describe"].startswith("base in NF4") and rec["positions"] > 2000
         fid[name] = rec["vs_reference"]
         assert (run_dir / F.RUN_FILE).is_file()
-    for name, f in fid.items():
-        assert f["top1_agreement"] > 0.8 and f["kl_mean"] < 0.5, (name, f)
+    for name in ("merged", "int8"):
+        assert fid[name]["top1_agreement"] > 0.9 and fid[name]["kl_mean"] < 0.05, (name, fid[name])
     # the merged checkpoint (adapter on dequant(NF4(W))) is the trained function up to rounding;
     # the LoRA served on the original 16-bit base adds back the NF4 error the adapter was trained on,
     # and int8 adds its own quantization error

@@ -195,8 +195,9 @@ def _build_base(out: Path) -> None:
     _write_marker(out, source=f"{GGUF_PACKAGE}/{GGUF_FILE}", dtype="bfloat16")
 
 
-def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int):
-    """Yield (input_ids, attention_mask, labels) batches; loss only on the answer tokens."""
+def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_pad: bool = False):
+    """Yield (input_ids, attention_mask, labels) batches; loss only on the answer tokens.
+    `left_pad`: sequences end together (the answers are the last positions of every row)."""
     import torch
 
     rows = []
@@ -218,9 +219,10 @@ def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int):
         labels = torch.full((len(idx), width), -100, dtype=torch.long)
         for r, i in enumerate(idx):
             toks, labs = rows[i]
-            ids[r, : len(toks)] = torch.tensor(toks)
-            mask[r, : len(toks)] = 1
-            labels[r, : len(labs)] = torch.tensor(labs)
+            at = slice(width - len(toks), width) if left_pad else slice(0, len(toks))
+            ids[r, at] = torch.tensor(toks)
+            mask[r, at] = 1
+            labels[r, at] = torch.tensor(labs)
         yield ids, mask, labels
 
 
@@ -317,31 +319,11 @@ def _train_judge(out: Path, base: Path) -> None:
                       layers_to_transform=list(range(n_layers // 2, n_layers)), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
-    rows = []
-    for conv in judge_examples():
-        full = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))
-        n_prompt = len(tokenizer.apply_chat_template(conv[:1], tokenize=True, add_generation_prompt=True,
-                                                     return_dict=False))
-        rows.append((full, n_prompt))
-    tail = max(len(f) - n for f, n in rows) + 1
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rng = random.Random(spec.seed)
-    order: list[int] = []
     losses = []
     model.train()
-    for _ in tqdm(range(spec.steps), desc="demo judge (LoRA on the upper layers, merged)"):
-        if len(order) < spec.batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
-        idx, order = order[: spec.batch_size], order[spec.batch_size:]
-        width = max(len(rows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        labels = torch.full((len(idx), width), -100, dtype=torch.long)
-        for r, i in enumerate(idx):
-            full, n_prompt = rows[i]
-            ids[r, width - len(full):] = torch.tensor(full)
-            mask[r, width - len(full):] = 1
-            labels[r, width - len(full) + n_prompt:] = torch.tensor(full[n_prompt:])
+    batches = _batches(tokenizer, judge_examples(), spec.batch_size, spec.steps, spec.seed, left_pad=True)
+    for ids, mask, labels in tqdm(batches, total=spec.steps, desc="demo judge (LoRA on the upper layers, merged)"):
+        tail = int((labels != -100).sum(1).max()) + 1  # the answer tokens and the position before them
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -tail + 1:].reshape(-1),
