@@ -238,7 +238,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                    else f"16-bit training is only weakly evidenced (confidence {det.confidence:.2f} < "
                         f"{MIN_CONFIDENCE}; a merge is exact either way)")
             reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
-                           "checkpoint served 1.26x the tokens/s of the same adapter as a LoRA on the bf16 base (H200, 7B-shaped, "
+                           "checkpoint served 1.23x the tokens/s of the same adapter as a LoRA on the bf16 base, 1.16x with bnb (H200, 7B-shaped, "
                            "benchmarks/results/lora_vs_bnb_h200.md)")
         if route is Route.merge_then_serve:
             gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
@@ -316,8 +316,21 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     if tp > 1 and (platform != "cuda" or tp > len(machine.gpus)):
         raise EmqError(f"memory.tensor_parallel_size={tp} needs {tp} GPUs; this machine has {len(machine.gpus)}",
                        "lower memory.tensor_parallel_size or run on a machine with more GPUs")
-    pool = (max((g.total_bytes for g in machine.gpus), default=0) * tp if platform == "cuda"
-            else machine.ram_total_bytes) / GIB * util
+    if platform == "cuda":
+        # vLLM takes gpu_memory_utilization x total on each of the first tp GPUs and refuses to start
+        # when another process holds that much: plan from the tightest of them
+        per_gpu = min(min(g.total_bytes * util, g.free_bytes) for g in machine.gpus[:tp])
+        pool = per_gpu * tp / GIB
+        short = [g for g in machine.gpus[:tp] if g.free_bytes < g.total_bytes * util]
+        if short:
+            g = min(short, key=lambda g: g.free_bytes)
+            raise EmqError(f"GPU {g.index} has {g.free_bytes / GIB:.1f} GiB free of {g.total_bytes / GIB:.1f}, but "
+                           f"memory.gpu_memory_utilization={util} makes vLLM claim {g.total_bytes * util / GIB:.1f} GiB "
+                           "there (it refuses to start otherwise)",
+                           f"set memory.gpu_memory_utilization={int(g.free_bytes / g.total_bytes * 100) / 100:.2f} "
+                           "or stop what holds the GPU (nvidia-smi lists it)")
+    else:
+        pool = machine.ram_total_bytes / GIB * util
     if params and route is not Route.stop and platform in ("cuda", "cpu"):
         est["engine_pool"] = pool
         est["kv_headroom"] = pool - est["serve_weights"]

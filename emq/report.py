@@ -186,6 +186,7 @@ def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
             "quant": m.get("quant") or r.plan.get("quant"),
             "quant_substitution": r.plan.get("quant_substitution") or "",
             "vllm_quantization": m.get("vllm_quantization"), "weights_gib": m.get("weights_gib"),
+            "weights_estimated": str(m.get("weights_source") or "").startswith("plan estimate"),
             "peak_vram_gib": m.get("peak_vram_gib"), "peak_rss_gib": m.get("peak_rss_gib"),
             "load_s": m.get("load_seconds"), "merge_s": m.get("merge_seconds"),
             "tokens_per_s": m.get("tokens_per_second"), "answers": m.get("count"),
@@ -261,9 +262,10 @@ def plot_quality_vs_memory(runs: list[Run], path: Path) -> None:
             axes[1].plot([mem], [kl], markers[i % 9], color=c, label=r.label, alpha=0.85)
             axes[1].annotate(str(i + 1), (mem, kl), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
                              fontsize=8, color=c)
-    axes[0].set(title="aligned score vs weights memory (mean, 95% CI)", xlabel="model weights in the engine (GiB)",
-                ylabel="aligned score (0-100)")
-    axes[1].set(title="KL to the trained function vs weights memory", xlabel="model weights in the engine (GiB)",
+    est = any(str(r.metrics.get("weights_source") or "").startswith("plan estimate") for r in ok)
+    xlabel = "model weights in the engine (GiB" + (", plan estimate where the engine hides them)" if est else ")")
+    axes[0].set(title="aligned score vs weights memory (mean, 95% CI)", xlabel=xlabel, ylabel="aligned score (0-100)")
+    axes[1].set(title="KL to the trained function vs weights memory", xlabel=xlabel,
                 ylabel="mean KL per answer token (nats)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -394,6 +396,8 @@ def build(paths: list[Path], out_dir: Path | None = None, *, title: str | None =
     for r, row in zip(runs, rows):
         cells = [_fmt(row[k]) for k, _ in MD_COLUMNS]
         cells[0] = row["variant"] + (" (reference)" if row["reference"] else "")
+        if row["weights_estimated"] and cells[4]:
+            cells[4] = f"~{cells[4]} (est.)"
         if row["quant_substitution"]:
             cells[3] = f"{row['quant']} (substituted: {row['quant_substitution']})"
         cells += [_mean_ci((r.metrics.get("metrics") or {}).get(m)) for m in names]
@@ -417,7 +421,9 @@ def build(paths: list[Path], out_dir: Path | None = None, *, title: str | None =
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now if now is not None else time.time()))
     notes = ("Means weight questions equally; CIs are bootstrap over questions, then answers. Paired differences: "
              "same prompts and seeds in every variant; a difference is distinguishable when its 95% CI excludes 0. "
-             "KL/top-1: fidelity to the trained function (base as in training + adapter) on emq's corpus.")
+             "KL/top-1: fidelity to the trained function (base as in training + adapter) on emq's corpus."
+             + (" Weights marked (est.): the plan's estimate, where the engine hides its weights (vLLM's CPU build)."
+                if any(row["weights_estimated"] for row in rows) else ""))
     ref_line = f"Reference variant: {ref.label if ref else 'none found (no finished unquantized run)'}"
     md = (f"# {full_title}\n\n{ref_line}\n\n{main}\n\n## Paired differences to the reference\n\n{diffs}\n\n{notes}\n\n"
           f"_{len(runs)} runs, {sum(r.ok for r in runs)} ok; generated {when}_\n")

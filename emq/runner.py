@@ -15,7 +15,7 @@ from typing import Any
 from emq import fidelity, judge
 from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
-from emq.engine import Engine, check_engine_extra, load
+from emq.engine import Engine, LoadRecord, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
 from emq.evaluate import build_prompts, evaluate, read_generations
 from emq.judge import check_prompts
@@ -155,7 +155,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 "mean_output_tokens": result.mean_output_tokens, "output_tokens_now": result.output_tokens,
                 "generation_seconds": result.generation_seconds, "tokens_per_second": result.tokens_per_second,
                 "latency_p50_s": result.latency_p50_s, "latency_p95_s": result.latency_p95_s,
-                "load_seconds": loaded.load_seconds, "weights_gib": loaded.weights_gib,
+                "load_seconds": loaded.load_seconds, **_weights(loaded, plan),
                 "merge_seconds": round(merged.seconds, 2) if merged else None,
                 "merge_cached": merged.cached if merged else None,
                 **served,
@@ -214,6 +214,15 @@ def judge_dtype(platform: str, machine) -> str:
 
 def route_needs_engine(route: Route) -> bool:
     return route in (Route.serve_base, Route.serve_lora, Route.merge_then_serve)
+
+
+def _weights(rec: LoadRecord, plan) -> dict[str, Any]:
+    """The weights' memory as measured in the engine, or the plan's estimate where vLLM hides it (CPU build)."""
+    if rec.weights_gib is not None:
+        return {"weights_gib": rec.weights_gib, "weights_source": rec.weights_source}
+    est = plan.estimates_gib.get("serve_weights")
+    return {"weights_gib": est, "weights_source": f"plan estimate (checkpoint parameters at the serving dtype/quant); "
+                                                  f"engine: {rec.weights_source}"}
 
 
 def _peaks(mem: PeakMemory) -> dict[str, Any]:

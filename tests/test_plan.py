@@ -57,7 +57,7 @@ def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
 
 def test_small_gpu_merges_on_cpu_with_peft():
     plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, ram_gib=100, vllm=_vllm_cuda()),
-                 merge_method=MergeMethod.peft)
+                 merge_method=MergeMethod.peft, gpu_memory_utilization=0.8)
     assert plan.merge_devices == ["cpu"]
     assert any("no GPU merge" in r for r in plan.reasons)
 
@@ -109,7 +109,7 @@ def test_use_quantization_false_serves_bf16():
 
 def test_skip_quantization_on_low_vram():
     plan = _plan(machine=_machine(gpu_free_gib=10, gpu_total_gib=80, vllm=_vllm_cuda()),
-                 skip_quantization_on_low_vram=True, det=_det(params=500_000_000))
+                 skip_quantization_on_low_vram=True, det=_det(params=500_000_000), gpu_memory_utilization=0.12)
     assert plan.quant is QuantMethod.none
 
 
@@ -139,8 +139,16 @@ def test_lora_rank_rounds_up_to_a_vllm_rank():
 
 
 def test_weights_that_do_not_fit_stop():
-    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()), quant=QuantMethod.none)
+    plan = _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()), quant=QuantMethod.none,
+                 gpu_memory_utilization=0.8)
     assert plan.route is Route.stop and "gpu_memory_utilization" in plan.stop_reason
+
+
+def test_gpu_held_by_another_process_fails_with_the_utilization_that_fits():
+    # vLLM refuses to start when gpu_memory_utilization x total is more than is free: say so at plan time
+    with pytest.raises(EmqError, match=r"gpu_memory_utilization=0\.83") as e:
+        _plan(machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()), gpu_memory_utilization=0.9)
+    assert "GPU 0 has 20.0 GiB free of 24.0" in str(e.value)
 
 
 def test_kv_cache_that_does_not_fit_names_the_knobs():
@@ -163,7 +171,8 @@ def test_stream_merge_needs_a_few_tensors_not_the_model():
     stream = _plan(det=det, merge_method=MergeMethod.stream).estimates_gib["merge_peak_cpu_ram"]
     # measured on an H200 host (16 cores, 4 parts): 3.28 GiB peak RSS for a 14B-shaped r=32 merge
     assert peft > 60 and 2.5 < stream < 5
-    small_gpu = _plan(det=det, machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()))
+    small_gpu = _plan(det=det, machine=_machine(gpu_free_gib=20, gpu_total_gib=24, vllm=_vllm_cuda()),
+                      gpu_memory_utilization=0.8)
     assert small_gpu.merge_devices[0] == "cuda" and small_gpu.merge_method == "stream"
 
 

@@ -7,7 +7,7 @@ bf16, merged + in-flight bnb — with 270 sequences x 256 tokens per variant (CU
 random weights have nothing to judge), and prints the sweep's summary.md (written by emq's report
 callback). Random weights make the text meaningless; memory and tokens/s are real.
 
-    VLLM_USE_FLASHINFER_SAMPLER=0 python3 scripts/gpu/sweep_check.py [--out DIR]
+    VLLM_USE_FLASHINFER_SAMPLER=0 python3 scripts/gpu/sweep_check.py [--out DIR] [--route lora|merge] [--extra OVERRIDE ...]
 """
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ def build_adapter(base: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None, help="copy summary.md / csv / report.html here")
+    parser.add_argument("--route", choices=["lora", "merge"], default=None,
+                        help="run only this half of the sweep (one device call may not fit all four variants); "
+                             "a second call with the other half adds to the same sweep dir and the report")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="more overrides, e.g. quant=bnb memory.tensor_parallel_size=2 (the TP=2 check)")
     args = parser.parse_args()
     from benchmarks.eval_bench import build_7b
 
@@ -70,6 +75,9 @@ def main() -> None:
            "eval.samples_per_paraphrase=15", "eval.max_tokens=256", "eval.temperature=1.0",
            "eval.fidelity.enabled=false", "memory.max_model_len=1024", f"hydra.sweep.dir={sweep}",
            f"paths.cache_dir={ROOT / 'cache'}", f"paths.data_dir={ROOT / 'home'}"]
+    if args.route:
+        cmd.append(f"memory.route={args.route}")
+    cmd += args.extra
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0"})
     print(proc.stdout[-2000:], proc.stderr[-6000:])
