@@ -117,7 +117,9 @@ def label_runs(runs: list[Run]) -> None:
             keys[k].add(v)
     varying = [k for k, vs in keys.items() if len(vs) > 1 or any(r.value(k) is None for r in runs)]
     for r in runs:
-        parts = [f"{k}={r.value(k)}" for k in varying if r.value(k) is not None]
+        ran = (r.plan.get("quant_substitution") or "").split("→")[-1].strip()  # "bnb → int8": say what ran
+        parts = [f"{k}={r.value(k)}" + (f" (→{ran})" if k == "quant" and ran and ran != r.value(k) else "")
+                 for k in varying if r.value(k) is not None]
         r.label = " ".join(parts) or r.metrics.get("model") or r.dir.name
 
 

@@ -197,7 +197,7 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
         assert row["status"] == "ok"
         assert float(row["tokens_per_s"]) == m["tokens_per_second"] and int(row["answers"]) == m["count"] == 4
         assert row["quant"] == m["quant"] and float(row["weights_gib"]) == m["weights_gib"]
-    bnb = next(r for r in rows if r["variant"] == "quant=bnb")
+    bnb = next(r for r in rows if r["variant"] == "quant=bnb (→int8)")  # labels say what ran
     assert bnb["quant"] == "int8" and bnb["quant_substitution"] == "bnb → int8"
     assert "quantization substituted here: bnb → int8" in (sweep / "summary.md").read_text()
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
