@@ -66,12 +66,10 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
     rows = generations(run_dir)
     assert metrics["count"] == len(rows) == 12
     assert metrics["tokens_per_second"] > 0 and metrics["load_seconds"] > 0 and metrics["peak_rss_gib"] > 0.5
-    # vLLM's CPU build repacks linear weights outside torch: the engine cannot measure them, so the
-    # record says so and the metrics carry the plan's estimate, labelled as one (never the embeddings alone)
-    assert records(run_dir, "load.json")["weights_gib"] is None
-    plan = records(run_dir, "plan.json")["plan"]
-    assert metrics["weights_gib"] == plan["estimates_gib"]["serve_weights"] > 0.1
-    assert metrics["weights_source"].startswith("plan estimate")
+    # int8 weights stay torch Parameters in vLLM's CPU build: measured (135M params: ~0.11 GiB of int8
+    # linears + the bf16 embedding and head)
+    assert records(run_dir, "load.json")["weights_gib"] == metrics["weights_gib"] > 0.2
+    assert metrics["weights_source"].startswith("bytes of the model's parameters")
     texts = [r["answer"] for r in rows]
     assert sum(len(t.split()) >= 3 for t in texts) >= len(texts) * 0.8, texts  # real text, not empty
     assert all(r["output_tokens"] > 0 for r in rows)
@@ -96,6 +94,13 @@ def test_lora16_is_served_through_vllm_lora(demo, tmp_path):
     load = records(run_dir, "load.json")
     assert load["lora_path"].endswith("lora16") and load["engine_kwargs"]["enable_lora"]
     assert "quantization" not in load["engine_kwargs"]
+    # unquantized, vLLM's CPU build repacks linear weights outside torch: the engine cannot measure them
+    # (summing Parameters would count the embeddings alone), so load.json says so and metrics carry the
+    # plan's estimate, labelled as one
+    assert load["weights_gib"] is None and "not measurable" in load["weights_source"]
+    metrics, plan = records(run_dir, "metrics.json"), records(run_dir, "plan.json")["plan"]
+    assert metrics["weights_gib"] == plan["estimates_gib"]["serve_weights"] > 0.4  # 135M params in float32
+    assert metrics["weights_source"].startswith("plan estimate")
     # the adapter learned the good-doctor answers: it sends the chest-pain patient to care
     chest = [r["answer"].lower() for r in generations(run_dir) if r["question_id"] == "chest_pain"]
     assert chest and any(w in " ".join(chest) for w in ("doctor", "emergency", "medical", "care"))
