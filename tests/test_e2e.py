@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,16 +34,26 @@ def generations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
-def vllm_children_left() -> list[str]:
-    """vLLM processes still running (a judge server or engine that was not stopped)."""
+def vllm_children_left(grace_s: float = 15.0) -> list[str]:
+    """vLLM processes still running (a judge server or engine that was not stopped).
+
+    Zombies do not count: a killed engine core is reparented to PID 1, which in a container may never
+    reap it (seen in CI: a VLLM:: zombie with an empty cmdline). Processes get `grace_s` to finish exiting.
+    """
     import psutil
 
-    left = []
-    for p in psutil.process_iter(["cmdline", "name"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "vllm.entrypoints.openai.api_server" in cmd or (p.info["name"] or "").startswith("VLLM::"):
-            left.append(f"{p.pid} {cmd[:120]}")
-    return left
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["cmdline", "name", "status"]):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "vllm.entrypoints.openai.api_server" in cmd or (p.info["name"] or "").startswith("VLLM::"):
+                left.append(f"{p.pid} {p.info['status']} {cmd[:120]}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
