@@ -113,7 +113,7 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
         assert fid[name]["top1_agreement"] > 0.9 and fid[name]["kl_mean"] < 0.05, (name, fid[name])
     # the merged checkpoint (adapter on dequant(NF4(W))) is the trained function up to rounding;
     # the LoRA served on the original 16-bit base adds back the NF4 error the adapter was trained on,
-    # and int8 adds its own quantization error
+    # and the int8 run (bf16 engine: vLLM CPU's int8 leaves dense linears in bf16) adds bf16's rounding
     assert fid["merged"]["kl_mean"] < fid["lora"]["kl_mean"]
     assert fid["merged"]["kl_mean"] < fid["int8"]["kl_mean"]
     # any two runs compare later from their stored logprobs alone
