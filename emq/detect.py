@@ -3,7 +3,7 @@
 Reads only metadata: JSON/YAML configs, the model card's front matter and safetensors headers.
 No weights are loaded.
 
-Evidence for `trained_in_4bit`, strongest first (DESIGN.md "detect"):
+Evidence for `trained_in_4bit`, strongest first:
   1. a training config tied to this adapter (explicit path, or a file beside the adapter);
   2. the adapter's metadata: the base it names in adapter_config.json being a pre-quantized
      bitsandbytes checkpoint; the model card's tags;
