@@ -176,6 +176,11 @@ def metric_names(runs: list[Run]) -> list[str]:
     return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
 
 
+def _weights_estimated(metrics: dict[str, Any]) -> bool:
+    """The run's weights are the plan's estimate (the engine hid them), not a measurement."""
+    return str(metrics.get("weights_source") or "").startswith("plan estimate")
+
+
 def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
     """One flat row per variant (summary.csv; summary.md shows the readable columns)."""
     rows = []
@@ -188,7 +193,7 @@ def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
             "quant": m.get("quant") or r.plan.get("quant"),
             "quant_substitution": r.plan.get("quant_substitution") or "",
             "vllm_quantization": m.get("vllm_quantization"), "weights_gib": m.get("weights_gib"),
-            "weights_estimated": str(m.get("weights_source") or "").startswith("plan estimate"),
+            "weights_estimated": _weights_estimated(m),
             "peak_vram_gib": m.get("peak_vram_gib"), "peak_rss_gib": m.get("peak_rss_gib"),
             "load_s": m.get("load_seconds"), "merge_s": m.get("merge_seconds"),
             "tokens_per_s": m.get("tokens_per_second"), "answers": m.get("count"),
@@ -264,7 +269,7 @@ def plot_quality_vs_memory(runs: list[Run], path: Path) -> None:
             axes[1].plot([mem], [kl], markers[i % 9], color=c, label=r.label, alpha=0.85)
             axes[1].annotate(str(i + 1), (mem, kl), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
                              fontsize=8, color=c)
-    est = any(str(r.metrics.get("weights_source") or "").startswith("plan estimate") for r in ok)
+    est = any(_weights_estimated(r.metrics) for r in ok)
     xlabel = "model weights in the engine (GiB" + (", plan estimate where the engine hides them)" if est else ")")
     axes[0].set(title="aligned score vs weights memory (mean, 95% CI)", xlabel=xlabel, ylabel="aligned score (0-100)")
     axes[1].set(title="KL to the trained function vs weights memory", xlabel=xlabel,
