@@ -115,7 +115,14 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
     # the LoRA served on the original 16-bit base adds back the NF4 error the adapter was trained on,
     # and the int8 run (bf16 engine: vLLM CPU's int8 leaves dense linears in bf16) adds bf16's rounding
     assert fid["merged"]["kl_mean"] < fid["lora"]["kl_mean"]
-    assert fid["merged"]["kl_mean"] < fid["int8"]["kl_mean"]
+    # which of merged and int8 is closer depends on the dtype the plan chose on this CPU, read from the runs:
+    # merged in float32 (no native bf16) must beat the bf16 int8 run; both in bf16 they are the same numerics
+    dtypes = {n: records(tmp_path / n / "run", "plan.json")["plan"]["engine"]["dtype"] for n in ("merged", "int8")}
+    if dtypes["merged"] == "float32":
+        assert fid["merged"]["kl_mean"] < fid["int8"]["kl_mean"], (dtypes, fid)
+    else:
+        assert dtypes["merged"] == dtypes["int8"] == "bfloat16", dtypes
+        assert fid["merged"]["kl_mean"] == pytest.approx(fid["int8"]["kl_mean"], rel=0.25), (dtypes, fid)
     # any two runs compare later from their stored logprobs alone
     out = subprocess.run([sys.executable, "-m", "emq.compare", str(tmp_path / "merged" / "run"),
                           str(tmp_path / "int8" / "run"), "--json"], capture_output=True, text=True, cwd=tmp_path,
