@@ -123,11 +123,20 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
     else:
         assert dtypes["merged"] == dtypes["int8"] == "bfloat16", dtypes
         assert fid["merged"]["kl_mean"] == pytest.approx(fid["int8"]["kl_mean"], rel=0.25), (dtypes, fid)
-    # any two runs compare later from their stored logprobs alone
-    out = subprocess.run([sys.executable, "-m", "emq.compare", str(tmp_path / "merged" / "run"),
-                          str(tmp_path / "int8" / "run"), "--json"], capture_output=True, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    table = json.loads(out.stdout)
-    (row,) = table.values()
-    assert row["positions"] == fid["int8"]["positions"] and row["kl_mean"] > 0
+    # any two runs compare later from their stored logprobs alone: the LoRA run is far from the merged one
+    # on every CPU; merged vs int8 differ only where the plan chose different engine dtypes
+    def compare(a: str, b: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "emq.compare", str(tmp_path / a / "run"),
+                              str(tmp_path / b / "run"), "--json"], capture_output=True, text=True, cwd=tmp_path,
+                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        (row,) = json.loads(out.stdout).values()
+        assert row["positions"] == fid[b]["positions"], row
+        return row
+
+    assert compare("merged", "lora")["kl_mean"] > 0.05
+    row = compare("merged", "int8")
+    if dtypes["merged"] == "float32":
+        assert row["kl_mean"] > 0, (dtypes, row)
+    else:  # the same bf16 numerics: measured bitwise-identical logprobs
+        assert row["kl_mean"] == pytest.approx(0, abs=0.01), (dtypes, row)

@@ -1,0 +1,210 @@
+"""merge: one merged checkpoint per (base, adapter, settings), made once and cached.
+
+Methods
+- `stream` (default): shard by shard, W + s·B·A in fp32, rounded once (emq.checkpoint.stream). Peak
+  memory ≈ a few tensors per parallel part + the adapter, whatever the model size.
+- `peft` (reference): PeftModel.merge_and_unload with the weights in fp32, then save_pretrained.
+
+Merge base (for the linear weights a QLoRA run quantized):
+- `original`: the 16-bit base weights.
+- `dequantized`: dequant(NF4(W)) with the training's blocksize and double-quant setting — the
+  weights the adapter actually saw in training.
+- `auto` (default): `dequantized` when detect found 4-bit training, else `original`. Reason: a
+  QLoRA adapter learned corrections to the quantized weights; merging them into the NF4 round
+  trip reproduces the trained function (up to bf16 rounding), while merging into the original
+  weights adds the quantization error back.
+
+Devices are tried in the plan's order; a CUDA out-of-memory error moves on to the next device
+(the GPU → CPU cascade). NaN/inf in a merged tensor is an error that names the module.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emq.checkpoint import cache
+from emq.checkpoint.identity import adapter_identity, base_identity
+from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip, nf4_settings
+from emq.checkpoint.stream import check_supported, stream_merge
+from emq.detect import DetectResult
+from emq.errors import EmqError
+from emq.machine import GIB, Machine
+from emq.schema import MergeBase, MergeMethod
+
+log = logging.getLogger(__name__)
+
+_COPY_FROM_BASE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+class MergeFailed(EmqError):
+    """Every merge attempt failed; `attempts` says how."""
+
+    def __init__(self, message: str, fix: str, attempts: list[dict]):
+        super().__init__(message, fix)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    method: MergeMethod = MergeMethod.stream
+    merge_base: MergeBase = MergeBase.auto
+    out_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: str
+    key: str
+    cached: bool
+    device: str | None
+    method: str
+    merge_base: str
+    seconds: float
+    attempts: list[dict] = field(default_factory=list)
+
+
+def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
+    if merge_base is MergeBase.auto:
+        return MergeBase.dequantized if det.trained_in_4bit else MergeBase.original
+    return merge_base
+
+
+
+def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
+    """Everything the merged bytes depend on; the cache key is their hash."""
+    if det.adapter is None:
+        raise EmqError("nothing to merge: the model config has no adapter", "set model.adapter")
+    base = resolve_merge_base(det, settings.merge_base)
+    s = {"method": settings.method.value, "math_dtype": "float32", "out_dtype": settings.out_dtype,
+         "merge_base": base.value}
+    if base is MergeBase.dequantized:
+        s["nf4"] = nf4_settings(det)
+    return {"base": {"path": det.base.path, "files": base_identity(Path(det.base.path))},
+            "adapter": {"path": det.adapter.path, "files": adapter_identity(Path(det.adapter.path))}, "settings": s}
+
+
+def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if det.adapter.use_dora:
+        check_supported(det.adapter)  # the DoRA error, before loading anything
+    settings = inputs["settings"]
+    log.info("merge (peft): loading %s in fp32 on %s", det.base.path, device)
+    model = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.float32, device_map=device)
+    if settings.get("nf4"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if dequant_eligible(name, tuple(p.shape)):
+                    p.copy_(nf4_roundtrip(p.data.to(torch.bfloat16), device, settings["nf4"]).float())
+    model = PeftModel.from_pretrained(model, det.adapter.path, device_map=device)
+    try:
+        merged = model.merge_and_unload(safe_merge=True, progressbar=True)
+    except ValueError as e:  # PEFT raises ValueError on NaN in a merged weight
+        raise EmqError(f"merging {det.adapter.path} produced NaN/inf: {e}",
+                       "check the adapter weights (adapter_model.safetensors)") from None
+    merged = merged.to(getattr(torch, settings["out_dtype"]))
+    if hasattr(merged.config, "quantization_config"):
+        delattr(merged.config, "quantization_config")
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    del merged, model
+    return {}
+
+
+_KERNELS = {MergeMethod.stream: stream_merge, MergeMethod.peft: _peft_merge}
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def _torch_oom() -> type[BaseException]:
+    """torch's out-of-memory error when torch is loaded: a CPU stream merge never imports torch
+    (an except clause evaluates this only once an exception is on its way, so torch is loaded
+    if it raised one)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", _NeverRaised) if torch is not None else _NeverRaised
+
+
+def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
+                  settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
+    """Return a merged checkpoint for the detected base + adapter, building it if needed.
+
+    Args:
+        det: detect record (with an adapter; weights local).
+        devices: devices to try in order, e.g. ["cuda", "cpu"].
+        cache_dir: merge cache root.
+        settings: method, merge base, output dtype.
+        force_recreate: rebuild even if a complete entry exists.
+
+    Raises:
+        EmqError: unsupported adapter, NaN/inf, no disk space (nothing is published).
+        MergeFailed: no device could merge (attempts say why).
+    """
+    settings = settings or MergeSettings()
+    t0 = time.perf_counter()
+    inputs = merge_inputs(det, settings)
+    key = cache.key_of({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
+                        "settings": inputs["settings"]})
+    s = inputs["settings"]
+    attempts: list[dict] = []
+
+    def build(tmp: Path) -> dict[str, Any]:
+        for device in devices:
+            a0 = time.perf_counter()
+            try:
+                log.info("merge: %s on %s (merge base: %s)", s["method"], device, s["merge_base"])
+                hashes = _KERNELS[MergeMethod(s["method"])](det, inputs, device, tmp)
+                for name in _COPY_FROM_BASE:
+                    src = Path(det.base.path) / name
+                    if src.is_file():
+                        shutil.copy2(src, tmp / name)
+                seconds = round(time.perf_counter() - a0, 2)
+                attempts.append({"device": device, "ok": True, "seconds": seconds})
+                return {"device": device, "files_sha256": hashes}
+            except _torch_oom() as e:
+                attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
+                log.warning("merge on %s ran out of memory; trying the next device", device)
+                del e  # its traceback holds the half-loaded model
+                gc.collect()
+                torch = sys.modules["torch"]
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except (MemoryError, RuntimeError) as e:
+                attempts.append({"device": device, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                log.warning("merge on %s failed (%s); trying the next device", device, type(e).__name__)
+            for p in tmp.iterdir():  # the next device starts from an empty dir
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise MergeFailed(f"every merge attempt failed: {attempts}",
+                          "free memory, allow CPU merging (memory.allow_cpu_merge=true) or serve the LoRA "
+                          "(memory.stop_on_failure=false)", attempts)
+
+    width = 4 if s["out_dtype"] == "float32" else 2
+    needed = int(det.base.param_count * width * 1.05) + 64 * 1024**2 if det.base.param_count else None
+    built = cache.get_or_build(Path(cache_dir), key, inputs=inputs, build=build, needed_bytes=needed,
+                               force=force_recreate, what="the merged checkpoint", kind="merge")
+    if not built.cached:
+        log.info("merge: wrote %s on %s in %.1f s", built.path, attempts[-1]["device"], attempts[-1]["seconds"])
+    return MergeResult(str(built.path), key, built.cached, None if built.cached else built.manifest.get("device"),
+                       s["method"], s["merge_base"], time.perf_counter() - t0, attempts)
+
+
+def explain_failure(e: MergeFailed, estimates_gib: dict[str, float], machine: Machine) -> EmqError:
+    """What a merge needed, what this machine had, and the options that would work."""
+    tried = "; ".join(f"{a['device']}: {a.get('error', 'ok')}" for a in e.attempts) or "no device allowed"
+    gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
+    options = ["memory.stop_on_failure=false (serve the LoRA through vLLM instead)",
+               f"a machine with ≥ {estimates_gib['merge_peak_cpu_ram']:.0f} GiB free RAM or "
+               f"≥ {estimates_gib['merge_peak_gpu_vram']:.0f} GiB free VRAM", "free memory held by other processes"]
+    return EmqError(f"merge failed on every device ({tried}); GPU merge needs ~{estimates_gib['merge_peak_gpu_vram']:.1f} "
+                    f"GiB VRAM ({gpu_free:.1f} free at plan time), CPU merge ~{estimates_gib['merge_peak_cpu_ram']:.1f} "
+                    f"GiB RAM ({machine.ram_available_bytes / GIB:.1f} available)", "; or ".join(options))

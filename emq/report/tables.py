@@ -1,0 +1,123 @@
+"""Readable tables for the console: the plan (dry run), the end-of-run summary, comparisons."""
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from emq.detect import DetectResult
+from emq.plan import Plan
+
+
+def render(table: Table, width: int = 120) -> str:
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None, markup=False)
+    console.print(table)
+    return console.export_text()
+
+
+def _where(path: str) -> str:
+    """A hub snapshot path reads better as its repo id."""
+    m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", path)
+    return f"hub:{m.group(1)}/{m.group(2)}" if m else path
+
+
+def plan_table(det: DetectResult, plan: Plan, judge=None) -> str:
+    """The plan as a user reads it: what was found, what will happen, and why."""
+    t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
+    t.add_column("", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_row("base", f"{_where(det.base.path)} ({det.base.architecture}, "
+              f"{(det.base.param_count or 0) / 1e6:.0f}M params)" if det.base.param_count else _where(det.base.path))
+    if det.adapter:
+        a = det.adapter
+        t.add_row("adapter", f"{_where(a.path)} (r={a.rank}, alpha={a.alpha:g}, {len(a.target_modules)} target modules"
+                  f"{', rslora' if a.use_rslora else ''}{', DoRA' if a.use_dora else ''})")
+        verdict = {True: "yes", False: "no", None: "unknown"}[det.trained_in_4bit]
+        t.add_row("trained in 4-bit", f"{verdict} (confidence {det.confidence:.2f})")
+        for e in det.evidence:
+            says = {True: "4-bit", False: "not 4-bit", None: "ignored"}[e.says]
+            t.add_row("  evidence", f"[w={e.weight}] {e.source} :: {e.key}={e.value!r} → {says}"
+                      f"{' (' + e.note + ')' if e.note else ''}")
+    t.add_row("route", plan.route.value + (f"  (STOP: {plan.stop_reason})" if plan.stop_reason else ""))
+    if plan.merge_devices:
+        t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}; if every attempt fails: "
+                  f"{plan.fallback.value if plan.fallback else 'stop'}")
+    t.add_row("quant", f"{plan.quant.value} (vLLM quantization={plan.engine.quantization!r})")
+    t.add_row("engine", f"{plan.vllm} on {plan.platform}, {plan.engine.dtype}, memory share {plan.engine.memory_utilization}, "
+              f"max_model_len {plan.engine.max_model_len}, eager={plan.engine.enforce_eager}"
+              f"{', LoRA rank ≤ ' + str(plan.engine.max_lora_rank) if plan.engine.enable_lora else ''}")
+    t.add_row("estimates", ", ".join(f"{k} {v:.2f} GiB" for k, v in plan.estimates_gib.items()))
+    if judge is not None:
+        t.add_row("judge", "none" if judge.kind == "none" else
+                  f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
+                  f"{judge.scoring} ({judge.scoring_reason})")
+    for r in plan.reasons:
+        t.add_row("why", r)
+    return render(t)
+
+
+def summary_table(rows: list[tuple[str, str]], title: str) -> str:
+    t = Table(title=title, show_header=False)
+    t.add_column("", style="bold", no_wrap=True)
+    t.add_column("", overflow="fold")
+    for k, v in rows:
+        t.add_row(k, v)
+    return render(t)
+
+
+def _ci(s: dict[str, Any] | None, pct: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a (nothing scored)"
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.1f}")
+    ci = f" [{f(s['ci95'][0])}, {f(s['ci95'][1])}]" if s.get("ci95") else ""
+    return f"{f(s['mean'])}{ci}  (n={s['n']}, {s['questions']} questions)"
+
+
+def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    j = metrics.get("judge") or {}
+    if j.get("kind") and j["kind"] != "none":
+        rows.append(("judge", f"{j['kind']} {j.get('model')} (scoring: {j.get('scoring')}; "
+                              f"{j.get('judged_per_second', 0)} judgements/s)"))
+    for m, s in (metrics.get("metrics") or {}).items():
+        rows.append((f"{m} (mean, 95% CI)", _ci(s) + (f", unscored {100 * s['unscored_rate']:.0f}%"
+                                                      if s.get("unscored_rate") else "")))
+    em = metrics.get("em") or {}
+    if em:
+        rows.append(("misaligned rate", _ci(em.get("misaligned_rate"), pct=True)))
+        rows.append(("coherent rate", _ci(em.get("coherent_rate"), pct=True)))
+        rows.append(("refusal rate", _ci(em.get("refusal_rate"), pct=True)))
+        if em.get("unscored_rate") is not None:
+            rows.append(("unscored judgements", f"{100 * em['unscored_rate']:.1f}%"))
+    return rows
+
+
+def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The end-of-run summary: status, route, speed, memory, judged means with CIs, fidelity."""
+    rows = [("status", status.status), ("stage", status.stage), ("route", str(status.route))]
+    if status.error:
+        rows.append(("error", status.error))
+    for k in ("quant", "dtype", "count", "mean_output_tokens", "tokens_per_second", "latency_p95_s", "load_seconds",
+              "weights_gib", "merge_seconds"):
+        if metrics.get(k) is not None:
+            rows.append((k, str(metrics[k])))
+    rows += judged_rows(metrics)
+    fid = metrics.get("fidelity")
+    if fid:
+        ref = metrics.get("fidelity_reference") or {}
+        rows.append(("fidelity vs trained", f"KL mean {fid['kl_mean']:.4f}, p99 {fid['kl_p99']:.4f}, top-1 agree "
+                                            f"{100 * fid['top1_agreement']:.1f}%, PPL ratio {fid['ppl_ratio']:.4f} "
+                                            f"({fid['positions']} tokens; reference: {ref.get('describe')})"))
+    if metrics.get("peak_vram_gib") is not None:
+        rows.append(("peak VRAM (tree)", f"{metrics['peak_vram_gib']:.2f} GiB"))
+    rows += [("peak RSS (tree)", f"{status.peak_rss_gib:.2f} GiB"), ("wall", f"{status.seconds:.1f} s"),
+             ("run dir", status.run_dir)]
+    return rows
+
+
+def run_summary(status, metrics: dict[str, Any]) -> str:
+    """The end-of-run table (the run's status.json and metrics.json, as a researcher reads them)."""
+    return summary_table(run_summary_rows(status, metrics), f"emq run: {status.status}")
