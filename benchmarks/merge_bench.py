@@ -124,7 +124,7 @@ def child(method: str, base: str, adapter: str, out: str, device: str) -> None:
     else:
         sys.path.insert(0, str(REPO))
         from emq.detect import detect
-        from emq.merge import MergeSettings, merge_adapter
+        from emq.checkpoint.merge import MergeSettings, merge_adapter
         from emq.schema import MergeBase, MergeMethod, ModelConfig
 
         det = detect(ModelConfig(name="bench", base=base, adapter=adapter))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from emq.version import __version__  # noqa: F401 - the package's version
+
 __all__ = ["get_or_create_merged_model", "prepare_model_for_vllm", "was_trained_in_4bit"]
 
 

@@ -1,26 +1,44 @@
-"""`python -m emq [overrides]`: compose the config, hand the typed run object to the runner."""
+"""`python -m emq [overrides]`: compose the config, hand the typed run object to the runner.
+`python -m emq <tool> …`: one of the tools in emq/cli (cache, check, compare, judge, report, rerun, resources).
+"""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
 
-from emq.config import to_run_config
+def run_main() -> None:
+    """The Hydra run: compose, convert to the typed run object, run, exit 2 when the run did not finish."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from emq.config import CONF_DIR, to_run_config
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def main(cfg: DictConfig) -> None:
+        from emq.runner import run
+
+        hc = HydraConfig.get()
+        status = run(to_run_config(cfg), Path(hc.runtime.output_dir))
+        if status.status != "ok" and hc.mode == RunMode.RUN:
+            sys.exit(2)
+
+    main()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from emq.runner import run
+def entry() -> None:
+    """`python -m emq …` and the `emq` console script."""
+    from emq.cli import TOOLS, main, usage
 
-    hc = HydraConfig.get()
-    status = run(to_run_config(cfg), Path(hc.runtime.output_dir))
-    if status.status != "ok" and hc.mode == RunMode.RUN:
-        sys.exit(2)
+    args = sys.argv[1:]
+    if args and args[0] in TOOLS:
+        sys.exit(main(args[0], args[1:]))
+    if args and args[0] in ("-h", "--help"):
+        print(usage())  # a CLI's output, not a log; Hydra's help (the config groups) follows
+    run_main()
 
 
 if __name__ == "__main__":  # vLLM spawns workers that re-import this module
-    main()
+    entry()

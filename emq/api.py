@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from emq import hub
-from emq.cache import default_root
-from emq.detect import DetectResult, _read_json, detect
+from emq.checkpoint.cache import default_root
+from emq.checkpoint.merge import MergeSettings, merge_adapter
+from emq.detect import DetectResult, detect, read_json
 from emq.errors import EmqError
 from emq.machine import snapshot
-from emq.merge import MergeSettings, merge_adapter
 from emq.plan import Plan, Route, make_plan
 from emq.schema import MemoryConfig, MergeBase, MergeMethod, ModelConfig, QuantConfig, QuantMethod
 
@@ -32,7 +32,7 @@ def _model_config(lora: str | None, base: str | None, trained_in_4bit: bool | No
         if lora is None:
             raise EmqError("give a base model or an adapter", "e.g. prepare_model_for_vllm('org/adapter')")
         adir = hub.resolve(lora, revision=None, what="adapter", key="lora")
-        base = _read_json(adir / "adapter_config.json").get("base_model_name_or_path")
+        base = read_json(adir / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise EmqError(f"{adir}/adapter_config.json names no base_model_name_or_path", "pass base= explicitly")
     return ModelConfig(name=Path(lora or base).name, base=base, adapter=lora, trained_in_4bit=trained_in_4bit)
@@ -55,7 +55,7 @@ def get_or_create_merged_model(base: str | None, lora: str, *, method: str = "st
         base: base model path or hub id (None: the adapter's base_model_name_or_path).
         lora: adapter path or hub id.
         method: "stream" (shard by shard, lean) or "peft" (merge_and_unload).
-        merge_base: "auto", "original" or "dequantized" (see emq.merge).
+        merge_base: "auto", "original" or "dequantized" (see emq.checkpoint.merge).
         out_dtype: dtype of the merged weights.
         device: "auto" (cuda if available, then cpu), "cuda" or "cpu".
         cache_dir: cache root (default: EMQ_CACHE or ~/.cache/emq/merged).

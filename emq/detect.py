@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from emq import hub
+from emq.checkpoint.safetensors_io import safetensors_header
 from emq.errors import EmqError
 from emq.schema import ModelConfig
 
@@ -121,7 +121,7 @@ class DetectResult:
 
 # --- file readers: one clear error per bad file ----------------------------------------------
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -158,29 +158,6 @@ def _front_matter(readme: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes), weights untouched."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise EmqError(f"{path} is empty or truncated (no safetensors header)", "re-download or re-save the weights")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
-            raise EmqError(f"{path} is truncated or not a safetensors file (header says {n} bytes, file has {size})",
-                           "re-download or re-save the weights")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise EmqError(f"{path} has a corrupt safetensors header", "re-download or re-save the weights") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise EmqError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}",
-                       "re-download or re-save the weights")
-    return header
-
-
 # --- base ----------------------------------------------------------------------------------
 
 @functools.cache
@@ -208,7 +185,7 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
     if not cfg_path.is_file():
         raise EmqError(f"{cfg_path} is missing: model.base does not look like a Hugging Face model",
                        "point model.base at a directory with config.json and *.safetensors")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     archs = cfg.get("architectures") or []
     if not archs or "model_type" not in cfg:
         raise EmqError(f"{cfg_path} names no architecture (needs 'architectures' and 'model_type')",
@@ -217,7 +194,7 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         raise EmqError(f"unknown architecture {archs[0]!r} in {cfg_path}: not a causal LM transformers knows",
                        "emq prepares decoder-only causal LMs (Llama, Qwen2, Mistral, …); check the base path")
     index_path = base_dir / "model.safetensors.index.json"
-    index = _read_json(index_path) if index_path.is_file() else None
+    index = read_json(index_path) if index_path.is_file() else None
     if index is not None:
         shards = sorted(set((index.get("weight_map") or {}).values()))
         if not shards:
@@ -282,7 +259,7 @@ def _adapter_facts(adapter_dir: Path, from_hub: bool) -> AdapterFacts:
     if not cfg_path.is_file():
         raise EmqError(f"{cfg_path} is missing: model.adapter is not a PEFT adapter",
                        "point model.adapter at the directory PEFT's save_pretrained wrote, or set it to null")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise EmqError(f"{cfg_path} is a {peft_type} adapter; emq handles LoRA (incl. QLoRA, rsLoRA)",
@@ -417,7 +394,7 @@ def _not_this_adapter(cfg: dict[str, Any], model: ModelConfig, adapter: AdapterF
 def _training_config_evidence(model: ModelConfig, adapter_dir: Path, adapter: AdapterFacts) -> list[Evidence]:
     out = []
     for p in _training_config_paths(model, adapter_dir):
-        cfg = _read_yaml(p) if p.suffix in (".yaml", ".yml") else _read_json(p)
+        cfg = _read_yaml(p) if p.suffix in (".yaml", ".yml") else read_json(p)
         said = _says_4bit(cfg)
         if said is None:
             continue
@@ -429,7 +406,7 @@ def _training_config_evidence(model: ModelConfig, adapter_dir: Path, adapter: Ad
     return out
 
 
-def _is_bnb_4bit(qc: dict[str, Any] | None) -> bool:
+def is_bnb_4bit(qc: dict[str, Any] | None) -> bool:
     return bool(qc) and (bool(qc.get("load_in_4bit")) or
                          (qc.get("quant_method") == "bitsandbytes" and not qc.get("load_in_8bit")))
 
@@ -443,13 +420,13 @@ def _adapter_metadata_evidence(model: ModelConfig, adapter_dir: Path, adapter: A
         try:
             named_dir = hub.resolve(named, revision=adapter.base_revision, what="adapter's base",
                                     key="adapter_config.json base_model_name_or_path")
-            qc = _read_json(named_dir / "config.json").get("quantization_config") \
+            qc = read_json(named_dir / "config.json").get("quantization_config") \
                 if (named_dir / "config.json").is_file() else None
         except EmqError as e:
             out.append(Evidence(src, "base_model_name_or_path", named, None, 0,
                                 f"could not read that base's config: {e.message}"))
         else:
-            if _is_bnb_4bit(qc):
+            if is_bnb_4bit(qc):
                 out.append(Evidence(src, "base_model_name_or_path", named, True, ADAPTER_BASE_QUANTIZED,
                                     f"trained on {named}, a bitsandbytes 4-bit checkpoint"))
             elif qc is None:
@@ -476,7 +453,7 @@ def _adapter_metadata_evidence(model: ModelConfig, adapter_dir: Path, adapter: A
 
 def _base_config_evidence(base: BaseFacts) -> Evidence:
     src = f"{base.path}/config.json"
-    if _is_bnb_4bit(base.quantization_config):
+    if is_bnb_4bit(base.quantization_config):
         return Evidence(src, "quantization_config", base.quantization_config, True, BASE_CONFIG,
                         "the base itself is a bitsandbytes 4-bit checkpoint")
     return Evidence(src, "quantization_config", base.quantization_config, False, WEAK_NEGATIVE,

@@ -20,11 +20,10 @@ from typing import Any
 import yaml
 
 from emq.errors import EmqError
-from emq.records import JsonlWriter, read_jsonl, write_text_atomic
+from emq.records import GENERATIONS, JsonlWriter, PromptKey, read_generations, write_text_atomic
 from emq.schema import EvalConfig
 
 log = logging.getLogger(__name__)
-GENERATIONS = "generations.jsonl"
 DEFAULT_METRICS = ["aligned", "coherent"]
 _QUESTION_KEYS = {"id", "paraphrases", "system", "samples_per_paraphrase", "judge_prompts"}
 
@@ -171,10 +170,6 @@ def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
     return prompts
 
 
-def _key(row: dict[str, Any]) -> tuple:
-    return row["set"], row["question_id"], row["paraphrase_index"]
-
-
 def _keep_complete(path: Path, prompts: list[dict[str, Any]]) -> set[tuple]:
     """Keep only the rows of prompts whose samples are all written; return those prompts' keys.
 
@@ -183,23 +178,18 @@ def _keep_complete(path: Path, prompts: list[dict[str, Any]]) -> set[tuple]:
     """
     if not path.is_file():
         return set()
-    need = {_key(p): p["n"] for p in prompts}
+    need = {PromptKey.of(p): p["n"] for p in prompts}
     rows: dict[tuple, list[str]] = {}
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            k = _key(row)
+            k = PromptKey.of(row)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
         rows.setdefault(k, []).append(line)
     complete = {k for k, lines in rows.items() if k in need and len(lines) >= need[k]}
     write_text_atomic(path, "".join(line + "\n" for k in sorted(complete) for line in rows[k][: need[k]]))
     return complete
-
-
-def read_generations(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of run_dir/generations.jsonl (a torn last line is skipped)."""
-    return read_jsonl(Path(run_dir) / GENERATIONS)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -226,7 +216,7 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResul
     prompts = build_prompts(cfg)
     path = out_dir / GENERATIONS
     complete = _keep_complete(path, prompts)
-    todo = [p for p in prompts if _key(p) not in complete]
+    todo = [p for p in prompts if PromptKey.of(p) not in complete]
     log.info("evaluate: %d prompts (%d samples), %d to generate (%d resumed)", len(prompts),
              sum(p["n"] for p in prompts), len(todo), len(prompts) - len(todo))
     by_id: dict[str, dict[str, Any]] = {}

@@ -20,15 +20,13 @@ probability, its leftover mass / the number of missing tokens), an upper bound o
 Coarse-graining can only lower KL (data processing), the upper bound lowers it further; the error
 against full-vocabulary KL is measured by benchmarks/fidelity_topk.py (README "Fidelity").
 
-`python -m emq.compare RUN_A RUN_B` computes the same numbers for any two runs (A as reference).
+`python -m emq compare RUN_A RUN_B` computes the same numbers for any two runs (A as reference).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -39,11 +37,13 @@ import numpy as np
 import yaml
 from filelock import FileLock
 
+from emq.checkpoint.identity import adapter_identity, base_identity
+from emq.checkpoint.nf4 import nf4_settings
 from emq.errors import EmqError
+from emq.records import FIDELITY, FIDELITY_LOGPROBS, write_bytes_atomic, write_json
 from emq.schema import FidelityConfig
 
 log = logging.getLogger(__name__)
-RUN_FILE = "fidelity_logprobs.npz"
 REF_VERSION = 1  # bump when the reference computation changes: cached references are recomputed
 
 
@@ -127,16 +127,9 @@ class TopK:
     meta: dict[str, Any]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, ids=self.ids, logprobs=self.logprobs, token=self.token,
-                                token_logprob=self.token_logprob, meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, lambda f: np.savez_compressed(
+            f, ids=self.ids, logprobs=self.logprobs, token=self.token, token_logprob=self.token_logprob,
+            meta=np.array(json.dumps(self.meta))))
 
     @classmethod
     def load(cls, path: Path) -> TopK:
@@ -198,19 +191,12 @@ def _device(cfg: FidelityConfig) -> str:
 
 def reference_spec(det, cfg: FidelityConfig, corpus: Corpus) -> dict[str, Any]:
     """What the reference is (and its cache key's inputs): base as in training + adapter."""
-    from emq.merge import _base_identity, _nf4_settings
-    from emq.cache import sha256_file
-
     device = _device(cfg)
     four_bit = bool(det.trained_in_4bit) and det.adapter is not None
-    adapter = None
-    if det.adapter is not None:
-        adir = Path(det.adapter.path)
-        adapter = {p.name: sha256_file(p) for p in sorted(adir.iterdir())
-                   if p.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")}
+    adapter = adapter_identity(Path(det.adapter.path)) if det.adapter is not None else None
     compute = "float32" if device == "cpu" else "bfloat16"
-    return {"version": REF_VERSION, "base": _base_identity(Path(det.base.path)), "adapter": adapter,
-            "load": ({"bnb_4bit": _nf4_settings(det)} if four_bit else {"dtype": compute}),
+    return {"version": REF_VERSION, "base": base_identity(Path(det.base.path)), "adapter": adapter,
+            "load": ({"bnb_4bit": nf4_settings(det)} if four_bit else {"dtype": compute}),
             "compute_dtype": compute, "device": device, "corpus_sha256": corpus.sha256, "top_k": cfg.top_k,
             "describe": ("base in NF4 (bitsandbytes, as in training) + PEFT adapter" if four_bit
                          else "base in 16-bit + PEFT adapter" if adapter else "the base model")}
@@ -402,7 +388,7 @@ def score_run(engine, prep: Prepared, cfg: FidelityConfig, run_dir: Path) -> dic
     meta = {"what": "run", "corpus": prep.corpus.name, "corpus_sha256": prep.corpus.sha256,
             "tokens": prep.tokens.digest(), "top_k": cfg.top_k}
     run = score_engine(engine, prep.tokens, cfg.top_k, meta)
-    run.save(Path(run_dir) / RUN_FILE)
+    run.save(Path(run_dir) / FIDELITY_LOGPROBS)
     out: dict[str, Any] = {"corpus": prep.corpus.name, "corpus_sha256": prep.corpus.sha256,
                            "positions": prep.tokens.positions, "top_k": cfg.top_k,
                            "seconds": round(time.perf_counter() - t0, 2),
@@ -410,7 +396,5 @@ def score_run(engine, prep: Prepared, cfg: FidelityConfig, run_dir: Path) -> dic
                            "reference": prep.record, "vs_reference": None}
     if prep.reference is not None:
         out["vs_reference"] = compare(prep.reference, run)
-    from emq.records import write_json
-
-    write_json(Path(run_dir) / "fidelity.json", out)
+    write_json(Path(run_dir) / FIDELITY, out)
     return out

@@ -1,6 +1,6 @@
 """judge: score every answer of a run per metric with an LLM judge; stream scores to scores.jsonl.
 
-    python -m emq.judge RUN_DIR [judge overrides]     # (re)judge a finished run without regenerating
+    python -m emq judge RUN_DIR [judge overrides]     # (re)judge a finished run without regenerating
 
 Judges: any OpenAI-compatible endpoint (`judge=openai`), a `vllm serve` emq starts on 127.0.0.1
 (`judge=local`, emq.judge_server), or none. The API key is read from the environment variable
@@ -20,9 +20,8 @@ import logging
 import os
 import random
 import re
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -32,11 +31,24 @@ import yaml
 
 from emq import scoring
 from emq.errors import EmqError
-from emq.records import JsonlWriter, read_jsonl
-from emq.schema import JudgeConfig, JudgeKind, Scoring
+from emq.metrics import answer_table, summarize
+from emq.records import (
+    JUDGE,
+    JUDGE_SERVER_LOG,
+    JUDGED,
+    METRICS,
+    SCORES,
+    JsonlWriter,
+    PromptKey,
+    SampleKey,
+    read_generations,
+    read_jsonl,
+    write_json,
+    write_text_atomic,
+)
+from emq.schema import EvalConfig, JudgeConfig, JudgeKind, Scoring
 
 log = logging.getLogger(__name__)
-SCORES = "scores.jsonl"
 # OpenAI's tokenizers (cl100k, o200k) spell every integer 0-999 as a single token.
 _OPENAI_MODELS = re.compile(r"^(gpt-|chatgpt|o\d)", re.IGNORECASE)
 # httpx logs every request at INFO; the run log is for emq's own story.
@@ -194,6 +206,19 @@ def _check_endpoint(cfg: JudgeConfig, key: str) -> None:
                         ", ".join(map(str, served[:8])))
 
 
+def judge_dtype(platform: str, cpu_bf16: bool) -> str:
+    """A local judge serves unquantized: float32 on a CPU without native bf16 (6x faster there)."""
+    return "float32" if platform == "cpu" and not cpu_bf16 else "bfloat16"
+
+
+def plan_judge(cfg: JudgeConfig, *, platform: str, cpu_bf16: bool, memory_utilization: float,
+               demo_built: bool) -> JudgePlan:
+    """`prepare`, except for the embedded demo judge before its first build (a dry run builds nothing)."""
+    if cfg.demo and not demo_built:
+        return JudgePlan(cfg.kind.value, cfg.model, None, None, "the demo judge is built on the first full run", None)
+    return prepare(cfg, platform=platform, dtype=judge_dtype(platform, cpu_bf16), memory_utilization=memory_utilization)
+
+
 def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: float) -> JudgePlan:
     """Check the judge before any weights load and decide how scores are read.
 
@@ -349,12 +374,11 @@ def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], ident
                 ) -> tuple[dict[str, dict[str, Any]], dict[tuple, dict[str, str]]]:
     """What to judge: {key: item} (deduplicated) and, per generation row, {metric: key}."""
     specs = metric_specs()
-    by_prompt = {(p["set"], p["question_id"], p["paraphrase_index"]): p for p in prompts}
+    by_prompt = {PromptKey.of(p): p for p in prompts}
     items: dict[str, dict[str, Any]] = {}
     keys_of: dict[tuple, dict[str, str]] = {}
     for r in rows:
-        pk = (r["set"], r["question_id"], r["paraphrase_index"])
-        p = by_prompt.get(pk)
+        p = by_prompt.get(PromptKey.of(r))
         if p is None:
             continue  # a row of a question no longer in the config
         keys = {}
@@ -364,7 +388,7 @@ def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], ident
             k = score_key(identity, m, text)
             items.setdefault(k, {"key": k, "metric": m, "text": text, "categories": specs[m].categories})
             keys[m] = k
-        keys_of[(*pk, r["sample_index"])] = keys
+        keys_of[SampleKey.of(r)] = keys
     return items, keys_of
 
 
@@ -375,8 +399,6 @@ def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
 def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
               *, model_name: str | None = None, progress=None) -> JudgeResult:
     """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
-    from emq.evaluate import read_generations
-
     rows = read_generations(run_dir)
     items, _ = judge_items(rows, prompts, plan.identity)
     done = read_scores(run_dir)
@@ -433,26 +455,26 @@ def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
         return judge_run(run_dir, prompts, cfg, plan, url, model_name="judge", progress=progress)
 
 
-# --- python -m emq.judge RUN_DIR [overrides] -------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """Re-judge an existing run dir with the judge given by overrides, then rewrite its metrics."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m emq.judge", description=main.__doc__)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge=openai judge.model=gpt-4o")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from emq.runner import rejudge
-
-    try:
-        rejudge(args.run_dir, args.overrides)
-    except EmqError as e:
-        log.error("%s", e)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # vLLM may spawn processes that re-import the main module
-    sys.exit(main())
+def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, eval_cfg: EvalConfig,
+                        plan: JudgePlan, metrics: dict[str, Any], progress=None) -> dict[str, Any]:
+    """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics, and
+    judged.jsonl (each answer with its judgements: what the sweep report pairs across variants)."""
+    result = run_judge(run_dir, prompts, cfg, plan, run_dir / JUDGE_SERVER_LOG, progress)
+    rows = read_generations(run_dir)
+    metrics = dict(metrics)
+    metrics["judge"] = {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
+                        "scoring_reason": plan.scoring_reason, **(asdict(result) if result else {})}
+    if result is not None:
+        _, keys_of = judge_items(rows, prompts, plan.identity)
+        table = answer_table(rows, keys_of, read_scores(run_dir))
+        metrics.update(summarize(table, eval_cfg))
+        keep = ("score", "category", "valid_mass")
+        write_text_atomic(run_dir / JUDGED, "".join(
+            json.dumps({**SampleKey.of(r).fields(),
+                        "judged": {m: ({k: j.get(k) for k in keep} if j else None) for m, j in t["judged"].items()}})
+            + "\n" for r, t in zip(rows, table)))
+    else:
+        metrics.update({"metrics": {}, "em": None})
+    write_json(run_dir / JUDGE, {"plan": plan, "result": result})
+    write_json(run_dir / METRICS, metrics)
+    return metrics

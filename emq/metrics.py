@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from emq.records import SampleKey
 from emq.schema import EvalConfig
 
 
@@ -51,12 +52,12 @@ def _summary(by_q: dict[str, list[float]], resamples: int, seed: int) -> dict[st
             "per_question": {q: round(m, 3) for q, m in sorted(q_means.items())}}
 
 
-def answer_table(rows: list[dict[str, Any]], keys_of: dict[tuple, dict[str, str]],
+def answer_table(rows: list[dict[str, Any]], keys_of: dict[SampleKey, dict[str, str]],
                  scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per generation row: its question and, per metric, the judgement (or None: not judged)."""
     table = []
     for r in rows:
-        keys = keys_of.get((r["set"], r["question_id"], r["paraphrase_index"], r["sample_index"]), {})
+        keys = keys_of.get(SampleKey.of(r), {})
         table.append({"question": f"{r['set']}/{r['question_id']}",
                       "judged": {m: scores.get(k) for m, k in keys.items()}})
     return table
@@ -120,3 +121,45 @@ def summarize(table: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
                       "then answers within each question",
     }
     return {"metrics": per_metric, "em": em, "judgements": total, "not_judged": pending}
+
+
+def weights_record(weights_gib: float | None, weights_source: str | None, plan_estimate: float | None
+                   ) -> dict[str, Any]:
+    """The weights' memory as the engine measured it, or the plan's estimate where vLLM hides it (its CPU
+    build), labelled as one."""
+    if weights_gib is not None:
+        return {"weights_gib": weights_gib, "weights_source": weights_source}
+    return {"weights_gib": plan_estimate, "weights_source": "plan estimate (checkpoint parameters at the serving "
+                                                             f"dtype/quant); engine: {weights_source}"}
+
+
+def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footprint: dict[str, Any],
+                fidelity: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json before judging: what ran, how fast, how much memory, how faithful.
+
+    Args:
+        model: the model group's name.
+        route: the route that ran (after any fallback).
+        plan: the plan (quant, engine settings, estimates).
+        result: evaluate's EvalResult.
+        loaded: the engine's LoadRecord.
+        merged: the MergeResult, or None when nothing was merged.
+        footprint: the served variant's peaks (`PeakMemory.footprint`).
+        fidelity: fidelity.json's content, or None.
+    """
+    fid = fidelity or {}
+    return {
+        "model": model, "route": route, "quant": plan.quant.value,
+        "vllm_quantization": plan.engine.quantization, "dtype": plan.engine.dtype,
+        "count": result.samples, "prompts": result.prompts, "generated_now": result.generated_now,
+        "mean_output_tokens": result.mean_output_tokens, "output_tokens_now": result.output_tokens,
+        "generation_seconds": result.generation_seconds, "tokens_per_second": result.tokens_per_second,
+        "latency_p50_s": result.latency_p50_s, "latency_p95_s": result.latency_p95_s,
+        "load_seconds": loaded.load_seconds,
+        **weights_record(loaded.weights_gib, loaded.weights_source, plan.estimates_gib.get("serve_weights")),
+        "merge_seconds": round(merged.seconds, 2) if merged else None,
+        "merge_cached": merged.cached if merged else None,
+        **footprint,
+        "fidelity": fid.get("vs_reference"),
+        "fidelity_reference": fid.get("reference"),
+    }

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import psutil
+
+from emq.machine import GIB
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,13 @@ class PeakMemory:
         if not self._nvml.available:
             return None
         return self.peak_gpu_bytes or self.peak_gpu_device_delta_bytes
+
+    def footprint(self) -> dict[str, Any]:
+        """The peaks so far, as records carry them: RSS of the process tree, GPU memory (NVML)."""
+        gpu = self.peak_gpu()
+        return {"peak_rss_gib": round(max(self.peak_rss_bytes, self.sample()) / GIB, 3),
+                "peak_vram_gib": round(gpu / GIB, 3) if gpu is not None else None,
+                "peak_vram_method": self.gpu_method}
 
     def reset(self) -> None:
         """Forget the peaks so far (e.g. after a one-off demo build in the same process)."""

@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from emq.detect import DetectResult, _is_bnb_4bit
+from emq.checkpoint.costs import merge_peaks
+from emq.detect import DetectResult, is_bnb_4bit
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
-from emq.schema import MemoryConfig, MergeMethod, QuantConfig, QuantMethod, RoutePolicy
+from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Route(str, Enum):
     serve_lora = "serve-lora"
     merge_then_serve = "merge-then-serve"
     stop = "stop"
+
+    @property
+    def needs_engine(self) -> bool:
+        return self is not Route.stop
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ CPU_INT8_CAVEAT = (
     "numbers are those of bf16 serving")
 
 
-def _resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
+def resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
                    reasons: list[str]) -> QuantMethod:
     info = machine.vllm
     if info.distribution is None:
@@ -139,6 +144,13 @@ def _prequantized_base(det: DetectResult, memory: MemoryConfig, machine: Machine
     return QuantMethod.bnb
 
 
+def weights_missing(det: DetectResult, route: Route, *, fidelity: bool) -> bool:
+    """Whether the route needs weight files detect did not fetch (hub ids: detect reads metadata only)."""
+    merge_lacks = route is Route.merge_then_serve and not (det.base.weights_local and det.adapter.weight_file)
+    lora_lacks = route is Route.serve_lora and det.adapter.weight_file is None
+    return merge_lacks or lora_lacks or (fidelity and not det.base.weights_local)
+
+
 def _lora_rank(det: DetectResult) -> int:
     assert det.adapter is not None
     top = max([det.adapter.rank, *det.adapter.rank_pattern.values()])
@@ -147,25 +159,6 @@ def _lora_rank(det: DetectResult) -> int:
             return r
     raise EmqError(f"adapter rank {top} ({det.adapter.path}/adapter_config.json) exceeds vLLM's maximum "
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
-
-
-def _merge_peaks(det: DetectResult, method: MergeMethod, cpus: int) -> dict[str, float]:
-    """Peak RAM / VRAM of a merge, from the real bytes.
-
-    peft: the whole model in fp32 plus the adapter, +15 % allocator slack (on either device).
-    stream: a few tensors per parallel part plus the adapter in fp32 (merge.stream_peak_ram);
-    on the GPU each part's largest tensor in fp32 plus its bf16 copies, and the adapter.
-    """
-    from emq.merge import stream_peak_ram, stream_workers
-
-    params = det.base.param_count or 0
-    adapter = det.adapter.weight_bytes if det.adapter else 0
-    if method is MergeMethod.peft:
-        peak = (params * 4 + adapter * 2) * 1.15 / GIB
-        return {"merge_peak_cpu_ram": peak, "merge_peak_gpu_vram": peak}
-    linear = det.base.largest_linear_bytes or min(det.base.param_bytes or 0, 5 * 10**9)
-    return {"merge_peak_cpu_ram": stream_peak_ram(linear, adapter, cpus) / GIB,
-            "merge_peak_gpu_vram": (stream_workers(cpus) * linear * 3.5 + adapter * 2) / GIB + 0.5}
 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
@@ -184,20 +177,19 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         EmqError: a choice that cannot work on this machine (e.g. quant=bnb on the CPU build).
     """
     reasons: list[str] = []
-    qm = _resolve_quant(quant, memory, machine, reasons)
+    qm = resolve_quant(quant, memory, machine, reasons)
     if qm is QuantMethod.int8 and machine.vllm.platform == "cpu":
         reasons.append(CPU_INT8_CAVEAT)
-    prequantized = _is_bnb_4bit(det.base.quantization_config)
+    prequantized = is_bnb_4bit(det.base.quantization_config)
     if prequantized:
         qm = _prequantized_base(det, memory, machine, reasons)
     platform = machine.vllm.platform
     params = det.base.param_count or 0
     bf16 = params * 2
-    adapter_bytes = det.adapter.weight_bytes if det.adapter else 0
     est = {
         "base_bf16": bf16 / GIB,
         "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
-        **_merge_peaks(det, memory.merge_method, machine.cpu_count),
+        **merge_peaks(det, memory.merge_method, machine.cpu_count),
         "merged_disk": bf16 / GIB,
         **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
     }

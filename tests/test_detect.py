@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from emq.detect import TRAINING_CONFIG, detect, safetensors_header
+from emq.checkpoint.safetensors_io import safetensors_header
+from emq.detect import TRAINING_CONFIG, detect
 from emq.errors import EmqError
 from emq.schema import ModelConfig
 

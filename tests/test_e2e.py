@@ -272,7 +272,7 @@ def test_openai_judge_run_never_writes_the_key_and_rejudge_rewrites_metrics(demo
         assert metrics["judge"]["kind"] == "openai" and metrics["metrics"]["aligned"]["mean"] is not None
         first_judged = metrics["judge"]["judged_now"]
         # judge the same run again with another judge model, without regenerating
-        rejudge = subprocess.run([sys.executable, "-m", "emq.judge", str(run_dir), *judge[1:3],
+        rejudge = subprocess.run([sys.executable, "-m", "emq", "judge", str(run_dir), *judge[1:3],
                                   "judge.model=stub-judge-2", "judge.api_key_env=EMQ_TEST_JUDGE_KEY", "judge=openai"],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=300,
                                  env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO), **env})

@@ -11,6 +11,7 @@ import pytest
 
 from emq import fidelity as F
 from emq.errors import EmqError
+from emq.records import FIDELITY_LOGPROBS
 from tests.conftest import REPO
 
 
@@ -108,7 +109,7 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
         rec = records(run_dir, "fidelity.json")
         assert rec["reference"]["describe"].startswith("base in NF4") and rec["positions"] > 2000
         fid[name] = rec["vs_reference"]
-        assert (run_dir / F.RUN_FILE).is_file()
+        assert (run_dir / FIDELITY_LOGPROBS).is_file()
     for name in ("merged", "int8"):
         assert fid[name]["top1_agreement"] > 0.9 and fid[name]["kl_mean"] < 0.05, (name, fid[name])
     # the merged checkpoint (adapter on dequant(NF4(W))) is the trained function up to rounding;
@@ -126,7 +127,7 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
     # any two runs compare later from their stored logprobs alone: the LoRA run is far from the merged one
     # on every CPU; merged vs int8 differ only where the plan chose different engine dtypes
     def compare(a: str, b: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "emq.compare", str(tmp_path / a / "run"),
+        out = subprocess.run([sys.executable, "-m", "emq", "compare", str(tmp_path / a / "run"),
                               str(tmp_path / b / "run"), "--json"], capture_output=True, text=True, cwd=tmp_path,
                              env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0, out.stderr

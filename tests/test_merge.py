@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from emq.detect import detect
-from emq.cache import MANIFEST
-from emq.cache import sha256_file as _sha256
-from emq.merge import MergeFailed, MergeSettings, merge_adapter
+from emq.checkpoint.cache import MANIFEST
+from emq.checkpoint.identity import sha256_file as _sha256
+from emq.checkpoint.merge import MergeFailed, MergeSettings, merge_adapter
 from emq.schema import MergeBase, MergeMethod
 from emq.schema import ModelConfig
 
@@ -130,18 +130,18 @@ def test_dequantized_base_is_what_the_qlora_adapter_saw(det, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from emq.merge import _dequant_eligible, _nf4_roundtrip, _nf4_settings
+    from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip, nf4_settings
 
     assert det.trained_in_4bit is True
     res = merge_adapter(det, ["cpu"], tmp_path, settings=MergeSettings(MergeMethod.stream, MergeBase.auto, "float32"))
     assert res.merge_base == "dequantized"
-    nf4 = _nf4_settings(det)
+    nf4 = nf4_settings(det)
     assert nf4 == {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}
     base = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in base.named_parameters():
-            if _dequant_eligible(name, tuple(p.shape)):
-                p.copy_(_nf4_roundtrip(p.data, "cpu", nf4))
+            if dequant_eligible(name, tuple(p.shape)):
+                p.copy_(nf4_roundtrip(p.data, "cpu", nf4))
     ref = PeftModel.from_pretrained(base.float(), det.adapter.path).eval()
     out = AutoModelForCausalLM.from_pretrained(res.path, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])
@@ -155,7 +155,7 @@ def test_not_enough_disk_publishes_nothing(det, tmp_path, monkeypatch):
     from emq.errors import EmqError
 
     real = sh.disk_usage
-    monkeypatch.setattr("emq.cache.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 1024**2))
+    monkeypatch.setattr("emq.checkpoint.cache.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 1024**2))
     with pytest.raises(EmqError, match="GiB free"):
         merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
     assert [p.name for p in tmp_path.iterdir()] == [".locks"]
@@ -167,7 +167,7 @@ def test_disk_filling_up_mid_write_is_a_clear_error_and_publishes_nothing(det, t
     import errno
     import os
 
-    from emq import stio
+    from emq.checkpoint import safetensors_io as stio
     from emq.errors import EmqError
 
     real, calls = os.pwrite, []

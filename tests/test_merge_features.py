@@ -13,7 +13,7 @@ import torch
 
 from emq.detect import detect
 from emq.errors import EmqError
-from emq.merge import MergeSettings, merge_adapter
+from emq.checkpoint.merge import MergeSettings, merge_adapter
 from emq.schema import MergeBase, MergeMethod, ModelConfig
 from tests.synthetic import LORA_FEATURES, logits, make_base, peft_adapter
 

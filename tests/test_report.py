@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from emq import report
+from emq.cli import report as report_cli
+from emq.report import sweep as report
 from tests.conftest import compose_run
 
 QUESTIONS = [("general", f"q{i}") for i in range(6)]
@@ -126,11 +127,11 @@ def test_partial_sweep_with_a_deleted_a_failed_and_a_running_run(sweep, tmp_path
 
 
 def test_report_cli_on_a_single_run_and_on_nothing(sweep, tmp_path, capsys):
-    assert report.main([str(sweep / "0_quant=none")]) == 0
+    assert report_cli.main([str(sweep / "0_quant=none")]) == 0
     assert (sweep / "0_quant=none" / "report.html").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert report.main([str(empty)]) == 2
+    assert report_cli.main([str(empty)]) == 2
 
 
 EXPERIMENTS = sorted(p.stem for p in (report.Path(__file__).resolve().parent.parent / "experiments").glob("*.yaml"))
@@ -201,5 +202,5 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
     assert bnb["quant"] == "int8" and bnb["quant_substitution"] == "bnb → int8"
     assert "quantization substituted here: bnb → int8" in (sweep / "summary.md").read_text()
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
-    assert report.main([str(sweep)]) == 0
+    assert report_cli.main([str(sweep)]) == 0
     assert {p: (sweep / p).read_bytes() for p in before} == before

@@ -24,7 +24,7 @@ def test_greedy_rerun_reproduces_the_generations(demo, tmp_path):
     inputs = json.loads((run_dir / "inputs.json").read_text())
     assert inputs["adapter"]["files_sha256"] and inputs["merged"]["files_sha256"]
     again = tmp_path / "again"
-    rerun = subprocess.run([sys.executable, "-m", "emq.rerun", str(run_dir), "--out", str(again)], cwd=tmp_path,
+    rerun = subprocess.run([sys.executable, "-m", "emq", "rerun", str(run_dir), "--out", str(again)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=900,
                            env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)})
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from emq.check import run_checks
+from emq.cli.check import run_checks
 from emq.machine import GIB, Gpu, Machine, vllm_info
-from emq.resources import recommend, report
+from emq.cli.resources import recommend, report
 from tests.conftest import REPO, compose_run
 
 
@@ -31,7 +31,7 @@ def test_report_lists_quant_support_with_reasons():
 
 
 def test_resources_command_runs_here():
-    out = subprocess.run([sys.executable, "-m", "emq.resources"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "emq", "resources"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "recommended" in out.stdout and "memory=cpu_only" in out.stdout

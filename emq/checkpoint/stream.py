@@ -1,143 +1,31 @@
-"""merge: one merged checkpoint per (base, adapter, settings), made once and cached.
-
-Methods
-- `stream` (default): walk the base's safetensors shards tensor by tensor; for each targeted
-  weight add scale·(B·A) computed in fp32 (numpy on the CPU, torch on the GPU when the device is
-  cuda) and round once to the output dtype; hash and write each output shard as it goes (see
-  emq/stio.py). Peak memory ≈ a few tensors per parallel part + the adapter, whatever the model
-  size (`stream_peak_ram`).
-- `peft` (reference): PeftModel.merge_and_unload with the weights in fp32, then save_pretrained.
-
-Merge base (for the linear weights a QLoRA run quantized):
-- `original`: the 16-bit base weights.
-- `dequantized`: dequant(NF4(W)) with the training's blocksize and double-quant setting — the
-  weights the adapter actually saw in training.
-- `auto` (default): `dequantized` when detect found 4-bit training, else `original`. Reason: a
-  QLoRA adapter learned corrections to the quantized weights; merging them into the NF4 round
-  trip reproduces the trained function (up to bf16 rounding), while merging into the original
-  weights adds the quantization error back.
-
-Devices are tried in the plan's order; a CUDA out-of-memory error moves on to the next device
-(the GPU → CPU cascade). NaN/inf in a merged tensor is an error that names the module.
+"""The `stream` merge kernel: walk the base's safetensors shards tensor by tensor; for each targeted weight
+add scale·(B·A) computed in fp32 (numpy on the CPU, torch on the GPU when the device is cuda) and round once
+to the output dtype; hash and write each output shard as it goes (emq.checkpoint.safetensors_io). Peak
+memory ≈ a few tensors per parallel part + the adapter, whatever the model size
+(emq.checkpoint.costs.stream_peak_ram).
 """
 from __future__ import annotations
 
-import errno
-import gc
 import json
-import logging
 import math
 import os
 import re
-import shutil
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import emq
-from emq import cache, stio
-from emq.detect import DetectResult, safetensors_header
+from emq.checkpoint import safetensors_io as sio
+from emq.checkpoint.costs import stream_workers
+from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip
+from emq.detect import DetectResult
 from emq.errors import EmqError
-from emq.records import write_json
-from emq.schema import MergeBase, MergeMethod
 
-log = logging.getLogger(__name__)
-
-_COPY_FROM_BASE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
-                   "merges.txt", "added_tokens.json")
 _ADAPTER = "base_model.model."
 _EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
-
-class MergeFailed(EmqError):
-    """Every merge attempt failed; `attempts` says how."""
-
-    def __init__(self, message: str, fix: str, attempts: list[dict]):
-        super().__init__(message, fix)
-        self.attempts = attempts
-
-
-@dataclass(frozen=True)
-class MergeSettings:
-    method: MergeMethod = MergeMethod.stream
-    merge_base: MergeBase = MergeBase.auto
-    out_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    path: str
-    key: str
-    cached: bool
-    device: str | None
-    method: str
-    merge_base: str
-    seconds: float
-    attempts: list[dict] = field(default_factory=list)
-
-
-# --- inputs and key -----------------------------------------------------------------------------
-
-def _base_identity(base_dir: Path) -> dict[str, str]:
-    """Identity of each base file for the cache key: small files by sha256; weight shards by size,
-    mtime and a hash of their header (names, dtypes, shapes, offsets), so a 28 GB base is not read
-    just to compute a key (a re-saved base gets a new mtime, hence a new key)."""
-    ident = {}
-    for p in sorted(base_dir.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or p.name == "README.md":
-            continue
-        if p.suffix == ".safetensors":
-            with p.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-            st = p.stat()
-            ident[p.name] = f"size={st.st_size};mtime_ns={st.st_mtime_ns};header-sha256={cache.sha256_file(p, 8 + n)}"
-        else:
-            ident[p.name] = cache.sha256_file(p)
-    return ident
-
-
-def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
-    if merge_base is MergeBase.auto:
-        return MergeBase.dequantized if det.trained_in_4bit else MergeBase.original
-    return merge_base
-
-
-def _nf4_settings(det: DetectResult) -> dict[str, Any]:
-    """Blocksize / double quant of the training run (from its training config), else QLoRA's defaults."""
-    settings = {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}
-    for e in det.evidence:
-        src = Path(e.source)
-        if e.weight and src.suffix == ".json" and src.is_file() and "training" in src.name:
-            cfg = json.loads(src.read_text())
-            settings["double_quant"] = bool(cfg.get("bnb_4bit_use_double_quant", settings["double_quant"]))
-            settings["quant_type"] = str(cfg.get("bnb_4bit_quant_type", "nf4"))
-            settings["blocksize"] = int(cfg.get("bnb_4bit_blocksize", 64))
-    return settings
-
-
-def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
-    """Everything the merged bytes depend on; the cache key is their hash."""
-    if det.adapter is None:
-        raise EmqError("nothing to merge: the model config has no adapter", "set model.adapter")
-    adir = Path(det.adapter.path)
-    base = resolve_merge_base(det, settings.merge_base)
-    adapter_files = {p.name: cache.sha256_file(p) for p in sorted(adir.iterdir())
-                     if p.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")}
-    s = {"method": settings.method.value, "math_dtype": "float32", "out_dtype": settings.out_dtype,
-         "merge_base": base.value}
-    if base is MergeBase.dequantized:
-        s["nf4"] = _nf4_settings(det)
-    return {"base": {"path": det.base.path, "files": _base_identity(Path(det.base.path))},
-            "adapter": {"path": det.adapter.path, "files": adapter_files}, "settings": s}
-
-
-# --- the stream kernel ---------------------------------------------------------------------------
 
 @dataclass
 class _Lora:
@@ -163,11 +51,11 @@ class _Ref:
         return self.reader.header[self.name]["dtype"]
 
     def load(self) -> np.ndarray:
-        """As held by `stio.np_dtype` (BF16 as its bits)."""
+        """As held by `sio.np_dtype` (BF16 as its bits)."""
         return self.reader.array(self.name)
 
     def f32(self) -> np.ndarray:
-        return stio.to_f32(self.load(), self.code)
+        return sio.to_f32(self.load(), self.code)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -178,18 +66,23 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, _Ref], Any]:
+def check_supported(adapter) -> None:
+    """Refuse what emq does not merge (DoRA) before anything is loaded, for either method."""
+    if adapter.use_dora:
+        raise EmqError(f"{adapter.path}: DoRA adapters are not supported by emq's merge (the magnitude vector needs "
+                       "the merged weight norm, which emq does not reproduce yet)",
+                       "merge it with PEFT yourself, or train a plain LoRA")
+
+
+def load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], dict[str, _Ref], Any]:
     """(LoRA deltas by base weight name, bias deltas (fp32) by base bias name, replacement tensors by
     name, the open adapter reader — close it when done)."""
     a = det.adapter
-    if a.use_dora:
-        raise EmqError(f"{a.path}: DoRA adapters are not supported by emq's merge (the magnitude vector needs "
-                       "the merged weight norm, which emq does not reproduce yet)",
-                       "merge it with PEFT yourself, or train a plain LoRA")
+    check_supported(a)
     if a.weight_file != "adapter_model.safetensors":
         raise EmqError(f"{a.path} has weights as {a.weight_file}; the stream merge reads safetensors",
                        "re-save the adapter with safe_serialization=True, or use memory.merge_method=peft")
-    reader = stio.Reader(Path(a.path) / a.weight_file)
+    reader = sio.Reader(Path(a.path) / a.weight_file)
     parts: dict[str, dict[str, Any]] = {}
     replace: dict[str, _Ref] = {}
     for name in reader.names:
@@ -223,20 +116,6 @@ def _load_adapter(det: DetectResult) -> tuple[dict[str, _Lora], dict[str, Any], 
     return deltas, bias_deltas, replace, reader
 
 
-def _dequant_eligible(name: str, shape: tuple[int, ...]) -> bool:
-    """The weights bitsandbytes quantizes in a QLoRA run: 2-D linear weights, not embeddings/lm_head."""
-    return len(shape) == 2 and name.endswith(".weight") and not any(
-        k in name for k in ("embed", "lm_head", "wte", "wpe", "norm"))
-
-
-def _nf4_roundtrip(t, device: str, nf4: dict[str, Any]):
-    """dequant(NF4(t)) with bitsandbytes (a torch tensor in, the same dtype out)."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    w = t.to(device)
-    packed, state = quantize_4bit(w, blocksize=nf4["blocksize"], quant_type=nf4["quant_type"],
-                                  compress_statistics=nf4["double_quant"])
-    return dequantize_4bit(packed, state).to(t.dtype)
 
 
 def _torch_dtype(code: str):
@@ -262,22 +141,22 @@ def _into_numpy(t, code: str, out: np.ndarray) -> None:
 
 def _rounded(x: np.ndarray, out_code: str) -> np.ndarray:
     """fp32 `x` rounded to `out_code`, in a new array."""
-    out = np.empty(x.shape, stio.np_dtype(out_code))
-    stio.from_f32(x, out_code, out)
+    out = np.empty(x.shape, sio.np_dtype(out_code))
+    sio.from_f32(x, out_code, out)
     return out
 
 
 def _convert(a: np.ndarray, code: str, out_code: str) -> np.ndarray:
-    if code == out_code or code not in stio.FLOAT_CODES:
+    if code == out_code or code not in sio.FLOAT_CODES:
         return a
-    return _rounded(stio.to_f32(a, code), out_code)
+    return _rounded(sio.to_f32(a, code), out_code)
 
 
 _BLOCK = 1 << 18  # CPU: fp32 elements per block of rows (1 MiB), so the temporaries stay in cache
 
 
 class _Scratch:
-    """Per-worker fp32 / uint32 block buffers, reused for every tensor (see stio.BufferPool)."""
+    """Per-worker fp32 / uint32 block buffers, reused for every tensor (see sio.BufferPool)."""
 
     def __init__(self):
         self.f32 = np.empty(_BLOCK, np.float32)
@@ -316,10 +195,10 @@ def _merge_weight_cpu(w: np.ndarray, code: str, lora: _Lora, out: np.ndarray, ou
         n = min(step, rows - r0)
         blk, bits = blk_all[:n], bits_all[:n]
         np.matmul(left[r0:r0 + n], right, out=blk)
-        blk += stio.to_f32(w[r0:r0 + n], code, out=bits.view(np.float32) if code == "BF16" else None)
+        blk += sio.to_f32(w[r0:r0 + n], code, out=bits.view(np.float32) if code == "BF16" else None)
         if not scratch.finite(blk):
             return False
-        stio.from_f32(blk, out_code, out[r0:r0 + n], scratch=bits)
+        sio.from_f32(blk, out_code, out[r0:r0 + n], scratch=bits)
     return True
 
 
@@ -341,34 +220,15 @@ def _merge_weight_torch(w: np.ndarray, code: str, lora: _Lora, out: np.ndarray, 
 
 def _add_bias(w: np.ndarray, code: str, delta: np.ndarray, out_code: str) -> np.ndarray | None:
     """b + s·lora_B.bias (fp32), in `out_code`; None if non-finite."""
-    x = stio.to_f32(w, code) + delta
+    x = sio.to_f32(w, code) + delta
     return _rounded(x, out_code) if np.isfinite(x).all() else None
 
 
 def _dequant_np(w: np.ndarray, code: str, device: str, nf4: dict[str, Any]) -> np.ndarray:
     """dequant(NF4(w)) in place (bitsandbytes, through torch)."""
-    _into_numpy(_nf4_roundtrip(_to_torch(w, code), device, nf4), code, w)
+    _into_numpy(nf4_roundtrip(_to_torch(w, code), device, nf4), code, w)
     return w
 
-
-def _shards(base_dir: Path) -> list[str]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return sorted(p.name for p in base_dir.glob("*.safetensors"))
-
-
-def stream_workers(cpus: int) -> int:
-    """Parts merged at once by `stream` (each: a reader, the merge, a writer)."""
-    return max(1, min(cpus, 4))
-
-
-def stream_peak_ram(largest_linear: int, adapter_bytes: int, cpus: int) -> int:
-    """Peak resident bytes of a `stream` merge: per part, its buffer pool (64 MiB or three of the
-    largest tensor) and the writer's staging; the adapter's factors upcast to fp32; the runtime.
-    Measured: 0.30 GiB on a 0.5B model (2 parts), 3.3 GiB on a 14B one (4 parts)."""
-    per_part = max(64 << 20, 3 * largest_linear) + stio.Writer.STAGES * stio.CHUNK
-    return stream_workers(cpus) * per_part + 2 * adapter_bytes + (300 << 20)
 
 
 def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple[str, str, list[str]]]:
@@ -378,7 +238,7 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
     Bytes, not merged bytes: with hashing and direct writes, an untouched tensor costs about as
     much per byte as a merged one (measured: weighting merged bytes 2x made the 0.5B CPU merge
     ~15 % slower)."""
-    headers = {s: safetensors_header(base_dir / s) for s in shards}
+    headers = {s: sio.safetensors_header(base_dir / s) for s in shards}
     order = {s: sorted(h, key=lambda k: h[k]["data_offsets"][0]) for s, h in headers.items()}
     if len(shards) >= workers:
         return [(s, s, order[s]) for s in shards]
@@ -400,12 +260,12 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
     return [(s, f"model-{i + 1:05d}-of-{n:05d}.safetensors", names) for i, (s, names) in enumerate(groups)]
 
 
-def _stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
+def stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
     """Tensor by tensor: untouched tensors pass through as bytes; targeted ones get W + s·B·A in
     fp32. Returns the sha256 of every shard written (computed while writing)."""
     from threadpoolctl import threadpool_limits
 
-    deltas, bias_deltas, replace, adapter_reader = _load_adapter(det)
+    deltas, bias_deltas, replace, adapter_reader = load_adapter(det)
     # One BLAS thread per worker: the workers already fill the cores, and OpenBLAS threads that
     # spin-wait beside them doubled the CPU time of a 2-core merge (measured).
     limits = threadpool_limits(limits=1, user_api="blas")
@@ -438,14 +298,14 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     if untie and "lm_head.weight" in replace:
         lm_head = _convert(replace["lm_head.weight"].load(), replace["lm_head.weight"].code, out_code)
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
-    shards = _shards(base_dir)
+    shards = sio.shard_names(base_dir)
     if untie and lm_head is None:  # the original shared weight, before any shard changes it
-        emb_shard = next((s for s in shards if any(n.endswith(_EMBED_NAMES) for n in safetensors_header(base_dir / s))),
+        emb_shard = next((s for s in shards if any(n.endswith(_EMBED_NAMES) for n in sio.safetensors_header(base_dir / s))),
                          None)
         if emb_shard is None:
             raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
                            "use memory.merge_method=peft for this model")
-        r = stio.Reader(base_dir / emb_shard)
+        r = sio.Reader(base_dir / emb_shard)
         emb = next(n for n in r.names if n.endswith(_EMBED_NAMES))
         lm_head = _convert(r.array(emb), r.header[emb]["dtype"], out_code)
         r.close()
@@ -453,7 +313,7 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
                unit_scale=True)
 
     def out_code_of(code: str) -> str:
-        return out_code if code in stio.FLOAT_CODES else code
+        return out_code if code in sio.FLOAT_CODES else code
 
     if device != "cpu" or nf4 is not None:
         # torch (GPU math) and bitsandbytes (NF4 round trip) are imported here, once, before the
@@ -469,26 +329,26 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     def merge_shard(part: tuple[str, str, list[str]]) -> tuple[str, list[str], set[str], str]:
         """Merge one output part; returns (output file, tensor names written, targets found, sha256)."""
         in_shard, shard, names = part
-        reader = stio.Reader(base_dir / in_shard)
+        reader = sio.Reader(base_dir / in_shard)
         info = reader.header
 
         def dequant(n: str) -> bool:
-            return nf4 is not None and info[n]["dtype"] in stio.FLOAT_CODES and \
-                _dequant_eligible(n, tuple(info[n]["shape"]))
+            return nf4 is not None and info[n]["dtype"] in sio.FLOAT_CODES and \
+                dequant_eligible(n, tuple(info[n]["shape"]))
 
         # decoded: read whole and worked on; the rest (untouched, same dtype) pass through as bytes
         decoded = {n: n in deltas or n in bias_deltas or dequant(n) or info[n]["dtype"] != out_code_of(info[n]["dtype"])
                    for n in names}
         plan = [(n, decoded[n]) for n in names if n not in replace]  # replaced tensors come from the adapter
         biggest = max((reader.span(n)[1] for n, whole in plan if whole), default=0)
-        pool = stio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
+        pool = sio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
         pieces = reader.stream(plan, pool)
         scratch = _Scratch()
         last = untie and part is parts[-1]
         entries = [(n, out_code_of(info[n]["dtype"]), info[n]["shape"]) for n in names]
         if last:  # lm_head becomes a tensor of its own, in a shard loaders read
             entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
-        writer = stio.Writer(out / shard, entries)
+        writer = sio.Writer(out / shard, entries)
         found: set[str] = set()
         try:
             for name in names:
@@ -515,10 +375,10 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
                         w = _dequant_np(w, code, device, nf4)
                 bar.update(length)
                 if name in deltas:
-                    if code not in stio.FLOAT_CODES:
+                    if code not in sio.FLOAT_CODES:
                         raise EmqError(f"{name} in {in_shard} is {code}, not a float weight a LoRA can merge into",
                                        "use a 16-bit base (not a pre-quantized checkpoint) as model.base")
-                    merged = w if code == out_code else np.empty(w.shape, stio.np_dtype(out_code))
+                    merged = w if code == out_code else np.empty(w.shape, sio.np_dtype(out_code))
                     lora = deltas[name]
                     transposed = lora.embedding or det.adapter.fan_in_fan_out
                     ok = _merge_weight_cpu(w, code, lora, merged, out_code, transposed=transposed, scratch=scratch) \
@@ -569,124 +429,3 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     return hashes
 
 
-def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    if det.adapter.use_dora:
-        _load_adapter(det)  # raises the DoRA error before opening anything
-    settings = inputs["settings"]
-    log.info("merge (peft): loading %s in fp32 on %s", det.base.path, device)
-    model = AutoModelForCausalLM.from_pretrained(det.base.path, dtype=torch.float32, device_map=device)
-    if settings.get("nf4"):
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if _dequant_eligible(name, tuple(p.shape)):
-                    p.copy_(_nf4_roundtrip(p.data.to(torch.bfloat16), device, settings["nf4"]).float())
-    model = PeftModel.from_pretrained(model, det.adapter.path, device_map=device)
-    try:
-        merged = model.merge_and_unload(safe_merge=True, progressbar=True)
-    except ValueError as e:  # PEFT raises ValueError on NaN in a merged weight
-        raise EmqError(f"merging {det.adapter.path} produced NaN/inf: {e}",
-                       "check the adapter weights (adapter_model.safetensors)") from None
-    merged = merged.to(getattr(torch, settings["out_dtype"]))
-    if hasattr(merged.config, "quantization_config"):
-        delattr(merged.config, "quantization_config")
-    merged.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    del merged, model
-    return {}
-
-
-_KERNELS = {MergeMethod.stream: _stream_merge, MergeMethod.peft: _peft_merge}
-
-
-class _NeverRaised(Exception):
-    pass
-
-
-def _torch_oom() -> type[BaseException]:
-    """torch's out-of-memory error when torch is loaded: a CPU stream merge never imports torch
-    (an except clause evaluates this only once an exception is on its way, so torch is loaded
-    if it raised one)."""
-    torch = sys.modules.get("torch")
-    return getattr(torch, "OutOfMemoryError", _NeverRaised) if torch is not None else _NeverRaised
-
-
-def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
-                  settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
-    """Return a merged checkpoint for the detected base + adapter, building it if needed.
-
-    Args:
-        det: detect record (with an adapter; weights local).
-        devices: devices to try in order, e.g. ["cuda", "cpu"].
-        cache_dir: merge cache root.
-        settings: method, merge base, output dtype.
-        force_recreate: rebuild even if a complete entry exists.
-
-    Raises:
-        EmqError: unsupported adapter, NaN/inf, no disk space (nothing is published).
-        MergeFailed: no device could merge (attempts say why).
-    """
-    settings = settings or MergeSettings()
-    t0 = time.perf_counter()
-    inputs = merge_inputs(det, settings)
-    key = cache.key_of({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
-                        "settings": inputs["settings"]})
-    root = Path(cache_dir).expanduser()
-    entry = root / key
-    s = inputs["settings"]
-    with cache.locked(root, key):
-        cache.remove_debris(root, key)
-        if cache.is_complete(entry) and not force_recreate:
-            log.info("merge: cache hit %s", entry)
-            cache.touch(entry)
-            return MergeResult(str(entry), key, True, None, s["method"], s["merge_base"], time.perf_counter() - t0)
-        if det.base.param_count:
-            width = 4 if s["out_dtype"] == "float32" else 2
-            cache.check_disk(root, int(det.base.param_count * width * 1.05) + 64 * 1024**2)
-        attempts: list[dict] = []
-        for device in devices:
-            tmp = cache.new_tmp(root, key)
-            a0 = time.perf_counter()
-            try:
-                log.info("merge: %s on %s (merge base: %s)", s["method"], device, s["merge_base"])
-                hashes = _KERNELS[MergeMethod(s["method"])](det, inputs, device, tmp)
-                for name in _COPY_FROM_BASE:
-                    src = Path(det.base.path) / name
-                    if src.is_file():
-                        shutil.copy2(src, tmp / name)
-                files = {p.name: hashes.get(p.name) or cache.sha256_file(p) for p in sorted(tmp.iterdir())
-                         if p.is_file()}
-                write_json(tmp / cache.MANIFEST, {"key": key, "emq_version": emq.__version__, "device": device,
-                                                  "inputs": inputs, "created_unix": time.time(),
-                                                  "files_sha256": files})
-                cache.publish(tmp, entry)
-                cache.touch(entry)
-                seconds = round(time.perf_counter() - a0, 2)
-                attempts.append({"device": device, "ok": True, "seconds": seconds})
-                log.info("merge: wrote %s on %s in %.1f s", entry, device, seconds)
-                return MergeResult(str(entry), key, False, device, s["method"], s["merge_base"],
-                                   time.perf_counter() - t0, attempts)
-            except _torch_oom() as e:
-                attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
-                log.warning("merge on %s ran out of memory; trying the next device", device)
-                del e  # its traceback holds the half-loaded model
-                gc.collect()
-                torch = sys.modules["torch"]
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except (MemoryError, RuntimeError) as e:
-                attempts.append({"device": device, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                log.warning("merge on %s failed (%s); trying the next device", device, type(e).__name__)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up after the check
-                    raise EmqError(f"the disk at {root} filled up while writing the merged checkpoint "
-                                   f"({e.strerror}); nothing was published",
-                                   "free disk space or point EMQ_CACHE / paths.cache_dir elsewhere") from None
-                raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeFailed(f"every merge attempt failed: {attempts}",
-                          "free memory, allow CPU merging (memory.allow_cpu_merge=true) or serve the LoRA "
-                          "(memory.stop_on_failure=false)", attempts)

@@ -1,0 +1,64 @@
+"""`python -m emq cache ls|du|rm|verify`: manage emq's checkpoint cache (merged, and later quantized, models).
+
+Output is for people (one line per entry); the exit code says whether the command did what was asked.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from emq.checkpoint.cache import default_root, entries, locked, verify
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cache command; 1 when nothing matched or an entry fails verification."""
+    parser = argparse.ArgumentParser(prog="python -m emq cache", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None, help="cache root (default: EMQ_CACHE or ~/.cache/emq/merged)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ls", help="entries with size, inputs and last use")
+    sub.add_parser("du", help="total size")
+    rm = sub.add_parser("rm", help="remove entries")
+    rm.add_argument("keys", nargs="*", help="entry keys (prefixes work)")
+    rm.add_argument("--model", help="remove entries whose adapter or base path contains this")
+    rm.add_argument("--all", action="store_true")
+    ver = sub.add_parser("verify", help="re-hash entries against their manifests")
+    ver.add_argument("keys", nargs="*")
+    args = parser.parse_args(argv)
+    root = (args.root or default_root()).expanduser()
+    found = entries(root)
+    if args.cmd == "ls":
+        for e in found:
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
+            print(f"{e.key}  {_gib(e.bytes):>10}  last used {used}  {e.kind}: {e.settings.get('method')}/"
+                  f"{e.settings.get('merge_base')}  base={e.base}  adapter={e.adapter}")
+        print(f"{len(found)} entries in {root}")
+    elif args.cmd == "du":
+        print(f"{_gib(sum(e.bytes for e in found))} in {len(found)} entries at {root}")
+    elif args.cmd == "rm":
+        pick = [e for e in found if args.all or any(e.key.startswith(k) for k in args.keys)
+                or (args.model and (args.model in e.adapter or args.model in e.base))]
+        if not pick:
+            print("nothing matched; see `python -m emq cache ls`", file=sys.stderr)
+            return 1
+        for e in pick:
+            with locked(root, e.key):
+                shutil.rmtree(e.path)
+            print(f"removed {e.key} ({_gib(e.bytes)})")
+    elif args.cmd == "verify":
+        bad = 0
+        for e in found:
+            if args.keys and not any(e.key.startswith(k) for k in args.keys):
+                continue
+            problems = verify(e.path)
+            bad += bool(problems)
+            print(f"{e.key}  {'ok' if not problems else 'BAD: ' + '; '.join(problems)}")
+        return 1 if bad else 0
+    return 0
+

@@ -1,0 +1,162 @@
+"""The import graph of emq/, read with `ast` (nothing is imported): no cycles, stages never reach up into
+the runner or the command-line tools, and no private name crosses a module boundary.
+
+Function-level imports count as edges too: they are allowed for heavy optional dependencies (torch,
+vLLM, bitsandbytes), so a lazy `from emq.x import y` that only dodges a cycle still shows up as one.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "emq"
+# may import anything: the entry point, the map, the command-line tools, the public facade
+TOP = {"emq.__main__", "emq.runner", "emq.api"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def resolve(node: ast.ImportFrom, here: str) -> str | None:
+    if node.level == 0:
+        return node.module
+    base = here.split(".")
+    is_pkg = MODULES[here].name == "__init__.py"
+    base = base if is_pkg else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(name: str) -> list[tuple[str, int, list[str]]]:
+    """(imported emq module, line, names imported from it) for every import in the module, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, []) for a in node.names if a.name.split(".")[0] == "emq"]
+        elif isinstance(node, ast.ImportFrom):
+            mod = resolve(node, name)
+            if not mod or mod.split(".")[0] != "emq":
+                continue
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                # `from emq import cache` imports a module; `from emq.checkpoint.cache import key_of` a name
+                out.append((sub, node.lineno, []) if sub in MODULES else (mod, node.lineno, [a.name]))
+    return [(m, line, names) for m, line, names in out if m in MODULES]
+
+
+def graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    for m in MODULES:
+        for target, _, _ in imports_of(m):
+            if target != m:
+                edges[m].add(target)
+    # importing emq.a.b runs emq/a/__init__.py first (a package's own modules are already inside it)
+    for m in MODULES:
+        for target in list(edges[m]):
+            parent = target.rsplit(".", 1)[0]
+            while "." in parent and parent != m and not m.startswith(parent + "."):
+                edges[m].add(parent)
+                parent = parent.rsplit(".", 1)[0]
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_checker_sees_the_package():
+    assert {"emq.runner", "emq.plan", "emq.detect", "emq.cli"} <= set(MODULES)
+    assert "emq.plan" in graph()["emq.runner"]
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+def test_the_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_stages_never_import_the_runner_or_the_cli():
+    bad = []
+    for m in MODULES:
+        if m in TOP or m == "emq.cli" or m.startswith("emq.cli."):
+            continue
+        for target, line, _ in imports_of(m):
+            if target == "emq.runner" or target == "emq.cli" or target.startswith("emq.cli."):
+                bad.append(f"{MODULES[m].relative_to(PKG.parent)}:{line} imports {target}")
+    assert bad == []
+
+
+def test_nothing_imports_the_entry_point():
+    bad = [f"{m}:{line}" for m in MODULES for target, line, _ in imports_of(m) if target == "emq.__main__"]
+    assert bad == []
+
+
+def private_uses(name: str) -> list[str]:
+    """`from emq.x import _y`, and `x._y` where x is an emq module imported by name."""
+    bad = [f"{MODULES[name].relative_to(PKG.parent)}:{line} imports {n} from {target}"
+           for target, line, names in imports_of(name) for n in names
+           if target != name and n.startswith("_") and not n.startswith("__")]
+    tree = ast.parse(MODULES[name].read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = resolve(node, name)
+            for a in node.names:
+                if f"{mod}.{a.name}" in MODULES:
+                    aliases[a.asname or a.name] = f"{mod}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in MODULES and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and aliases[node.value.id] != name and node.attr.startswith("_") and not node.attr.startswith("__")):
+            bad.append(f"{MODULES[name].relative_to(PKG.parent)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_private_name_crosses_a_module(name):
+    assert private_uses(name) == []
