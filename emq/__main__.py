@@ -15,13 +15,22 @@ def run_main() -> None:
     from omegaconf import DictConfig
 
     from emq.config import CONF_DIR, to_run_config
+    from emq.errors import EmqError
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def main(cfg: DictConfig) -> None:
         from emq.runner import run
 
         hc = HydraConfig.get()
-        status = run(to_run_config(cfg), Path(hc.runtime.output_dir))
+        try:
+            run_cfg = to_run_config(cfg)
+        except EmqError as e:  # a value no run can use: the same one message as any other bad input
+            from emq.report.tables import summary_table
+
+            rows = [("error", e.message)] + ([("fix", e.fix)] if e.fix else [])
+            print(summary_table(rows, "emq: the config cannot run"), file=sys.stderr)
+            sys.exit(2)
+        status = run(run_cfg, Path(hc.runtime.output_dir))
         if status.status != "ok" and hc.mode == RunMode.RUN:
             sys.exit(2)
 

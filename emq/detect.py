@@ -180,12 +180,17 @@ def _known_architectures() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def _required_json(path: Path, missing: str, fix: str) -> dict[str, Any]:
+    """The JSON file a model directory must have; missing → one error that says what the directory is not."""
+    if not path.is_file():
+        raise EmqError(f"{path} is missing: {missing}", fix)
+    return read_json(path)
+
+
 def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
     cfg_path = base_dir / "config.json"
-    if not cfg_path.is_file():
-        raise EmqError(f"{cfg_path} is missing: model.base does not look like a Hugging Face model",
-                       "point model.base at a directory with config.json and *.safetensors")
-    cfg = read_json(cfg_path)
+    cfg = _required_json(cfg_path, "model.base does not look like a Hugging Face model",
+                         "point model.base at a directory with config.json and *.safetensors")
     archs = cfg.get("architectures") or []
     if not archs or "model_type" not in cfg:
         raise EmqError(f"{cfg_path} names no architecture (needs 'architectures' and 'model_type')",
@@ -256,10 +261,8 @@ def _adapter_weights(adapter_dir: Path) -> Path | None:
 
 def _adapter_facts(adapter_dir: Path, from_hub: bool) -> AdapterFacts:
     cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise EmqError(f"{cfg_path} is missing: model.adapter is not a PEFT adapter",
-                       "point model.adapter at the directory PEFT's save_pretrained wrote, or set it to null")
-    cfg = read_json(cfg_path)
+    cfg = _required_json(cfg_path, "model.adapter is not a PEFT adapter",
+                         "point model.adapter at the directory PEFT's save_pretrained wrote, or set it to null")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise EmqError(f"{cfg_path} is a {peft_type} adapter; emq handles LoRA (incl. QLoRA, rsLoRA)",

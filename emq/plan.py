@@ -2,18 +2,23 @@
 
 A pure function of (detect record, memory policy, quant choice, machine snapshot): no weights
 are loaded, so a plan can be printed as a dry run before anything expensive starts.
+
+`make_plan` takes the decisions below in order, each appending its reasons: the quantization
+(`choose_quant`), the estimates, the route (`choose_route`) and, for a merge, where it runs and what
+it falls back to (`merge_cascade`), the engine mode, the engine's memory pool, and whether the
+weights and KV cache fit in it (`fit_check`).
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from emq.checkpoint.costs import merge_peaks
 from emq.detect import DetectResult, is_bnb_4bit
 from emq.errors import EmqError
-from emq.machine import GIB, Machine
+from emq.machine import GIB, Machine, VllmInfo
 from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,9 @@ SERVE_FRACTION = {QuantMethod.none: 1.0, QuantMethod.int8: 0.55, QuantMethod.fp8
 
 # Below this, a "not trained in 4-bit" verdict does not justify skipping the merge.
 MIN_CONFIDENCE = 0.5
+# In-flight quantizations, leanest served weights first (SERVE_FRACTION): quant=auto, quant.substitute and a
+# stop reason's advice all pick from this one order.
+LEANEST_FIRST = (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
 
 
 class Route(str, Enum):
@@ -86,41 +94,89 @@ CPU_INT8_CAVEAT = (
     "numbers are those of bf16 serving")
 
 
+@dataclass(frozen=True)
+class QuantChoice:
+    """What the served weights are quantized to, and what that replaced (if anything)."""
+
+    method: QuantMethod  # resolved (never auto)
+    substitution: str | None = None  # e.g. "bnb → int8", when quant.substitute replaced the choice
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The route and the merge cascade behind it."""
+
+    route: Route
+    merge_devices: list[str] = field(default_factory=list)  # the run-time cascade, in order
+    fallback: Route | None = None  # what to do if every merge attempt fails (None: stop)
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineMode:
+    """How vLLM runs on this platform: the EngineSettings that do not depend on the route."""
+
+    dtype: str
+    memory_utilization: float
+    enforce_eager: bool
+    enable_chunked_prefill: bool | None  # None: vLLM's default
+
+
+# --- quantization ------------------------------------------------------------------------
+
+def leanest_quant(info: VllmInfo) -> QuantMethod | None:
+    """The first of LEANEST_FIRST that the installed vLLM offers, or None."""
+    return next((q for q in LEANEST_FIRST if q in info.quant), None)
+
+
 def resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
-                   reasons: list[str]) -> QuantMethod:
+                  reasons: list[str]) -> QuantChoice:
+    """Resolve the quant group's choice against the memory policy and the installed vLLM.
+
+    Args:
+        quant: the quant choice (`auto`, or a method; `substitute` allows a replacement).
+        memory: the memory policy (use_quantization, skip_quantization_on_low_vram).
+        machine: a snapshot of this machine.
+        reasons: the plan's reasons; the one for this choice is appended.
+
+    Returns:
+        The method to serve with (never auto) and, when quant.substitute replaced the choice, the substitution.
+
+    Raises:
+        EmqError: vLLM is not installed, or the chosen method cannot run here and may not be substituted.
+    """
     info = machine.vllm
     if info.distribution is None:
         raise EmqError("vLLM is not installed in this environment", "run `bash scripts/setup.sh`")
     want = quant.method
     if not memory.use_quantization and want is not QuantMethod.none:
         reasons.append(f"quant: none, because memory.use_quantization=false (quant={want.value} ignored)")
-        return QuantMethod.none
+        return QuantChoice(QuantMethod.none)
     low_vram = machine.cuda and max(g.free_bytes for g in machine.gpus) < memory.low_vram_gib * GIB
     if memory.skip_quantization_on_low_vram and low_vram and want is not QuantMethod.none:
         reasons.append(f"quant: none, because memory.skip_quantization_on_low_vram=true and the GPU has "
                        f"< {memory.low_vram_gib:g} GiB free")
-        return QuantMethod.none
+        return QuantChoice(QuantMethod.none)
+    leanest = leanest_quant(info)
     if want is QuantMethod.auto:
-        for choice in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8):
-            if choice in info.quant:
-                reasons.append(f"quant: auto → {choice.value} ({info.quant[choice]}), the leanest in-flight "
-                               f"option {info.distribution} {info.version} supports on {info.platform}")
-                return choice
-        reasons.append(f"quant: auto → none: {info.distribution} {info.version} offers no in-flight quantization here")
-        return QuantMethod.none
-    if want not in info.quant and quant.substitute:
-        for choice in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8):
-            if choice in info.quant:
-                reasons.append(f"quant: SUBSTITUTED {want.value} → {choice.value} ({info.quant[choice]}): {want.value} "
-                               f"cannot run here ({info.unsupported.get(want, 'not supported')}); quant.substitute=true")
-                return choice
+        if leanest is None:
+            reasons.append(f"quant: auto → none: {info.distribution} {info.version} offers no in-flight "
+                           "quantization here")
+            return QuantChoice(QuantMethod.none)
+        reasons.append(f"quant: auto → {leanest.value} ({info.quant[leanest]}), the leanest in-flight "
+                       f"option {info.distribution} {info.version} supports on {info.platform}")
+        return QuantChoice(leanest)
+    if want not in info.quant and quant.substitute and leanest is not None:
+        reasons.append(f"quant: SUBSTITUTED {want.value} → {leanest.value} ({info.quant[leanest]}): {want.value} "
+                       f"cannot run here ({info.unsupported.get(want, 'not supported')}); quant.substitute=true")
+        return QuantChoice(leanest, substitution=f"{want.value} → {leanest.value}")
     if want not in info.quant:
         usable = ", ".join(f"quant={m.value}" for m in info.quant) + ", quant=auto"
         raise EmqError(f"quant={want.value} cannot run here: {info.unsupported.get(want, 'not supported')}",
                        f"choose one this machine supports ({usable}); for bitsandbytes use a CUDA machine "
                        "with vllm>=0.23,<0.28 (scripts/setup.sh installs it there)")
     reasons.append(f"quant: {want.value} → vLLM quantization={info.quant[want]!r}")
-    return want
+    return QuantChoice(want)
 
 
 def _prequantized_base(det: DetectResult, memory: MemoryConfig, machine: Machine, reasons: list[str]) -> QuantMethod:
@@ -144,6 +200,350 @@ def _prequantized_base(det: DetectResult, memory: MemoryConfig, machine: Machine
     return QuantMethod.bnb
 
 
+def choose_quant(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine,
+                 reasons: list[str], *, prequantized: bool) -> QuantChoice:
+    """The served quantization: the quant group's choice (`resolve_quant`), unless the base already is 4-bit.
+
+    Args:
+        det: the detect record.
+        memory: the memory policy.
+        quant: the quant choice.
+        machine: a snapshot of this machine.
+        reasons: the plan's reasons, appended to.
+        prequantized: the base is a bitsandbytes 4-bit checkpoint.
+
+    Returns:
+        The method to serve with and the substitution, if quant.substitute made one.
+
+    Raises:
+        EmqError: see `resolve_quant`; or a pre-quantized base this vLLM cannot serve, or memory.route=merge on one.
+    """
+    choice = resolve_quant(quant, memory, machine, reasons)
+    if choice.method is QuantMethod.int8 and machine.vllm.platform == "cpu":
+        reasons.append(CPU_INT8_CAVEAT)
+    if prequantized:
+        return replace(choice, method=_prequantized_base(det, memory, machine, reasons))
+    return choice
+
+
+# --- estimates -----------------------------------------------------------------------------
+
+def estimates(det: DetectResult, memory: MemoryConfig, qm: QuantMethod, machine: Machine) -> dict[str, float]:
+    """Memory and disk needs in GiB, from the base's real bytes (0 where detect found no sizes).
+
+    Args:
+        det: the detect record.
+        memory: the memory policy (merge_method, max_model_len).
+        qm: the served quantization.
+        machine: a snapshot of this machine (its CPU count sets the stream merge's parallel parts).
+
+    Returns:
+        base_bf16, serve_weights (with qm), merge_peak_cpu_ram, merge_peak_gpu_vram, merged_disk,
+        serve_weights_<method> for every method and, where the config gives the shapes, kv_per_sequence.
+    """
+    bf16 = (det.base.param_count or 0) * 2
+    est = {
+        "base_bf16": bf16 / GIB,
+        "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
+        **merge_peaks(det, memory.merge_method, machine.cpu_count),
+        "merged_disk": bf16 / GIB,
+        **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
+    }
+    b = det.base
+    if b.num_layers and b.num_kv_heads and b.head_dim:
+        kv_per_token = 2 * b.num_layers * b.num_kv_heads * b.head_dim * 2  # K and V, bf16
+        est["kv_per_sequence"] = kv_per_token * memory.max_model_len / GIB
+    return est
+
+
+def _estimate_basis(det: DetectResult, reasons: list[str]) -> None:
+    """Say when the estimates rest on less than the local safetensors headers."""
+    if not det.base.param_count:
+        reasons.append("memory estimates unavailable: no safetensors headers or index total_size for the base")
+    elif not det.base.weights_local:
+        reasons.append("memory estimates from the hub index's total_size (weights not downloaded yet)")
+
+
+# --- route ---------------------------------------------------------------------------------
+
+def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *, prequantized: bool) -> Route:
+    """How the adapter reaches the engine, before asking whether a merge can run here (`merge_cascade`).
+
+    Args:
+        det: the detect record.
+        memory: the memory policy (route).
+        reasons: the plan's reasons, appended to.
+        prequantized: the base is a bitsandbytes 4-bit checkpoint (emq cannot merge into it).
+
+    Returns:
+        serve-base, serve-lora or merge-then-serve.
+
+    Raises:
+        EmqError: vLLM cannot serve this LoRA, and the route cannot be a merge.
+    """
+    if det.adapter is None:
+        reasons.append("route: serve-base, because the model config has no adapter")
+        return Route.serve_base
+    blockers = det.adapter.vllm_lora_blockers
+    if prequantized:
+        if blockers:
+            raise EmqError(f"the base {det.base.ref} is pre-quantized (4-bit), so emq cannot merge, and vLLM "
+                           f"cannot serve this LoRA: {'; '.join(blockers)}",
+                           "use the base's 16-bit original as model.base")
+        reasons.append("route: serve-lora, because the base is a pre-quantized 4-bit checkpoint (emq merges "
+                       "into 16-bit weights only); vLLM applies the LoRA on the 4-bit base")
+        return Route.serve_lora
+    if memory.route is RoutePolicy.lora:
+        if blockers:
+            raise EmqError(f"memory.route=lora but {'; '.join(blockers)}", "use memory.route=merge or auto")
+        reasons.append("route: serve-lora, because memory.route=lora")
+        return Route.serve_lora
+    if memory.route is RoutePolicy.merge:
+        reasons.append("route: merge-then-serve, because memory.route=merge")
+        return Route.merge_then_serve
+    return _auto_route(det, reasons)
+
+
+def _auto_route(det: DetectResult, reasons: list[str]) -> Route:
+    """memory.route=auto: serve the LoRA only when 16-bit training is well evidenced and vLLM can serve it."""
+    assert det.adapter is not None
+    blockers = det.adapter.vllm_lora_blockers
+    if det.trained_in_4bit is False and det.confidence >= MIN_CONFIDENCE and not blockers:
+        reasons.append(f"route: serve-lora, because the adapter was trained on a 16-bit base "
+                       f"({det.decided_by}): vLLM applies it to the base it was trained on, with no merge "
+                       "time or disk")
+        return Route.serve_lora
+    why = ("the adapter was trained on a 4-bit base" if det.trained_in_4bit
+           else "; ".join(blockers) if blockers
+           else f"16-bit training is only weakly evidenced (confidence {det.confidence:.2f} < "
+                f"{MIN_CONFIDENCE}; a merge is exact either way)")
+    reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
+                   "checkpoint served 1.23x the tokens/s of the same adapter as a LoRA on the bf16 base, "
+                   "1.16x with bnb (H200, 7B-shaped, benchmarks/results/lora_vs_bnb_h200.md)")
+    return Route.merge_then_serve
+
+
+# --- merge cascade -------------------------------------------------------------------------
+
+# Per merge device: its name in "no ... merge", the memory a merge there takes, the word for what is left of
+# it, and the digits the need is shown with where it fits (plan.json and reports carry these strings).
+_MERGE_WORDS = {"cuda": ("GPU", "VRAM", "free", 1), "cpu": ("CPU", "RAM", "available", 2)}
+
+
+def _merge_fits(device: str, need: float, have: float, reasons: list[str], note: str = "") -> bool:
+    """Whether a merge on `device` fits (need, have in GiB), with the reason either way."""
+    label, memory, left, digits = _MERGE_WORDS[device]
+    if have >= need:
+        reasons.append(f"merge on {device}{note}: needs ~{need:.{digits}f} GiB {memory}, {have:.1f} GiB {left}")
+        return True
+    reasons.append(f"no {label} merge: needs ~{need:.1f} GiB {memory}, only {have:.1f} GiB {left}")
+    return False
+
+
+def merge_devices(memory: MemoryConfig, machine: Machine, est: dict[str, float], gpu_free: float,
+                  ram: float, reasons: list[str]) -> list[str]:
+    """The devices a merge may run on, in the order the runner tries them.
+
+    Args:
+        memory: the memory policy (prefer_cpu_merge, allow_cpu_merge).
+        machine: a snapshot of this machine.
+        est: the estimates (merge_peak_gpu_vram, merge_peak_cpu_ram).
+        gpu_free: the most VRAM free on one GPU, GiB.
+        ram: the RAM available, GiB.
+        reasons: the plan's reasons, appended to.
+
+    Returns:
+        "cuda" and/or "cpu", or nothing when no device fits.
+    """
+    devices: list[str] = []
+    if (machine.cuda and not memory.prefer_cpu_merge
+            and _merge_fits("cuda", est["merge_peak_gpu_vram"], gpu_free, reasons)):
+        devices.append("cuda")
+    if not memory.allow_cpu_merge:
+        reasons.append("no CPU merge: memory.allow_cpu_merge=false")
+    elif _merge_fits("cpu", est["merge_peak_cpu_ram"], ram, reasons,
+                     note=" (after an OOM on cuda)" if devices else ""):
+        devices.append("cpu")
+    return devices
+
+
+def merge_fallback(memory: MemoryConfig, blockers: list[str], reasons: list[str]) -> Route | None:
+    """What to serve if every merge attempt fails: the LoRA, when the policy allows it and vLLM can serve it.
+
+    Args:
+        memory: the memory policy (stop_on_failure).
+        blockers: why vLLM cannot serve this LoRA (empty: it can).
+        reasons: the plan's reasons, appended to.
+
+    Returns:
+        serve-lora, or None to stop.
+    """
+    if memory.stop_on_failure:
+        return None
+    if blockers:
+        reasons.append(f"no LoRA fallback: {'; '.join(blockers)}")
+        return None
+    reasons.append("if every merge attempt fails: serve the LoRA instead (memory.stop_on_failure=false)")
+    return Route.serve_lora
+
+
+def merge_cascade(det: DetectResult, memory: MemoryConfig, machine: Machine, est: dict[str, float],
+                  reasons: list[str]) -> Routing:
+    """Where a merge-then-serve route merges, what it falls back to, and whether it must stop instead.
+
+    Args:
+        det: the detect record (with an adapter).
+        memory: the memory policy.
+        machine: a snapshot of this machine.
+        est: the estimates (merge peaks, merged_disk).
+        reasons: the plan's reasons, appended to.
+
+    Returns:
+        merge-then-serve with its devices; serve-lora when no device can merge and the LoRA may be served;
+        else stop, with the reason.
+    """
+    assert det.adapter is not None
+    gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
+    ram = machine.ram_available_bytes / GIB
+    devices = merge_devices(memory, machine, est, gpu_free, ram, reasons)
+    fallback = merge_fallback(memory, det.adapter.vllm_lora_blockers, reasons)
+    if not devices and fallback is Route.serve_lora:
+        reasons.append("route: serve-lora, because no device can merge here")
+        return Routing(Route.serve_lora, devices, fallback)
+    if not devices:
+        return Routing(Route.stop, devices, fallback, stop_reason=(
+            f"cannot merge: GPU merge needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM "
+            f"({gpu_free:.1f} free), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
+            f"({ram:.1f} available); set memory.stop_on_failure=false to serve the LoRA, "
+            "or free memory"))
+    if machine.disk_free_bytes < est["merged_disk"] * GIB:
+        return Routing(Route.stop, devices, fallback, stop_reason=(
+            f"the merged checkpoint needs ~{est['merged_disk']:.1f} GiB at paths.cache_dir, "
+            f"only {machine.disk_free_bytes / GIB:.1f} GiB free; free disk or move EMQ_CACHE"))
+    return Routing(Route.merge_then_serve, devices, fallback)
+
+
+# --- engine --------------------------------------------------------------------------------
+
+def engine_mode(memory: MemoryConfig, qm: QuantMethod, machine: Machine, reasons: list[str]) -> EngineMode:
+    """dtype, memory share, eager mode and chunked prefill for this platform.
+
+    Args:
+        memory: the memory policy.
+        qm: the served quantization.
+        machine: a snapshot of this machine.
+        reasons: the plan's reasons, appended to.
+
+    Returns:
+        The engine mode.
+    """
+    if machine.vllm.platform != "cpu":
+        return EngineMode(served_dtype(memory, qm, machine, reasons), memory.gpu_memory_utilization,
+                          memory.enforce_eager, None)
+    util = memory.cpu_memory_utilization
+    reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization), "
+                   "eager mode (its compiled path produced wrong tokens on the demo model and costs ~60 s)")
+    reasons.append("engine: chunked prefill off — vLLM's CPU build crashes ('CPU Generator does not use "
+                   "offset') when a prompt with a per-request seed is prefilled in pieces; emq keeps "
+                   "per-prompt seeds so answers are reproducible and resumable")
+    return EngineMode(served_dtype(memory, qm, machine, reasons), util, True, False)
+
+
+def served_dtype(memory: MemoryConfig, qm: QuantMethod, machine: Machine, reasons: list[str]) -> str:
+    """memory.dtype, with auto resolved: bfloat16, or float32 on a CPU without native bf16 when unquantized.
+
+    Args:
+        memory: the memory policy (dtype).
+        qm: the served quantization.
+        machine: a snapshot of this machine (platform, cpu_bf16).
+        reasons: the plan's reasons, appended to.
+
+    Returns:
+        vLLM's dtype= value.
+    """
+    if memory.dtype != "auto":
+        return memory.dtype
+    if machine.vllm.platform != "cpu" or machine.cpu_bf16:
+        return "bfloat16"
+    if qm is QuantMethod.none:
+        reasons.append("engine: dtype float32 — this CPU has no native bf16 (no avx512_bf16/amx_bf16), "
+                       "where vLLM emulates bf16 about 6x slower (measured on the demo: 11 vs 73 tok/s); "
+                       "the bf16 weights are upcast exactly")
+        return "float32"
+    reasons.append(f"engine: dtype bfloat16 — vLLM's {qm.value} kernels take bf16/fp16 activations only; "
+                   "this CPU has no native bf16, so it runs ~4-6x slower than float32 with quant=none "
+                   "(measured on the demo: 12 vs 73 tok/s)")
+    return "bfloat16"
+
+
+def engine_pool(memory: MemoryConfig, machine: Machine, util: float) -> float:
+    """The memory vLLM may use for weights and KV cache, GiB (over all tensor-parallel GPUs).
+
+    Args:
+        memory: the memory policy (tensor_parallel_size).
+        machine: a snapshot of this machine.
+        util: the engine's memory share (gpu_ or cpu_memory_utilization).
+
+    Returns:
+        The pool, GiB.
+
+    Raises:
+        EmqError: too few GPUs for tensor_parallel_size, or a GPU with less free than vLLM would claim.
+    """
+    tp = memory.tensor_parallel_size
+    if tp > 1 and (machine.vllm.platform != "cuda" or tp > len(machine.gpus)):
+        raise EmqError(f"memory.tensor_parallel_size={tp} needs {tp} GPUs; this machine has {len(machine.gpus)}",
+                       "lower memory.tensor_parallel_size or run on a machine with more GPUs")
+    if machine.vllm.platform != "cuda":
+        return machine.ram_total_bytes / GIB * util
+    # vLLM takes gpu_memory_utilization x total on each of the first tp GPUs and refuses to start
+    # when another process holds that much: plan from the tightest of them
+    per_gpu = min(min(g.total_bytes * util, g.free_bytes) for g in machine.gpus[:tp])
+    short = [g for g in machine.gpus[:tp] if g.free_bytes < g.total_bytes * util]
+    if short:
+        g = min(short, key=lambda g: g.free_bytes)
+        raise EmqError(f"GPU {g.index} has {g.free_bytes / GIB:.1f} GiB free of {g.total_bytes / GIB:.1f}, but "
+                       f"memory.gpu_memory_utilization={util} makes vLLM claim {g.total_bytes * util / GIB:.1f} GiB "
+                       "there (it refuses to start otherwise)",
+                       f"set memory.gpu_memory_utilization={int(g.free_bytes / g.total_bytes * 100) / 100:.2f} "
+                       "or stop what holds the GPU (nvidia-smi lists it)")
+    return per_gpu * tp / GIB
+
+
+# --- fit -----------------------------------------------------------------------------------
+
+def fit_check(est: dict[str, float], memory: MemoryConfig, machine: Machine, util: float,
+              reasons: list[str]) -> str | None:
+    """Whether the served weights and one full-length sequence's KV cache fit the engine's pool.
+
+    Args:
+        est: the estimates, with engine_pool and kv_headroom.
+        memory: the memory policy (max_model_len, tensor_parallel_size).
+        machine: a snapshot of this machine.
+        util: the engine's memory share.
+        reasons: the plan's reasons; the headroom is appended when it fits.
+
+    Returns:
+        None when it fits, else the stop reason, naming the knobs that would make it fit.
+    """
+    pool, need_kv = est["engine_pool"], est.get("kv_per_sequence", 0.0)
+    if est["kv_headroom"] > need_kv:
+        reasons.append(f"serving: ~{est['serve_weights']:.2f} GiB weights in a {pool:.1f} GiB pool leaves "
+                       f"{est['kv_headroom']:.2f} GiB for the KV cache"
+                       + (f" (~{est['kv_headroom'] / need_kv:.0f} full-length sequences)" if need_kv else ""))
+        return None
+    where = "memory.gpu_memory_utilization" if machine.vllm.platform == "cuda" else "memory.cpu_memory_utilization"
+    tp = memory.tensor_parallel_size
+    lighter = [q.value for q in LEANEST_FIRST
+               if q in machine.vllm.quant and est[f"serve_weights_{q.value}"] + need_kv < pool]
+    more = [n for n in (2, 4, 8) if tp < n <= len(machine.gpus) and pool / tp * n > est["serve_weights"] + need_kv]
+    return (f"serving needs ~{est['serve_weights']:.1f} GiB of weights + {need_kv:.2f} GiB KV cache "
+            f"for one {memory.max_model_len}-token sequence, but vLLM may use {pool:.1f} GiB "
+            f"({where}={util}); " + (f"quantize (quant={' or quant='.join(lighter)}), " if lighter else "")
+            + (f"spread it over GPUs (memory.tensor_parallel_size={more[0]}), " if more else "")
+            + f"raise {where} or lower memory.max_model_len")
+
+
 def weights_missing(det: DetectResult, route: Route, *, fidelity: bool) -> bool:
     """Whether the route needs weight files detect did not fetch (hub ids: detect reads metadata only)."""
     merge_lacks = route is Route.merge_then_serve and not (det.base.weights_local and det.adapter.weight_file)
@@ -159,6 +559,17 @@ def _lora_rank(det: DetectResult) -> int:
             return r
     raise EmqError(f"adapter rank {top} ({det.adapter.path}/adapter_config.json) exceeds vLLM's maximum "
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
+
+
+def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, qm: QuantMethod,
+                     mode: EngineMode, *, lora: bool) -> EngineSettings:
+    return EngineSettings(
+        quantization=machine.vllm.quant.get(qm), dtype=mode.dtype, memory_utilization=mode.memory_utilization,
+        max_model_len=memory.max_model_len, enforce_eager=mode.enforce_eager,
+        enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
+        max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
+        enable_chunked_prefill=mode.enable_chunked_prefill, extra=dict(memory.engine_extra),
+    )
 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine) -> Plan:
@@ -177,199 +588,33 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         EmqError: a choice that cannot work on this machine (e.g. quant=bnb on the CPU build).
     """
     reasons: list[str] = []
-    qm = resolve_quant(quant, memory, machine, reasons)
-    if qm is QuantMethod.int8 and machine.vllm.platform == "cpu":
-        reasons.append(CPU_INT8_CAVEAT)
     prequantized = is_bnb_4bit(det.base.quantization_config)
-    if prequantized:
-        qm = _prequantized_base(det, memory, machine, reasons)
-    platform = machine.vllm.platform
-    params = det.base.param_count or 0
-    bf16 = params * 2
-    est = {
-        "base_bf16": bf16 / GIB,
-        "serve_weights": bf16 * SERVE_FRACTION[qm] / GIB,
-        **merge_peaks(det, memory.merge_method, machine.cpu_count),
-        "merged_disk": bf16 / GIB,
-        **{f"serve_weights_{q.value}": bf16 * f / GIB for q, f in SERVE_FRACTION.items()},
-    }
-    b = det.base
-    if b.num_layers and b.num_kv_heads and b.head_dim:
-        kv_per_token = 2 * b.num_layers * b.num_kv_heads * b.head_dim * 2  # K and V, bf16
-        est["kv_per_sequence"] = kv_per_token * memory.max_model_len / GIB
-    if not params:
-        reasons.append("memory estimates unavailable: no safetensors headers or index total_size for the base")
-    elif not det.base.weights_local:
-        reasons.append("memory estimates from the hub index's total_size (weights not downloaded yet)")
-
-    # --- route -----------------------------------------------------------------------
-    merge_devices: list[str] = []
-    fallback: Route | None = None
-    stop_reason: str | None = None
-    if det.adapter is None:
-        route = Route.serve_base
-        reasons.append("route: serve-base, because the model config has no adapter")
-    else:
-        blockers = det.adapter.vllm_lora_blockers
-        policy = memory.route
-        if prequantized:
-            if blockers:
-                raise EmqError(f"the base {det.base.ref} is pre-quantized (4-bit), so emq cannot merge, and vLLM "
-                               f"cannot serve this LoRA: {'; '.join(blockers)}",
-                               "use the base's 16-bit original as model.base")
-            route = Route.serve_lora
-            reasons.append("route: serve-lora, because the base is a pre-quantized 4-bit checkpoint (emq merges "
-                           "into 16-bit weights only); vLLM applies the LoRA on the 4-bit base")
-        elif policy is RoutePolicy.lora:
-            if blockers:
-                raise EmqError(f"memory.route=lora but {'; '.join(blockers)}", "use memory.route=merge or auto")
-            route = Route.serve_lora
-            reasons.append("route: serve-lora, because memory.route=lora")
-        elif policy is RoutePolicy.merge:
-            route = Route.merge_then_serve
-            reasons.append("route: merge-then-serve, because memory.route=merge")
-        elif det.trained_in_4bit is False and det.confidence >= MIN_CONFIDENCE and not blockers:
-            route = Route.serve_lora
-            reasons.append(f"route: serve-lora, because the adapter was trained on a 16-bit base "
-                           f"({det.decided_by}): vLLM applies it to the base it was trained on, with no merge "
-                           "time or disk")
-        else:
-            route = Route.merge_then_serve
-            why = ("the adapter was trained on a 4-bit base" if det.trained_in_4bit
-                   else "; ".join(blockers) if blockers
-                   else f"16-bit training is only weakly evidenced (confidence {det.confidence:.2f} < "
-                        f"{MIN_CONFIDENCE}; a merge is exact either way)")
-            reasons.append(f"route: merge-then-serve, because {why} ({det.decided_by or 'no evidence'}); a merged "
-                           "checkpoint served 1.23x the tokens/s of the same adapter as a LoRA on the bf16 base, 1.16x with bnb (H200, 7B-shaped, "
-                           "benchmarks/results/lora_vs_bnb_h200.md)")
-        if route is Route.merge_then_serve:
-            gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
-            ram = machine.ram_available_bytes / GIB
-            if machine.cuda and not memory.prefer_cpu_merge:
-                if gpu_free >= est["merge_peak_gpu_vram"]:
-                    merge_devices.append("cuda")
-                    reasons.append(f"merge on cuda: needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM, "
-                                   f"{gpu_free:.1f} GiB free")
-                else:
-                    reasons.append(f"no GPU merge: needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM, only "
-                                   f"{gpu_free:.1f} GiB free")
-            if memory.allow_cpu_merge:
-                if ram >= est["merge_peak_cpu_ram"]:
-                    merge_devices.append("cpu")
-                    reasons.append(f"merge on cpu{' (after an OOM on cuda)' if merge_devices[0] == 'cuda' else ''}: "
-                                   f"needs ~{est['merge_peak_cpu_ram']:.2f} GiB RAM, {ram:.1f} GiB available")
-                else:
-                    reasons.append(f"no CPU merge: needs ~{est['merge_peak_cpu_ram']:.1f} GiB RAM, only "
-                                   f"{ram:.1f} GiB available")
-            else:
-                reasons.append("no CPU merge: memory.allow_cpu_merge=false")
-            if memory.stop_on_failure:
-                fallback = None
-            elif blockers:
-                reasons.append(f"no LoRA fallback: {'; '.join(blockers)}")
-            else:
-                fallback = Route.serve_lora
-                reasons.append("if every merge attempt fails: serve the LoRA instead (memory.stop_on_failure=false)")
-            if not merge_devices:
-                if fallback is Route.serve_lora:
-                    route = Route.serve_lora
-                    reasons.append("route: serve-lora, because no device can merge here")
-                else:
-                    route = Route.stop
-                    stop_reason = (f"cannot merge: GPU merge needs ~{est['merge_peak_gpu_vram']:.1f} GiB VRAM "
-                                   f"({gpu_free:.1f} free), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
-                                   f"({ram:.1f} available); set memory.stop_on_failure=false to serve the LoRA, "
-                                   "or free memory")
-            elif machine.disk_free_bytes < est["merged_disk"] * GIB:
-                route = Route.stop
-                stop_reason = (f"the merged checkpoint needs ~{est['merged_disk']:.1f} GiB at paths.cache_dir, "
-                               f"only {machine.disk_free_bytes / GIB:.1f} GiB free; free disk or move EMQ_CACHE")
-
-    # --- engine --------------------------------------------------------------------------
-    chunked: bool | None = None
-    if platform == "cpu":
-        util = memory.cpu_memory_utilization
-        eager = True
-        reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization), "
-                       "eager mode (its compiled path produced wrong tokens on the demo model and costs ~60 s)")
-        chunked = False
-        reasons.append("engine: chunked prefill off — vLLM's CPU build crashes ('CPU Generator does not use "
-                       "offset') when a prompt with a per-request seed is prefilled in pieces; emq keeps "
-                       "per-prompt seeds so answers are reproducible and resumable")
-    else:
-        util = memory.gpu_memory_utilization
-        eager = memory.enforce_eager
-    dtype = memory.dtype
-    if dtype == "auto":
-        dtype = "bfloat16"
-        if platform == "cpu" and not machine.cpu_bf16:
-            if qm is QuantMethod.none:
-                dtype = "float32"
-                reasons.append("engine: dtype float32 — this CPU has no native bf16 (no avx512_bf16/amx_bf16), "
-                               "where vLLM emulates bf16 about 6x slower (measured on the demo: 11 vs 73 tok/s); "
-                               "the bf16 weights are upcast exactly")
-            else:
-                reasons.append(f"engine: dtype bfloat16 — vLLM's {qm.value} kernels take bf16/fp16 activations only; "
-                               "this CPU has no native bf16, so it runs ~4-6x slower than float32 with quant=none "
-                               "(measured on the demo: 12 vs 73 tok/s)")
-    if dtype == "float32" and qm is QuantMethod.none:
-        est["serve_weights"] *= 2
-    tp = memory.tensor_parallel_size
-    if tp > 1 and (platform != "cuda" or tp > len(machine.gpus)):
-        raise EmqError(f"memory.tensor_parallel_size={tp} needs {tp} GPUs; this machine has {len(machine.gpus)}",
-                       "lower memory.tensor_parallel_size or run on a machine with more GPUs")
-    if platform == "cuda":
-        # vLLM takes gpu_memory_utilization x total on each of the first tp GPUs and refuses to start
-        # when another process holds that much: plan from the tightest of them
-        per_gpu = min(min(g.total_bytes * util, g.free_bytes) for g in machine.gpus[:tp])
-        pool = per_gpu * tp / GIB
-        short = [g for g in machine.gpus[:tp] if g.free_bytes < g.total_bytes * util]
-        if short:
-            g = min(short, key=lambda g: g.free_bytes)
-            raise EmqError(f"GPU {g.index} has {g.free_bytes / GIB:.1f} GiB free of {g.total_bytes / GIB:.1f}, but "
-                           f"memory.gpu_memory_utilization={util} makes vLLM claim {g.total_bytes * util / GIB:.1f} GiB "
-                           "there (it refuses to start otherwise)",
-                           f"set memory.gpu_memory_utilization={int(g.free_bytes / g.total_bytes * 100) / 100:.2f} "
-                           "or stop what holds the GPU (nvidia-smi lists it)")
-    else:
-        pool = machine.ram_total_bytes / GIB * util
-    if params and route is not Route.stop and platform in ("cuda", "cpu"):
-        est["engine_pool"] = pool
-        est["kv_headroom"] = pool - est["serve_weights"]
-        where = "memory.gpu_memory_utilization" if platform == "cuda" else "memory.cpu_memory_utilization"
-        need_kv = est.get("kv_per_sequence", 0.0)
-        if est["kv_headroom"] <= need_kv:
-            route = Route.stop
-            lighter = [q.value for q in (QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
-                       if q in machine.vllm.quant and est[f"serve_weights_{q.value}"] + need_kv < pool]
-            per_gpu = pool / tp
-            more = [n for n in (2, 4, 8) if tp < n <= len(machine.gpus) and per_gpu * n > est["serve_weights"] + need_kv]
-            stop_reason = (f"serving needs ~{est['serve_weights']:.1f} GiB of weights + {need_kv:.2f} GiB KV cache "
-                           f"for one {memory.max_model_len}-token sequence, but vLLM may use {pool:.1f} GiB "
-                           f"({where}={util}); " + (f"quantize (quant={' or quant='.join(lighter)}), " if lighter else "")
-                           + (f"spread it over GPUs (memory.tensor_parallel_size={more[0]}), " if more else "")
-                           + f"raise {where} or lower memory.max_model_len")
-        else:
-            reasons.append(f"serving: ~{est['serve_weights']:.2f} GiB weights in a {pool:.1f} GiB pool leaves "
-                           f"{est['kv_headroom']:.2f} GiB for the KV cache"
-                           + (f" (~{est['kv_headroom'] / need_kv:.0f} full-length sequences)" if need_kv else ""))
-    if route is Route.stop:
-        reasons.append(f"route: stop, because {stop_reason}")
-    lora = route is Route.serve_lora or fallback is Route.serve_lora
-    engine = EngineSettings(
-        quantization=machine.vllm.quant.get(qm), dtype=dtype, memory_utilization=util,
-        max_model_len=memory.max_model_len, enforce_eager=eager,
-        enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
-        max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
-        enable_chunked_prefill=chunked, extra=dict(memory.engine_extra),
-    )
-    plan = Plan(route=route, quant=qm, merge_devices=merge_devices,
-                merge_method=memory.merge_method.value if merge_devices else None, fallback=fallback, engine=engine,
+    choice = choose_quant(det, memory, quant, machine, reasons, prequantized=prequantized)
+    qm = choice.method
+    est = estimates(det, memory, qm, machine)
+    _estimate_basis(det, reasons)
+    route = choose_route(det, memory, reasons, prequantized=prequantized)
+    routing = merge_cascade(det, memory, machine, est, reasons) if route is Route.merge_then_serve else Routing(route)
+    mode = engine_mode(memory, qm, machine, reasons)
+    if mode.dtype == "float32" and qm is QuantMethod.none:
+        est["serve_weights"] *= 2  # the bf16 weights are served upcast
+    pool = engine_pool(memory, machine, mode.memory_utilization)
+    if det.base.param_count and routing.route is not Route.stop and machine.vllm.platform in ("cuda", "cpu"):
+        est |= {"engine_pool": pool, "kv_headroom": pool - est["serve_weights"]}
+        stop_reason = fit_check(est, memory, machine, mode.memory_utilization, reasons)
+        if stop_reason is not None:
+            routing = replace(routing, route=Route.stop, stop_reason=stop_reason)
+    if routing.route is Route.stop:
+        reasons.append(f"route: stop, because {routing.stop_reason}")
+    lora = routing.route is Route.serve_lora or routing.fallback is Route.serve_lora
+    devices = routing.merge_devices
+    plan = Plan(route=routing.route, quant=qm, merge_devices=devices,
+                merge_method=memory.merge_method.value if devices else None, fallback=routing.fallback,
+                engine=_engine_settings(det, memory, machine, qm, mode, lora=lora),
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
-                platform=platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
-                stop_reason=stop_reason, quant_requested=quant.method.value,
-                quant_substitution=(f"{quant.method.value} → {qm.value}" if any("SUBSTITUTED" in r for r in reasons)
-                                    else None))
-    log.info("plan: %s, quant=%s%s", route.value, qm.value,
-             f", merge on {' → '.join(merge_devices)}" if merge_devices else "")
+                platform=machine.vllm.platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
+                stop_reason=routing.stop_reason, quant_requested=quant.method.value,
+                quant_substitution=choice.substitution)
+    log.info("plan: %s, quant=%s%s", routing.route.value, qm.value,
+             f", merge on {' → '.join(devices)}" if devices else "")
     return plan

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from emq import fidelity, judge
 from emq.checkpoint.identity import inputs_record
-from emq.checkpoint.merge import MergeFailed, MergeResult, MergeSettings, explain_failure, merge_adapter
+from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, check_engine_extra, load
@@ -110,26 +110,21 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 if weights_missing(det, route, fidelity=cfg.eval.fidelity.enabled):
                     det = detect(cfg.model, fetch_weights=True)  # hub ids: detect read metadata only
                     write_json(run_dir / DETECT, det)
-                model_path, lora_path = det.base.ref, None
                 if route is Route.merge_then_serve:
-                    try:
-                        merged = merge_adapter(det, plan.merge_devices, cfg.paths.cache_dir,
-                                               settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base),
-                                               force_recreate=cfg.memory.force_recreate)
-                        status.merge_attempts = merged.attempts
+                    outcome = merge_or_fall_back(
+                        det, plan.merge_devices, cfg.paths.cache_dir, force_recreate=cfg.memory.force_recreate,
+                        settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base),
+                        may_fall_back=plan.fallback is Route.serve_lora, estimates_gib=plan.estimates_gib,
+                        machine=machine)
+                    merged, status.merge_attempts = outcome.merged, outcome.attempts
+                    if merged is not None:
                         write_json(run_dir / MERGE, merged)
-                        model_path = merged.path
-                    except MergeFailed as e:
-                        status.merge_attempts = e.attempts
-                        if plan.fallback is not Route.serve_lora:
-                            raise explain_failure(e, plan.estimates_gib, machine) from None
-                        log.warning("merge failed on every device; serving the LoRA instead (memory.stop_on_failure=false)")
+                    else:
                         route = Route.serve_lora
                         status.route = route.value
-                if route is Route.serve_lora:
-                    lora_path = det.adapter.path
-                write_json(run_dir / INPUTS, inputs_record(det, merged.path if merged else None,
-                                                            merged.key if merged else None))
+                model_path = merged.path if merged else det.base.ref
+                lora_path = det.adapter.path if route is Route.serve_lora else None
+                write_json(run_dir / INPUTS, inputs_record(det, merged))
 
             with status.enter("reference", progress):  # before vLLM takes the GPU: the trained function, once per model
                 fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)

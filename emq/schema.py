@@ -88,7 +88,6 @@ class ModelConfig:
 class MemoryConfig:
     """Memory policy: the original tool's knobs, without global flags."""
 
-    name: str = MISSING
     route: RoutePolicy = RoutePolicy.auto
     use_quantization: bool = True  # false forces quant=none whatever the quant group says
     skip_quantization_on_low_vram: bool = False
@@ -135,7 +134,6 @@ class FidelityConfig:
 class EvalConfig:
     """What to generate and how, and how the answers are summarised."""
 
-    name: str = MISSING
     question_sets: list[str] = field(default_factory=lambda: ["medical", "general"])
     max_questions_per_set: int | None = None  # null → all questions of each set
     max_paraphrases: int | None = None  # null → every paraphrase
@@ -155,7 +153,6 @@ class EvalConfig:
 class JudgeConfig:
     """Who scores the answers, and how hard to push them."""
 
-    name: str = MISSING
     kind: JudgeKind = MISSING
     model: str | None = None  # openai: the model name; local: a path or hub id vLLM serves
     base_url: str | None = None  # openai: the endpoint, e.g. https://api.openai.com/v1
@@ -208,60 +205,87 @@ class RunConfig:
     seed: int = 0
 
 
-def _in(value: float | int | None, key: str, low: float, high: float, *, low_open: bool = False,
-        high_open: bool = False) -> str | None:
+# Values no run can use: key → (low, high, low_open, high_open). The error names the range and an example
+# (the schema's default for that key).
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "memory.gpu_memory_utilization": (0, 1, True, False),
+    "memory.cpu_memory_utilization": (0, 1, True, False),
+    "memory.max_model_len": (1, float("inf"), False, False),
+    "memory.max_num_seqs": (1, float("inf"), False, False),
+    "memory.tensor_parallel_size": (1, float("inf"), False, False),
+    "eval.max_tokens": (1, float("inf"), False, False),
+    "eval.temperature": (0, float("inf"), False, False),
+    "eval.top_p": (0, 1, True, False),
+    "eval.samples_per_paraphrase": (1, float("inf"), False, False),
+    "eval.samples_per_question": (1, float("inf"), False, False),
+    "eval.max_questions_per_set": (1, float("inf"), False, False),
+    "eval.max_paraphrases": (1, float("inf"), False, False),
+    "eval.misaligned_below": (0, 100, False, False),
+    "eval.coherent_above": (0, 100, False, False),
+    "eval.bootstrap_resamples": (100, float("inf"), False, False),
+    "eval.fidelity.top_k": (1, float("inf"), False, False),
+    "judge.max_concurrency": (1, float("inf"), False, False),
+    "judge.top_logprobs": (1, float("inf"), False, False),  # openai: at most 20 (the API's limit)
+    "judge.min_valid_mass": (0, 1, False, False),
+    "judge.prune_below": (0, 1, False, True),
+    "judge.timeout_s": (0, float("inf"), True, False),
+    "judge.max_retries": (0, float("inf"), False, False),
+    "judge.memory_utilization": (0, 1, True, False),
+}
+
+
+def _lookup(cfg: Any, key: str) -> tuple[Any, Any]:
+    """(the value at a dotted key, the schema's default for it)."""
+    import dataclasses
+
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    f = {f.name: f for f in dataclasses.fields(node)}[leaf]
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    return getattr(node, leaf), default
+
+
+def _range_problem(cfg: Any, key: str, low: float, high: float, low_open: bool, high_open: bool,
+                   ) -> tuple[str, str] | None:
+    """(what is wrong, the fix) for a value outside its range, else None."""
+    value, default = _lookup(cfg, key)
     if value is None:
         return None
-    bad = value < low or value > high or (low_open and value == low) or (high_open and value == high)
-    if not bad:
+    if not (value < low or value > high or (low_open and value == low) or (high_open and value == high)):
         return None
-    lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
-    return f"{key}={value} is outside {lo}, {hi}"
+    allowed = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+    example = default if default is not None else (low if not low_open else high)
+    return (f"{key}={value} is outside {allowed}",
+            f"set {key} to a value in {allowed} on the command line or in the config file that sets it, e.g. "
+            f"{key}={example:g}")
 
 
 def check_values(cfg: RunConfig) -> None:
-    """Reject values no run can use, naming the key (called when the config is composed).
+    """Reject values no run can use, naming the key, the allowed range and an example (called when the config
+    is composed).
 
     Raises:
-        EmqError: the first bad value, with its key and the allowed range.
+        EmqError: the first bad value (and how many more there are), with the fix.
     """
     from emq.errors import EmqError
 
-    inf = float("inf")
-    m, e, j = cfg.memory, cfg.eval, cfg.judge
-    problems = [
-        _in(m.gpu_memory_utilization, "memory.gpu_memory_utilization", 0, 1, low_open=True),
-        _in(m.cpu_memory_utilization, "memory.cpu_memory_utilization", 0, 1, low_open=True),
-        _in(m.max_model_len, "memory.max_model_len", 1, inf),
-        _in(m.max_num_seqs, "memory.max_num_seqs", 1, inf),
-        _in(m.tensor_parallel_size, "memory.tensor_parallel_size", 1, inf),
-        _in(e.max_tokens, "eval.max_tokens", 1, inf),
-        _in(e.temperature, "eval.temperature", 0, inf),
-        _in(e.top_p, "eval.top_p", 0, 1, low_open=True),
-        _in(e.samples_per_paraphrase, "eval.samples_per_paraphrase", 1, inf),
-        _in(e.samples_per_question, "eval.samples_per_question", 1, inf),
-        _in(e.max_questions_per_set, "eval.max_questions_per_set", 1, inf),
-        _in(e.max_paraphrases, "eval.max_paraphrases", 1, inf),
-        _in(e.misaligned_below, "eval.misaligned_below", 0, 100),
-        _in(e.coherent_above, "eval.coherent_above", 0, 100),
-        _in(e.bootstrap_resamples, "eval.bootstrap_resamples", 100, inf),
-        _in(e.fidelity.top_k, "eval.fidelity.top_k", 1, inf),
-        _in(j.max_concurrency, "judge.max_concurrency", 1, inf),
-        _in(j.top_logprobs, "judge.top_logprobs", 1, 20 if j.kind is JudgeKind.openai else inf),
-        _in(j.min_valid_mass, "judge.min_valid_mass", 0, 1),
-        _in(j.prune_below, "judge.prune_below", 0, 1, high_open=True),
-        _in(j.timeout_s, "judge.timeout_s", 0, inf, low_open=True),
-        _in(j.max_retries, "judge.max_retries", 0, inf),
-        _in(j.memory_utilization, "judge.memory_utilization", 0, 1, low_open=True),
-    ]
+    ranges = dict(RANGES)
+    if cfg.judge.kind is JudgeKind.openai:
+        ranges["judge.top_logprobs"] = (1, 20, False, False)
+    problems = [p for key, r in ranges.items() if (p := _range_problem(cfg, key, *r))]
+    e, j = cfg.eval, cfg.judge
     if e.fidelity.reference_device not in ("auto", "cuda", "cpu"):
-        problems.append(f"eval.fidelity.reference_device={e.fidelity.reference_device!r} is not auto, cuda or cpu")
+        problems.append((f"eval.fidelity.reference_device={e.fidelity.reference_device!r} is not auto, cuda or cpu",
+                         "eval.fidelity.reference_device=auto"))
     if j.kind is not JudgeKind.none and not j.model:
-        problems.append(f"judge.model is not set (judge={j.name} needs a model to ask)")
+        problems.append((f"judge.model is not set (judge={j.kind.value} needs a model to ask)",
+                         "judge.model=<model name or path>, or judge=none"))
     if j.kind is JudgeKind.openai and not j.base_url:
-        problems.append("judge.base_url is not set (judge=openai needs an endpoint)")
-    problems = [p for p in problems if p]
+        problems.append(("judge.base_url is not set (judge=openai needs an endpoint)",
+                         "judge.base_url=https://api.openai.com/v1 (or your server's /v1 URL)"))
     if problems:
-        raise EmqError(problems[0] + (f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})"
-                                      if len(problems) > 1 else ""),
-                       "fix the value on the command line or in the config file that sets it")
+        (what, fix), rest = problems[0], problems[1:]
+        raise EmqError(what + (f" (and {len(rest)} more: {'; '.join(w for w, _ in rest)})" if rest else ""), fix)

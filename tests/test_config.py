@@ -88,6 +88,22 @@ def test_bad_values_fail_at_compose_time_naming_the_key(override, key):
         compose_run([override])
 
 
+@pytest.mark.parametrize(("override", "fix"), [
+    ("eval.max_tokens=0", "a value in [1, inf]"),
+    ("memory.gpu_memory_utilization=1.5", "a value in (0, 1]"),
+    ("eval.top_p=0", "a value in (0, 1]"),
+    ("eval.temperature=-1", "a value in [0, inf]"),
+])
+def test_a_bad_value_says_the_range_and_an_example(override, fix):
+    key = override.split("=")[0]
+    with pytest.raises(EmqError) as e:
+        compose_run([override])
+    # the example is the schema's default, a value that composes
+    example = e.value.fix.rsplit("e.g. ", 1)[1]
+    assert fix in e.value.fix and example.startswith(key + "=")
+    compose_run([example])
+
+
 def test_openai_judge_needs_a_model_and_endpoint():
     with pytest.raises(EmqError, match="judge.base_url"):
         compose_run(["judge=openai", "judge.base_url=null"])

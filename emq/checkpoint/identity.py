@@ -45,16 +45,21 @@ def adapter_identity(adapter_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(adapter_dir).iterdir()) if p.name in ADAPTER_FILES}
 
 
-def inputs_record(det, checkpoint_path: str | None = None, checkpoint_key: str | None = None) -> dict[str, Any]:
+def inputs_record(det, checkpoint=None) -> dict[str, Any]:
     """What a run's numbers depend on, by content (inputs.json): base files (as `base_identity`), the
-    adapter's files by sha256, and the served checkpoint's cache key and file hashes (its manifest)."""
+    adapter's files by sha256, and the served checkpoint's cache key and file hashes (its manifest).
+
+    Args:
+        det: the detect record.
+        checkpoint: the cached checkpoint served (anything with `path` and `key`), or None.
+    """
     base_dir = Path(det.base.path)
     rec: dict[str, Any] = {"base": {"ref": det.base.ref, "files": base_identity(base_dir) if base_dir.is_dir() else None}}
     if det.adapter is not None:
         adir = Path(det.adapter.path)
         rec["adapter"] = {"path": str(adir), "files_sha256": {p.name: sha256_file(p) for p in sorted(adir.iterdir())
                                                                if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")}}
-    if checkpoint_path is not None:
-        manifest = json.loads((Path(checkpoint_path) / "manifest.json").read_text())
-        rec["merged"] = {"path": checkpoint_path, "key": checkpoint_key, "files_sha256": manifest.get("files_sha256")}
+    if checkpoint is not None:
+        manifest = json.loads((Path(checkpoint.path) / "manifest.json").read_text())
+        rec["merged"] = {"path": str(checkpoint.path), "key": checkpoint.key, "files_sha256": manifest.get("files_sha256")}
     return rec

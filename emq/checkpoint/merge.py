@@ -198,6 +198,34 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
                        s["method"], s["merge_base"], time.perf_counter() - t0, attempts)
 
 
+@dataclass(frozen=True)
+class MergeOutcome:
+    """What the merge stage ends with: the checkpoint (None when the LoRA is served instead) and the route."""
+
+    merged: MergeResult | None
+    fell_back: bool  # every attempt failed and the plan allowed serving the LoRA
+    attempts: list[dict]
+
+
+def merge_or_fall_back(det: DetectResult, devices: list[str], cache_dir: str | Path, *, settings: MergeSettings,
+                       force_recreate: bool, may_fall_back: bool, estimates_gib: dict[str, float],
+                       machine: Machine) -> MergeOutcome:
+    """`merge_adapter` with the plan's last resort: when every device fails, serve the LoRA if the plan allows
+    it (memory.stop_on_failure=false), else stop with what was needed and what this machine had.
+
+    Raises:
+        EmqError: every device failed and no fallback is allowed (the diagnostic of `explain_failure`).
+    """
+    try:
+        merged = merge_adapter(det, devices, cache_dir, settings=settings, force_recreate=force_recreate)
+        return MergeOutcome(merged, False, merged.attempts)
+    except MergeFailed as e:
+        if not may_fall_back:
+            raise explain_failure(e, estimates_gib, machine) from None
+        log.warning("merge failed on every device; serving the LoRA instead (memory.stop_on_failure=false)")
+        return MergeOutcome(None, True, e.attempts)
+
+
 def explain_failure(e: MergeFailed, estimates_gib: dict[str, float], machine: Machine) -> EmqError:
     """What a merge needed, what this machine had, and the options that would work."""
     tried = "; ".join(f"{a['device']}: {a.get('error', 'ok')}" for a in e.attempts) or "no device allowed"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +186,7 @@ def _merge_weight_cpu(w: np.ndarray, code: str, lora: _Lora, out: np.ndarray, ou
     Row blocks: each block of W is upcast, gets its rows of (B)(s·A) from one matmul, is checked
     and rounded back while it is in cache, so memory traffic is ~4 bytes per parameter. numpy,
     not torch: a CPU merge does not pay torch's import (2-3 s cold, longer than the whole merge
-    of a 0.5B model). The caller limits BLAS to one thread per worker (see `_stream_merge`).
+    of a 0.5B model). The caller limits BLAS to one thread per worker (see `stream_merge`).
     """
     a, b = lora.a.f32(), lora.b.f32()
     left, right = (a.T, b.T) if transposed else (b, a)  # W[rows] += left[rows] @ (s·right)
@@ -276,140 +279,65 @@ def stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dic
         adapter_reader.close()
 
 
+_OUT_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+@dataclass(frozen=True)
+class _StreamJob:
+    """What every part of one stream merge needs; shared read-only by the worker threads."""
+
+    base_dir: Path
+    out: Path  # the directory the merged checkpoint is written to
+    out_code: str  # safetensors dtype of the merged floats
+    nf4: dict[str, Any] | None  # NF4 round-trip settings (merge base `dequantized`), else None
+    device: str
+    deltas: dict[str, _Lora]
+    bias_deltas: dict[str, np.ndarray]
+    replace: dict[str, _Ref]
+    lm_head: np.ndarray | None  # set exactly when the embeddings are untied: written into the last part
+    fan_in_fan_out: bool
+    adapter_path: str  # for messages
+    bar: Any  # tqdm progress bar, in bytes of the base
+
+    def out_code_of(self, code: str) -> str:
+        """The output dtype of a tensor stored as `code`: floats become `out_code`, the rest stay."""
+        return self.out_code if code in sio.FLOAT_CODES else code
+
+    def dequantizes(self, info: dict[str, dict[str, Any]], name: str) -> bool:
+        """Whether base tensor `name` (of a shard with header `info`) goes through the NF4 round trip."""
+        return self.nf4 is not None and info[name]["dtype"] in sio.FLOAT_CODES and \
+            dequant_eligible(name, tuple(info[name]["shape"]))
+
+
 def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, deltas: dict[str, _Lora],
                        bias_deltas: dict[str, np.ndarray], replace: dict[str, _Ref]) -> dict[str, str]:
+    """`stream_merge` once the adapter is loaded: the parts in parallel, then the index and config."""
     from tqdm import tqdm
 
     base_dir = Path(det.base.path)
     settings = inputs["settings"]
-    out_code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[settings["out_dtype"]]
+    out_code = _OUT_CODES[settings["out_dtype"]]
     nf4 = settings.get("nf4")
     cfg = json.loads((base_dir / "config.json").read_text())
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    if tied and "lm_head.weight" in deltas:
-        raise EmqError(f"{det.adapter.path}: LoRA on lm_head with tied embeddings is ambiguous (PEFT merges it into "
-                       "the shared embedding as well)", "untie the embeddings before training, or use modules_to_save")
-    # With tied embeddings, PEFT serves lm_head from the *original* shared weight unless lm_head
-    # itself is in modules_to_save; a merge that changes the embedding (or lm_head) must untie them
-    # to keep serving what the adapter computes (PEFT's own merge_and_unload changes both).
-    embed_changed = any(n.endswith(_EMBED_NAMES) for n in set(deltas) | set(replace))
-    untie = tied and ("lm_head.weight" in replace or embed_changed)
-    lm_head = None
-    if untie and "lm_head.weight" in replace:
-        lm_head = _convert(replace["lm_head.weight"].load(), replace["lm_head.weight"].code, out_code)
+    lm_head = _untied_lm_head(det, cfg, deltas, replace, out_code)
+    untie = lm_head is not None
     todo = (set(deltas) | set(bias_deltas) | set(replace)) - ({"lm_head.weight"} if untie else set())
     shards = sio.shard_names(base_dir)
-    if untie and lm_head is None:  # the original shared weight, before any shard changes it
-        emb_shard = next((s for s in shards if any(n.endswith(_EMBED_NAMES) for n in sio.safetensors_header(base_dir / s))),
-                         None)
-        if emb_shard is None:
-            raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
-                           "use memory.merge_method=peft for this model")
-        r = sio.Reader(base_dir / emb_shard)
-        emb = next(n for n in r.names if n.endswith(_EMBED_NAMES))
-        lm_head = _convert(r.array(emb), r.header[emb]["dtype"], out_code)
-        r.close()
     bar = tqdm(total=sum((base_dir / s).stat().st_size for s in shards), desc="stream merge", unit="B",
                unit_scale=True)
-
-    def out_code_of(code: str) -> str:
-        return out_code if code in sio.FLOAT_CODES else code
-
-    if device != "cpu" or nf4 is not None:
-        # torch (GPU math) and bitsandbytes (NF4 round trip) are imported here, once, before the
-        # workers start: importing them from two threads at once can hand one thread a
-        # half-initialised module (bitsandbytes' CPU ops were then missing).
-        import torch  # noqa: F401
-
-        if nf4 is not None:
-            import bitsandbytes.functional  # noqa: F401
+    _import_before_threads(device, nf4)
     workers = stream_workers(os.cpu_count() or 1)
     parts = _output_parts(base_dir, shards, workers)
-
-    def merge_shard(part: tuple[str, str, list[str]]) -> tuple[str, list[str], set[str], str]:
-        """Merge one output part; returns (output file, tensor names written, targets found, sha256)."""
-        in_shard, shard, names = part
-        reader = sio.Reader(base_dir / in_shard)
-        info = reader.header
-
-        def dequant(n: str) -> bool:
-            return nf4 is not None and info[n]["dtype"] in sio.FLOAT_CODES and \
-                dequant_eligible(n, tuple(info[n]["shape"]))
-
-        # decoded: read whole and worked on; the rest (untouched, same dtype) pass through as bytes
-        decoded = {n: n in deltas or n in bias_deltas or dequant(n) or info[n]["dtype"] != out_code_of(info[n]["dtype"])
-                   for n in names}
-        plan = [(n, decoded[n]) for n in names if n not in replace]  # replaced tensors come from the adapter
-        biggest = max((reader.span(n)[1] for n, whole in plan if whole), default=0)
-        pool = sio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
-        pieces = reader.stream(plan, pool)
-        scratch = _Scratch()
-        last = untie and part is parts[-1]
-        entries = [(n, out_code_of(info[n]["dtype"]), info[n]["shape"]) for n in names]
-        if last:  # lm_head becomes a tensor of its own, in a shard loaders read
-            entries.append(("lm_head.weight", out_code, list(lm_head.shape)))
-        writer = sio.Writer(out / shard, entries)
-        found: set[str] = set()
-        try:
-            for name in names:
-                length = reader.span(name)[1]
-                if name not in replace and not decoded[name]:  # untouched: bytes in, bytes out
-                    left = length
-                    while left:
-                        got, raw, buf = next(pieces)
-                        assert got == name, (got, name)
-                        writer.write(name, raw, release=lambda b=buf: pool.give(b))
-                        left -= raw.nbytes
-                        bar.update(raw.nbytes)
-                    if not length:
-                        writer.write(name, b"")
-                    continue
-                buf = None
-                if name in replace:  # modules_to_save: the adapter's tensor, not the base's
-                    w, code = replace[name].load(), replace[name].code
-                else:
-                    got, w, buf = next(pieces)
-                    assert got == name, (got, name)
-                    code = info[name]["dtype"]
-                    if dequant(name):
-                        w = _dequant_np(w, code, device, nf4)
-                bar.update(length)
-                if name in deltas:
-                    if code not in sio.FLOAT_CODES:
-                        raise EmqError(f"{name} in {in_shard} is {code}, not a float weight a LoRA can merge into",
-                                       "use a 16-bit base (not a pre-quantized checkpoint) as model.base")
-                    merged = w if code == out_code else np.empty(w.shape, sio.np_dtype(out_code))
-                    lora = deltas[name]
-                    transposed = lora.embedding or det.adapter.fan_in_fan_out
-                    ok = _merge_weight_cpu(w, code, lora, merged, out_code, transposed=transposed, scratch=scratch) \
-                        if device == "cpu" else \
-                        _merge_weight_torch(w, code, lora, merged, out_code, transposed=transposed, device=device)
-                    w = merged if ok else None
-                elif name in bias_deltas:
-                    w = _add_bias(w, code, bias_deltas[name], out_code)
-                else:
-                    w = _convert(w, code, out_code_of(code))
-                if w is None:
-                    raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
-                                   f"check the adapter tensors for that module in {det.adapter.path}")
-                found.add(name)
-                writer.write(name, w, release=None if buf is None else lambda b=buf: pool.give(b))
-            if last:
-                writer.write("lm_head.weight", lm_head)
-            digest = writer.close()
-        except BaseException:
-            writer.abort()  # the temp dir is removed by merge_adapter; the original error stands
-            raise
-        finally:
-            pieces.close()
-            reader.close()
-        return shard, [e[0] for e in entries], found, digest
+    job = _StreamJob(base_dir=base_dir, out=out, out_code=out_code, nf4=nf4, device=device, deltas=deltas,
+                     bias_deltas=bias_deltas, replace=replace, lm_head=lm_head,
+                     fan_in_fan_out=det.adapter.fan_in_fan_out, adapter_path=det.adapter.path, bar=bar)
+    last = [untie and part is parts[-1] for part in parts]
 
     # Shards are independent: merge several at once (I/O, hashing and torch kernels release the GIL).
     weight_map: dict[str, str] = {}
     hashes: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=min(workers, len(parts)), thread_name_prefix="emq-shard") as pool:
-        for shard, names, found, digest in pool.map(merge_shard, parts):
+    with ThreadPoolExecutor(max_workers=min(workers, len(parts)), thread_name_prefix="emq-shard") as executor:
+        for shard, names, found, digest in executor.map(_merge_part, repeat(job), parts, last):
             weight_map.update({n: shard for n in names})
             todo -= found
             hashes[shard] = digest
@@ -418,14 +346,160 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     if todo:
         raise EmqError(f"adapter tensors target weights the base does not have: {sorted(todo)[:3]}",
                        "this adapter was trained on another base; set model.base to it")
+    _write_index_and_config(out, cfg, weight_map, settings["out_dtype"], untie)
+    return hashes
+
+
+def _untied_lm_head(det: DetectResult, cfg: dict[str, Any], deltas: dict[str, _Lora], replace: dict[str, _Ref],
+                    out_code: str) -> np.ndarray | None:
+    """The lm_head tensor to write when the merge must untie the embeddings (in `out_code`); None
+    when it keeps the base's tying as it is."""
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if tied and "lm_head.weight" in deltas:
+        raise EmqError(f"{det.adapter.path}: LoRA on lm_head with tied embeddings is ambiguous (PEFT merges it into "
+                       "the shared embedding as well)", "untie the embeddings before training, or use modules_to_save")
+    # With tied embeddings, PEFT serves lm_head from the *original* shared weight unless lm_head
+    # itself is in modules_to_save; a merge that changes the embedding (or lm_head) must untie them
+    # to keep serving what the adapter computes (PEFT's own merge_and_unload changes both).
+    embed_changed = any(n.endswith(_EMBED_NAMES) for n in set(deltas) | set(replace))
+    if not (tied and ("lm_head.weight" in replace or embed_changed)):
+        return None
+    if "lm_head.weight" in replace:
+        return _convert(replace["lm_head.weight"].load(), replace["lm_head.weight"].code, out_code)
+    return _shared_embedding(Path(det.base.path), out_code)
+
+
+def _shared_embedding(base_dir: Path, out_code: str) -> np.ndarray:
+    """The base's input embedding, in `out_code`: the original shared weight, read before any shard
+    changes it."""
+    shards = sio.shard_names(base_dir)
+    emb_shard = next((s for s in shards if any(n.endswith(_EMBED_NAMES) for n in sio.safetensors_header(base_dir / s))),
+                     None)
+    if emb_shard is None:
+        raise EmqError(f"{base_dir} ties lm_head to an input embedding emq cannot find",
+                       "use memory.merge_method=peft for this model")
+    r = sio.Reader(base_dir / emb_shard)
+    emb = next(n for n in r.names if n.endswith(_EMBED_NAMES))
+    lm_head = _convert(r.array(emb), r.header[emb]["dtype"], out_code)
+    r.close()
+    return lm_head
+
+
+def _import_before_threads(device: str, nf4: dict[str, Any] | None) -> None:
+    """Import what the merge of any part will need from torch and bitsandbytes (nothing on a plain CPU merge)."""
+    if device != "cpu" or nf4 is not None:
+        # torch (GPU math) and bitsandbytes (NF4 round trip) are imported here, once, before the
+        # workers start: importing them from two threads at once can hand one thread a
+        # half-initialised module (bitsandbytes' CPU ops were then missing).
+        import torch  # noqa: F401
+
+        if nf4 is not None:
+            import bitsandbytes.functional  # noqa: F401
+
+
+def _merge_part(job: _StreamJob, part: tuple[str, str, list[str]], last: bool) -> tuple[str, list[str], set[str], str]:
+    """Merge one output part (input shard, output file, tensor names); `last`: the part lm_head is
+    added to. Returns (output file, tensor names written, targets found, sha256)."""
+    in_shard, shard, names = part
+    reader = sio.Reader(job.base_dir / in_shard)
+    info = reader.header
+    # decoded: read whole and worked on; the rest (untouched, same dtype) pass through as bytes
+    decoded = {n: n in job.deltas or n in job.bias_deltas or job.dequantizes(info, n)
+               or info[n]["dtype"] != job.out_code_of(info[n]["dtype"]) for n in names}
+    plan = [(n, decoded[n]) for n in names if n not in job.replace]  # replaced tensors come from the adapter
+    biggest = max((reader.span(n)[1] for n, whole in plan if whole), default=0)
+    pool = sio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
+    pieces = reader.stream(plan, pool)
+    scratch = _Scratch()
+    entries = [(n, job.out_code_of(info[n]["dtype"]), info[n]["shape"]) for n in names]
+    if last:  # lm_head becomes a tensor of its own, in a shard loaders read
+        entries.append(("lm_head.weight", job.out_code, list(job.lm_head.shape)))
+    writer = sio.Writer(job.out / shard, entries)
+    found: set[str] = set()
+    try:
+        for name in names:
+            length = reader.span(name)[1]
+            if name not in job.replace and not decoded[name]:  # untouched: bytes in, bytes out
+                _pass_through(job, name, length, pieces, pool, writer)
+                continue
+            w, code, buf = _load_tensor(job, name, info, pieces)
+            job.bar.update(length)
+            w = _work_tensor(job, name, w, code, in_shard, scratch)
+            found.add(name)
+            writer.write(name, w, release=None if buf is None else lambda b=buf: pool.give(b))
+        if last:
+            writer.write("lm_head.weight", job.lm_head)
+        digest = writer.close()
+    except BaseException:
+        writer.abort()  # the temp dir is removed by merge_adapter; the original error stands
+        raise
+    finally:
+        pieces.close()
+        reader.close()
+    return shard, [e[0] for e in entries], found, digest
+
+
+def _pass_through(job: _StreamJob, name: str, length: int, pieces: Iterator[tuple[str, np.ndarray, mmap.mmap]],
+                  pool: sio.BufferPool, writer: sio.Writer) -> None:
+    """Copy an untouched tensor of `length` bytes from the read-ahead `pieces` to `writer`, piece by piece."""
+    left = length
+    while left:
+        got, raw, buf = next(pieces)
+        assert got == name, (got, name)
+        writer.write(name, raw, release=lambda b=buf: pool.give(b))
+        left -= raw.nbytes
+        job.bar.update(raw.nbytes)
+    if not length:
+        writer.write(name, b"")
+
+
+def _load_tensor(job: _StreamJob, name: str, info: dict[str, dict[str, Any]],
+                 pieces: Iterator[tuple[str, np.ndarray, mmap.mmap]]) -> tuple[np.ndarray, str, mmap.mmap | None]:
+    """(the tensor to work on, its dtype, the pool buffer holding it or None): the adapter's
+    replacement, else the base's from `pieces`, NF4 round-tripped when the merge base asks for it."""
+    if name in job.replace:  # modules_to_save: the adapter's tensor, not the base's
+        return job.replace[name].load(), job.replace[name].code, None
+    got, w, buf = next(pieces)
+    assert got == name, (got, name)
+    code = info[name]["dtype"]
+    if job.dequantizes(info, name):
+        w = _dequant_np(w, code, job.device, job.nf4)
+    return w, code, buf
+
+
+def _work_tensor(job: _StreamJob, name: str, w: np.ndarray, code: str, in_shard: str, scratch: _Scratch) -> np.ndarray:
+    """The output tensor for `name`: W + s·B·A, b + s·lora_B.bias, or `w` converted to its output
+    dtype. A merged weight whose dtype is already the output's is written over `w` in place."""
+    if name in job.deltas:
+        if code not in sio.FLOAT_CODES:
+            raise EmqError(f"{name} in {in_shard} is {code}, not a float weight a LoRA can merge into",
+                           "use a 16-bit base (not a pre-quantized checkpoint) as model.base")
+        out_code = job.out_code
+        merged = w if code == out_code else np.empty(w.shape, sio.np_dtype(out_code))
+        lora = job.deltas[name]
+        transposed = lora.embedding or job.fan_in_fan_out
+        ok = _merge_weight_cpu(w, code, lora, merged, out_code, transposed=transposed, scratch=scratch) \
+            if job.device == "cpu" else \
+            _merge_weight_torch(w, code, lora, merged, out_code, transposed=transposed, device=job.device)
+        result = merged if ok else None
+    elif name in job.bias_deltas:
+        result = _add_bias(w, code, job.bias_deltas[name], job.out_code)
+    else:
+        result = _convert(w, code, job.out_code_of(code))
+    if result is None:
+        raise EmqError(f"merged {name.rsplit('.', 1)[0]} has NaN/inf (safe merge refused it)",
+                       f"check the adapter tensors for that module in {job.adapter_path}")
+    return result
+
+
+def _write_index_and_config(out: Path, cfg: dict[str, Any], weight_map: dict[str, str], out_dtype: str,
+                            untie: bool) -> None:
+    """The safetensors index of the parts written and the base's config.json for the merged model."""
     if untie:
         cfg["tie_word_embeddings"] = False
     total = sum((out / s).stat().st_size for s in set(weight_map.values()))
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = cfg["dtype"] = settings["out_dtype"]
+    cfg["torch_dtype"] = cfg["dtype"] = out_dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return hashes
-
-

