@@ -1,0 +1,178 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"), implemented from the paper's math.
+
+Objective per Linear: minimise ‖X Wᵀ - X Ŵᵀ‖² over codes Ŵ, i.e. ½ Σ_rows δwᵀ H δw with
+H = 2XᵀX/n (δw = w - ŵ). Columns are quantized left to right; after fixing column j to its code, the
+remaining columns absorb the error optimally (the OBS update) using the upper Cholesky factor U of H⁻¹:
+    err = (w_j - ŵ_j) / U_jj,   w_{j+1:} -= err · U_{j, j+1:}
+and the objective grows by exactly ½ err². Updates are applied inside a block of columns eagerly and
+to the columns after the block lazily (one matmul per block), which is the same arithmetic.
+
+Choices:
+- group scales/zeros are computed when a group starts, from the weights as updated by every error so
+  far (blocks are whole groups, so a group never straddles the lazy boundary); groups stay in column
+  order (no act-order), which is the layout every kernel reads without a g_idx;
+- dead columns (H_jj = 0: the input never fired on calibration data) get H_jj = 1, so they are
+  rounded to nearest and pass no error on; unlike the reference implementation they are *not* zeroed,
+  since an input that was silent on calibration data may still fire at inference;
+- dampening λ = damp · mean(diag H); if a Cholesky factorisation fails, damp is retried ×10 up to 1,
+  then the weight falls back to round-to-nearest and the info says so.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from emq.checkpoint.w4a16 import (
+    QuantSpec,
+    QWeight,
+    check_weight,
+    decode,
+    group_params,
+    quantize_codes,
+    quantize_rtn,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP = 1.0
+
+
+def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs into the running H = 2XᵀX/n.
+
+    A running mean (rescale then add) keeps the magnitude independent of how many tokens were seen.
+
+    Args:
+        h: the Hessian so far ([in, in] float32), or None before the first batch.
+        x: inputs of the Linear, [..., in] (any float dtype; flattened to tokens × in).
+        n_seen: tokens already folded into `h`.
+
+    Returns:
+        (updated H, tokens seen).
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    m = x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        n_seen = 0
+    n = n_seen + m
+    if m == 0:
+        return h, n_seen
+    h = h * (n_seen / n)
+    x = x * math.sqrt(2.0 / n)
+    return h + x.T @ x, n
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float, int]:
+    """Upper Cholesky factor of (H + λI)⁻¹, retrying with 10× the dampening when a factorisation fails.
+
+    Args:
+        h: [in, in] float32 Hessian with a positive diagonal.
+        damp: relative dampening (λ = damp · mean diag H).
+
+    Returns:
+        (U or None when every try failed, damp used (or last tried), tries).
+    """
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    tries = 0
+    while True:
+        tries += 1
+        lower, info = torch.linalg.cholesky_ex(h + (damp * mean_diag) * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, damp, tries
+        nxt = max(10.0 * damp, 0.01)
+        if nxt > MAX_DAMP * (1 + 1e-9):
+            return None, damp, tries
+        log.info("GPTQ: Cholesky failed at damp=%g, retrying with damp=%g", damp, nxt)
+        damp = nxt
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
+         block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[QWeight, dict]:
+    """Quantize one Linear weight with GPTQ.
+
+    Args:
+        w: [out, in] weight (any float dtype, any device; math in float32).
+        hessian: [in, in] H = 2XᵀX/n of the Linear's inputs (see `accumulate_hessian`).
+        spec: the quantization spec.
+        damp: relative dampening, λ = damp · mean(diag H).
+        block_size: columns per lazy-update block; rounded up to whole groups.
+        scale_dtype: the dtype the scales will be stored in.
+
+    Returns:
+        (quantized weight, info) with info keys:
+        - "damp": relative dampening used (None on fallback),
+        - "fallback": None, or why the weight was quantized round-to-nearest instead,
+        - "loss": ½ Σ err²/U_jj², exactly ½ Σ_rows δwᵀ(H + λI)δw of the returned codes; for H = 2XᵀX/n
+          and no dead columns that is ‖X(W-Ŵ)ᵀ‖²/n + (λ/2)‖W-Ŵ‖² (None on fallback),
+        - "dead_columns": columns with H_jj = 0,
+        - "tries": Cholesky attempts.
+    """
+    check_weight(w, spec)
+    out_f, cols = w.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in-features {cols}")
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    h = (h + h.T) / 2  # accumulated sums can drift from exact symmetry
+
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    reason = None
+    if not torch.isfinite(h).all():
+        reason = "Hessian holds NaN/inf"
+    elif bool((diag < 0).any()):
+        reason = "Hessian has a negative diagonal (not positive semi-definite)"
+    upper, used, tries = None, damp, 0
+    if reason is None:
+        h[dead, dead] = 1.0
+        upper, used, tries = inverse_cholesky(h, damp)
+        if upper is None:
+            reason = f"Cholesky failed {tries} times (damp up to {used:g})"
+    if reason is not None:
+        log.warning("GPTQ: %s for a %d×%d weight; falling back to round-to-nearest", reason, out_f, cols)
+        qw = quantize_rtn(w, spec, scale_dtype)
+        return qw, {"damp": None, "fallback": f"rtn: {reason}", "loss": None,
+                    "dead_columns": n_dead, "tries": tries}
+
+    gs = spec.group_size
+    block = max(gs, -(-block_size // gs) * gs)
+    weight = w.detach().to(torch.float32).clone()
+    codes = torch.empty(out_f, cols, dtype=torch.int8, device=w.device)
+    scales = torch.empty(out_f, cols // gs, dtype=torch.float32, device=w.device)
+    zeros = None if spec.symmetric else torch.empty(out_f, cols // gs, dtype=torch.int8, device=w.device)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = weight[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                # params from the group as it stands now: every earlier error already propagated
+                s, z = group_params(w1[:, i:i + gs], spec, scale_dtype)
+                scales[:, col // gs] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, col // gs] = z[:, 0]
+                s = s[:, 0]
+                z = None if z is None else z[:, 0]
+            wj = w1[:, i]
+            q = quantize_codes(wj, s, z, spec)
+            codes[:, col] = q
+            d = u1[i, i]
+            e = (wj - decode(q, s, z)) / d
+            loss += 0.5 * (e.double() ** 2).sum()
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        weight[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    qw = QWeight(codes=codes, scale=scales, zero_point=zeros, spec=spec, scale_dtype=scale_dtype)
+    return qw, {"damp": used, "fallback": None, "loss": float(loss), "dead_columns": n_dead, "tries": tries}
