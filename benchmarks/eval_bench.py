@@ -33,7 +33,7 @@ def eval_config(sequences: int, max_tokens: int):
 
     n_questions = sum(len(load_question_set(s).questions) for s in ("general", "medical"))
     per = -(-sequences // n_questions)
-    return EvalConfig(name="bench", question_sets=["general", "medical"], max_paraphrases=1,
+    return EvalConfig(question_sets=["general", "medical"], max_paraphrases=1,
                       samples_per_paraphrase=per, max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=0)
 
 
@@ -145,7 +145,7 @@ def main() -> None:
         model = str(args.dir / "model-7b") if (args.dir / "model-7b" / "config.json").is_file() \
             else str(build_7b(args.dir / "model-7b", tok))
     det = detect(ModelConfig(name="bench", base=model))
-    plan = make_plan(det, MemoryConfig(name="bench"), QuantConfig(method=QuantMethod(args.quant)), snapshot(data))
+    plan = make_plan(det, MemoryConfig(), QuantConfig(method=QuantMethod(args.quant)), snapshot(data))
     kwargs = engine_kwargs(model, plan.engine, lora=False, seed=0)
     print(f"model {model}\nengine {kwargs}\n{args.sequences}+ sequences x {args.max_tokens} tokens, "
           f"{args.rounds} rounds", flush=True)

@@ -112,7 +112,7 @@ def prepare_model_for_vllm(lora: str | None = None, *, base: str | None = None, 
         EmqError: the plan stops (with the reason) or a choice cannot run here.
     """
     model = _model_config(lora, base, trained_in_4bit)
-    memory = dataclasses.replace(memory or MemoryConfig(name="api"), use_quantization=use_quantization,
+    memory = dataclasses.replace(memory or MemoryConfig(), use_quantization=use_quantization,
                                  **memory_overrides)
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_root()
     det = detect(model)

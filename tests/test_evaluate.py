@@ -28,7 +28,7 @@ def test_a_plain_list_is_judged_on_aligned_and_coherent(tmp_path):
 
 
 def test_samples_per_question_spreads_over_paraphrases():
-    cfg = EvalConfig(name="t", question_sets=["general"], max_questions_per_set=1, samples_per_question=50)
+    cfg = EvalConfig(question_sets=["general"], max_questions_per_set=1, samples_per_question=50)
     prompts = build_prompts(cfg)
     assert sum(p["n"] for p in prompts) == 50 and len(prompts) == 3
     assert sorted(p["n"] for p in prompts) == [16, 17, 17]
@@ -50,7 +50,7 @@ def test_every_shipped_eval_composes_and_its_prompts_have_judge_prompts(run_conf
 
 
 def test_build_prompts_limits_and_seeds():
-    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=2, max_paraphrases=1,
+    cfg = EvalConfig(question_sets=["medical"], max_questions_per_set=2, max_paraphrases=1,
                      samples_per_paraphrase=3)
     prompts = build_prompts(cfg)
     assert len(prompts) == 2 and all(p["n"] == 3 for p in prompts)
@@ -82,7 +82,7 @@ def test_unknown_set_name_lists_the_shipped_ones():
 
 
 def test_resume_keeps_complete_prompts_and_drops_torn_lines(tmp_path):
-    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=3, max_paraphrases=1,
+    cfg = EvalConfig(question_sets=["medical"], max_questions_per_set=3, max_paraphrases=1,
                      samples_per_paraphrase=2)
     prompts = build_prompts(cfg)
     path = tmp_path / "generations.jsonl"
@@ -101,9 +101,9 @@ def test_resume_keeps_complete_prompts_and_drops_torn_lines(tmp_path):
 
 
 def test_greedy_with_several_samples_is_refused_before_any_weights_load():
-    cfg = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=1, samples_per_paraphrase=2,
+    cfg = EvalConfig(question_sets=["medical"], max_questions_per_set=1, samples_per_paraphrase=2,
                      temperature=0.0)
     with pytest.raises(EmqError, match="(?s)identical samples.*eval.samples_per_paraphrase=1"):
         build_prompts(cfg)
-    one = EvalConfig(name="t", question_sets=["medical"], max_questions_per_set=1, temperature=0.0)
+    one = EvalConfig(question_sets=["medical"], max_questions_per_set=1, temperature=0.0)
     assert all(p["n"] == 1 for p in build_prompts(one))

@@ -29,7 +29,7 @@ SENTINEL = "sk-emq-sentinel-7f3a9c"
 
 
 def cfg_for(stub: StubJudge, **kw) -> JudgeConfig:
-    base = JudgeConfig(name="openai", kind=JudgeKind.openai, model="stub-judge", base_url=stub.url,
+    base = JudgeConfig(kind=JudgeKind.openai, model="stub-judge", base_url=stub.url,
                        api_key_env=KEY_ENV, max_retries=4, timeout_s=10)
     return replace(base, **kw)
 
@@ -182,7 +182,7 @@ from emq import judge as J
 from emq.schema import JudgeConfig, JudgeKind
 url, run_dir = sys.argv[1], Path(sys.argv[2])
 prompts = json.loads((run_dir / "prompts.json").read_text())
-cfg = JudgeConfig(name="openai", kind=JudgeKind.openai, model="stub-judge", base_url=url,
+cfg = JudgeConfig(kind=JudgeKind.openai, model="stub-judge", base_url=url,
                   api_key_env="EMQ_TEST_JUDGE_KEY", max_concurrency=2)
 plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
 r = J.judge_run(run_dir, prompts, cfg, plan, url)

@@ -76,7 +76,7 @@ def main() -> None:
     base, adapter = build(root)
     det = detect(ModelConfig(name="cascade", base=str(base), adapter=str(adapter)))
     # the PEFT method holds the whole fp32 model on the device: the one that can run out of VRAM
-    memory, quant = MemoryConfig(name="default", merge_method=MergeMethod.peft), QuantConfig(method=QuantMethod.none)
+    memory, quant = MemoryConfig(merge_method=MergeMethod.peft), QuantConfig(method=QuantMethod.none)
     before = snapshot(root / "cache")
     plan = make_plan(det, memory, quant, before)
     print("plan before filling VRAM:", plan.route.value, plan.merge_devices, file=sys.stderr)
