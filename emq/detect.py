@@ -103,6 +103,11 @@ class BaseFacts:
     head_dim: int | None = None
     tie_word_embeddings: bool = False
     quantization_config: dict[str, Any] | None = None
+    # the decoder's Linear weights (what w4a16 quantizes): their total parameters and distinct [out, in]
+    # shapes, from the safetensors headers, else from config.json
+    linear_params: int | None = None
+    linear_shapes: list[list[int]] = field(default_factory=list)
+    moe: bool = False  # mixture-of-experts layers (config: num_experts / num_local_experts)
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,8 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         missing = sorted(set(shards) - set(present))
         raise EmqError(f"{index_path} lists shards that are missing: {missing[:3]}{' …' if len(missing) > 3 else ''}",
                        "finish the download (or re-save the model) so every shard is present")
-    count = nbytes = largest = linear = 0
+    count = nbytes = largest = linear = linear_params = 0
+    shapes: set[tuple[int, int]] = set()
     per_dtype: dict[str, int] = {}
     for s in present:
         path = base_dir / s
@@ -223,6 +229,9 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
             b = numel * _BYTES_PER_DTYPE.get(info["dtype"], 2)
             if len(info["shape"]) == 2 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe")):
                 linear = max(linear, b)
+                if name.endswith(".weight") and "norm" not in name:
+                    linear_params += numel
+                    shapes.add(tuple(info["shape"]))
             count += numel
             nbytes += b
             per_dtype[info["dtype"]] = per_dtype.get(info["dtype"], 0) + b
@@ -237,6 +246,8 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         param_count = param_bytes = None
     heads = cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+    if not shapes:
+        shapes, linear_params = _linear_shapes_from_config(cfg, head_dim)
     return BaseFacts(
         ref=str(base_dir) if hub.looks_local(ref) else ref, path=str(base_dir), architecture=archs[0],
         model_type=cfg["model_type"], dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
@@ -247,7 +258,20 @@ def _base_facts(base_dir: Path, ref: str) -> BaseFacts:
         num_layers=cfg.get("num_hidden_layers"), num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         quantization_config=cfg.get("quantization_config"),
+        linear_params=linear_params or None, linear_shapes=sorted([list(t) for t in shapes]),
+        moe=bool(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")),
     )
+
+
+def _linear_shapes_from_config(cfg: dict[str, Any], head_dim: int | None) -> tuple[set[tuple[int, int]], int]:
+    """A Llama-style decoder's Linear shapes and their parameter total, when no weights are on disk."""
+    hidden, inter, layers = cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers")
+    heads = cfg.get("num_attention_heads")
+    if not (hidden and inter and layers and heads and head_dim):
+        return set(), 0
+    q, kv = heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
+    per_layer = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inter, hidden), (inter, hidden), (hidden, inter)]
+    return set(per_layer), layers * sum(o * i for o, i in per_layer)
 
 
 # --- adapter -------------------------------------------------------------------------------

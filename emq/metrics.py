@@ -134,7 +134,7 @@ def weights_record(weights_gib: float | None, weights_source: str | None, plan_e
 
 
 def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footprint: dict[str, Any],
-                fidelity: dict[str, Any] | None) -> dict[str, Any]:
+                fidelity: dict[str, Any] | None, quantized=None) -> dict[str, Any]:
     """metrics.json before judging: what ran, how fast, how much memory, how faithful.
 
     Args:
@@ -144,12 +144,14 @@ def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footpri
         result: evaluate's EvalResult.
         loaded: the engine's LoadRecord.
         merged: the MergeResult, or None when nothing was merged.
+        quantized: the w4a16 checkpoint a stage after the merge made (QuantizeResult / MergeResult), or None.
         footprint: the served variant's peaks (`PeakMemory.footprint`).
         fidelity: fidelity.json's content, or None.
     """
     fid = fidelity or {}
     return {
         "model": model, "route": route, "quant": plan.quant.value,
+        "quant_detail": plan.quantize.describe() if plan.quantize else None,
         "vllm_quantization": plan.engine.quantization, "dtype": plan.engine.dtype,
         "count": result.samples, "prompts": result.prompts, "generated_now": result.generated_now,
         "mean_output_tokens": result.mean_output_tokens, "output_tokens_now": result.output_tokens,
@@ -159,6 +161,8 @@ def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footpri
         **weights_record(loaded.weights_gib, loaded.weights_source, plan.estimates_gib.get("serve_weights")),
         "merge_seconds": round(merged.seconds, 2) if merged else None,
         "merge_cached": merged.cached if merged else None,
+        "quantize_seconds": round(quantized.seconds, 2) if quantized else None,
+        "quantize_cached": quantized.cached if quantized else None,
         **footprint,
         "fidelity": fid.get("vs_reference"),
         "fidelity_reference": fid.get("reference"),

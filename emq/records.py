@@ -5,7 +5,9 @@ A run dir holds (each written by the stage named):
 
     versions.json run_config.json   start: library versions, git sha, seeds; the composed config, resolved
     detect.json plan.json           detect, plan (with the judge plan and the machine snapshot)
-    merge.json inputs.json          merge (the cached checkpoint used), content hashes of every input
+    merge.json quantize.json        merge (the cached checkpoint, or the merged + RTN w4a16 one); a calibrated
+                                    (gptq/awq) w4a16 checkpoint, or the base quantized alone
+    inputs.json                     content hashes of every input and of the served checkpoint
     load.json                       load: engine settings, load time, weights memory
     generations.jsonl               evaluate: one row per answer, keyed by SampleKey
     fidelity.json fidelity_logprobs.npz   fidelity vs the trained function; this run's top-k logprobs
@@ -31,6 +33,7 @@ RUN_CONFIG = "run_config.json"
 DETECT = "detect.json"
 PLAN = "plan.json"
 MERGE = "merge.json"
+QUANTIZE = "quantize.json"
 INPUTS = "inputs.json"
 LOAD = "load.json"
 GENERATIONS = "generations.jsonl"

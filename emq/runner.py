@@ -15,6 +15,7 @@ from pathlib import Path
 from emq import fidelity, judge
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
+from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
 from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, check_engine_extra, load
@@ -24,8 +25,8 @@ from emq.machine import GIB, snapshot
 from emq.metrics import run_metrics
 from emq.monitor import PeakMemory
 from emq.plan import Route, make_plan, weights_missing
-from emq.records import (DETECT, INPUTS, LOAD, MERGE, METRICS, PLAN, RUN_CONFIG, STATUS, VERSIONS, Progress,
-                         versions, write_json)
+from emq.records import (DETECT, INPUTS, LOAD, MERGE, METRICS, PLAN, QUANTIZE, RUN_CONFIG, STATUS, VERSIONS,
+                         Progress, versions, write_json)
 from emq.report.tables import plan_table, run_summary
 from emq.schema import RunConfig, Stage
 
@@ -72,6 +73,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
     engine: Engine | None = None
     merged: MergeResult | None = None
+    quantized = None  # the w4a16 checkpoint, when a stage after the merge made it
     metrics: dict = {}
     t0 = time.perf_counter()
     with PeakMemory() as mem:
@@ -113,7 +115,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 if route is Route.merge_then_serve:
                     outcome = merge_or_fall_back(
                         det, plan.merge_devices, cfg.paths.cache_dir, force_recreate=cfg.memory.force_recreate,
-                        settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base),
+                        settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base,
+                                               rtn=rtn_settings(plan.quantize)),
                         may_fall_back=plan.fallback is Route.serve_lora, estimates_gib=plan.estimates_gib,
                         machine=machine)
                     merged, status.merge_attempts = outcome.merged, outcome.attempts
@@ -122,9 +125,16 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                     else:
                         route = Route.serve_lora
                         status.route = route.value
-                model_path = merged.path if merged else det.base.ref
+
+            with status.enter("quantize", progress):  # w4a16 by GPTQ/AWQ, or the base alone (the merge did RTN)
+                quantized = quantize_for_plan(det, plan.quantize, merged, cfg.paths.cache_dir,
+                                              force_recreate=cfg.memory.force_recreate)
+                if quantized is not None:
+                    write_json(run_dir / QUANTIZE, quantized)
+                served = quantized or merged
+                model_path = served.path if served else det.base.ref
                 lora_path = det.adapter.path if route is Route.serve_lora else None
-                write_json(run_dir / INPUTS, inputs_record(det, merged))
+                write_json(run_dir / INPUTS, inputs_record(det, served))
 
             with status.enter("reference", progress):  # before vLLM takes the GPU: the trained function, once per model
                 fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
@@ -142,7 +152,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
                 engine = None
                 metrics = run_metrics(model=cfg.model.name, route=route.value, plan=plan, result=result, loaded=loaded,
-                                      merged=merged, footprint=mem.footprint(), fidelity=fid_out)
+                                      merged=merged, quantized=quantized, footprint=mem.footprint(), fidelity=fid_out)
                 mem.reset()
                 write_json(run_dir / METRICS, metrics)
 
@@ -158,9 +168,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
         finally:
             if engine is not None:
                 engine.shutdown()
-            if merged is not None and cfg.memory.cleanup_after_eval:
-                shutil.rmtree(merged.path, ignore_errors=True)
-                log.info("cleanup_after_eval: removed %s", merged.path)
+            for made in (merged, quantized):
+                if made is not None and cfg.memory.cleanup_after_eval:
+                    shutil.rmtree(made.path, ignore_errors=True)
+                    log.info("cleanup_after_eval: removed %s", made.path)
             progress.update(force=True, stage=status.stage, status=status.status)
             status.seconds = round(time.perf_counter() - t0, 2)
             status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)

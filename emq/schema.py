@@ -15,13 +15,22 @@ MISSING: Any = "???"
 
 
 class QuantMethod(str, Enum):
-    """What the served weights are quantized to, in flight, by vLLM."""
+    """What the served weights are quantized to: offline by emq (w4a16) or in flight by vLLM."""
 
     none = "none"  # serve bf16 weights as they are
-    bnb = "bnb"  # bitsandbytes NF4 (CUDA, vLLM < 0.28)
-    int8 = "int8"  # vLLM's online int8 weight-only (CPU build) / per-channel
-    fp8 = "fp8"  # vLLM's online fp8 (GPU)
+    w4a16 = "w4a16"  # offline: int4 weights, group-wise scales, compressed-tensors pack-quantized (every vLLM)
+    bnb = "bnb"  # in flight: bitsandbytes NF4 (CUDA, vLLM < 0.28)
+    int8 = "int8"  # in flight: vLLM CPU's int8_per_channel_weight_only (MoE experts only)
+    fp8 = "fp8"  # in flight: vLLM's online fp8 (GPU)
     auto = "auto"  # the best the installed vLLM and this machine can do
+
+
+class QuantAlgorithm(str, Enum):
+    """How w4a16 picks the int4 codes (emq.checkpoint.quantize)."""
+
+    rtn = "rtn"  # round to nearest, per group: no calibration, fused into the stream merge (seconds)
+    gptq = "gptq"  # GPTQ: second-order error compensation from calibration activations, layer by layer
+    awq = "awq"  # AWQ: activation-aware per-channel scaling, then round to nearest, layer by layer
 
 
 class RoutePolicy(str, Enum):
@@ -110,13 +119,30 @@ class MemoryConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The text GPTQ / AWQ run through the model (never the fidelity corpus)."""
+
+    corpus: str = "default"  # emq's own chats (emq/calibration_data/default.jsonl) or a path to a JSONL of chats
+    samples: int = 40  # sequences (40 × 512 tokens: emq's corpus once, without repeating it)
+    seq_len: int = 512  # tokens per sequence
+
+
+@dataclass
 class QuantConfig:
-    """In-flight quantization of the served weights."""
+    """How the served weights are quantized."""
 
     method: QuantMethod = MISSING
-    # When `method` cannot run here, use the leanest in-flight quantization the installed vLLM has
-    # instead of stopping; the substitution is recorded (plan, metrics, report title). For sweeps.
+    # When `method` cannot run here, use the leanest quantization the installed vLLM has instead of
+    # stopping; the substitution is recorded (plan, metrics, report title). For sweeps.
     substitute: bool = False
+    # w4a16 only:
+    algorithm: QuantAlgorithm = QuantAlgorithm.rtn
+    group_size: int | None = None  # null: the largest of 128/64/32 that divides every quantized in-feature
+    symmetric: bool = False  # asymmetric (a zero point per group) halves the demo's error at the same size
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear modules kept in 16 bits
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    damp: float = 0.01  # gptq: dampening, as a fraction of the Hessian's mean diagonal
+    device: str = "auto"  # gptq/awq: auto (cuda if free memory fits, else cpu) | cuda | cpu
 
 
 @dataclass
@@ -231,6 +257,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "judge.timeout_s": (0, float("inf"), True, False),
     "judge.max_retries": (0, float("inf"), False, False),
     "judge.memory_utilization": (0, 1, True, False),
+    "quant.calibration.samples": (1, float("inf"), False, False),
+    "quant.calibration.seq_len": (16, float("inf"), False, False),
+    "quant.damp": (0, 1, True, False),
 }
 
 
@@ -277,6 +306,13 @@ def check_values(cfg: RunConfig) -> None:
         ranges["judge.top_logprobs"] = (1, 20, False, False)
     problems = [p for key, r in ranges.items() if (p := _range_problem(cfg, key, *r))]
     e, j = cfg.eval, cfg.judge
+    q = cfg.quant
+    if q.group_size is not None and q.group_size not in (32, 64, 128):
+        problems.append((f"quant.group_size={q.group_size} is not one the int4 kernels take",
+                         "quant.group_size=null (auto: the largest of 128/64/32 that divides the model's features), "
+                         "or 32, 64 or 128"))
+    if q.device not in ("auto", "cuda", "cpu"):
+        problems.append((f"quant.device={q.device!r} is not auto, cuda or cpu", "quant.device=auto"))
     if e.fidelity.reference_device not in ("auto", "cuda", "cpu"):
         problems.append((f"eval.fidelity.reference_device={e.fidelity.reference_device!r} is not auto, cuda or cpu",
                          "eval.fidelity.reference_device=auto"))

@@ -36,3 +36,27 @@ def merge_peaks(det: DetectResult, method: MergeMethod, cpus: int) -> dict[str, 
     linear = det.base.largest_linear_bytes or min(det.base.param_bytes or 0, 5 * 10**9)
     return {"merge_peak_cpu_ram": stream_peak_ram(linear, adapter, cpus) / GIB,
             "merge_peak_gpu_vram": (stream_workers(cpus) * linear * 3.5 + adapter * 2) / GIB + 0.5}
+
+
+def w4a16_bytes(det: DetectResult, group_size: int, symmetric: bool) -> int:
+    """Bytes of a W4A16 checkpoint's weights: decoder Linears at 4 bits plus a 16-bit scale (and, when
+    asymmetric, a 4-bit zero point) per group; everything else (embeddings, norms, lm_head) in 16 bits."""
+    params = det.base.param_count or 0
+    linear = min(det.base.linear_params or 0, params)
+    per_param = 0.5 + 2 / group_size + (0 if symmetric else 0.5 / group_size)
+    return int(linear * per_param + (params - linear) * 2)
+
+
+def layerwise_peaks(det: DetectResult, samples: int, seq_len: int) -> dict[str, float]:
+    """Peak memory (GiB) of a calibrated (GPTQ / AWQ) quantization, which holds one decoder layer in fp32, its
+    Linears' Hessians (in² floats each), the calibration hidden states in fp32 twice (in and out) and the
+    embedding, on the device it runs on; the CPU side also holds the runtime (~1 GiB)."""
+    b = det.base
+    layers = b.num_layers or 1
+    layer_params = (b.linear_params or 0) / layers
+    hidden = max((min(s) for s in b.linear_shapes), default=0)  # the narrowest side of a decoder Linear
+    hessians = sum(i * i for _, i in b.linear_shapes) * 4
+    states = 2 * samples * seq_len * hidden * 4
+    embed = ((b.param_count or 0) - (b.linear_params or 0)) * 4
+    device = (layer_params * 4 * 2 + hessians + states + embed) / GIB
+    return {"quantize_peak_gpu_vram": device + 0.5, "quantize_peak_cpu_ram": device + 1.0}

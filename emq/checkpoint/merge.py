@@ -19,16 +19,15 @@ Devices are tried in the plan's order; a CUDA out-of-memory error moves on to th
 """
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emq.checkpoint import cache
+from emq.checkpoint.devices import DevicesFailed, try_devices
 from emq.checkpoint.identity import adapter_identity, base_identity
 from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip, nf4_settings
 from emq.checkpoint.stream import check_supported, stream_merge
@@ -39,17 +38,14 @@ from emq.schema import MergeBase, MergeMethod
 
 log = logging.getLogger(__name__)
 
-_COPY_FROM_BASE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+# what a checkpoint carries besides its weights and config (tokenizer, chat template, generation settings)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
 
 
-class MergeFailed(EmqError):
+class MergeFailed(DevicesFailed):
     """Every merge attempt failed; `attempts` says how."""
-
-    def __init__(self, message: str, fix: str, attempts: list[dict]):
-        super().__init__(message, fix)
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)
@@ -57,6 +53,20 @@ class MergeSettings:
     method: MergeMethod = MergeMethod.stream
     merge_base: MergeBase = MergeBase.auto
     out_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    rtn: RtnSettings | None = None  # quantize in the same pass (stream only): the served W4A16 checkpoint
+
+
+@dataclass(frozen=True)
+class RtnSettings:
+    """W4A16 by round to nearest, fused into the stream merge."""
+
+    group_size: int
+    symmetric: bool
+    ignore: tuple[str, ...] = ("lm_head",)
+
+
+# Bump when a quantizer's output changes for the same inputs: cached W4A16 checkpoints are rebuilt.
+QUANTIZER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,13 @@ class MergeResult:
     attempts: list[dict] = field(default_factory=list)
 
 
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer, chat template and generation config of `src` (those it has) into `dst`."""
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
 def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
     if merge_base is MergeBase.auto:
         return MergeBase.dequantized if det.trained_in_4bit else MergeBase.original
@@ -79,16 +96,24 @@ def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
 
 
 def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
-    """Everything the merged bytes depend on; the cache key is their hash."""
-    if det.adapter is None:
+    """Everything the merged (or merged and quantized) bytes depend on; the cache key is their hash."""
+    if det.adapter is None and settings.rtn is None:
         raise EmqError("nothing to merge: the model config has no adapter", "set model.adapter")
-    base = resolve_merge_base(det, settings.merge_base)
+    if settings.rtn is not None and settings.method is not MergeMethod.stream:
+        raise EmqError("quant.algorithm=rtn quantizes inside the stream merge; memory.merge_method=peft cannot",
+                       "memory.merge_method=stream, or quant.algorithm=gptq/awq (they quantize the merged model)")
+    base = resolve_merge_base(det, settings.merge_base) if det.adapter else MergeBase.original
     s = {"method": settings.method.value, "math_dtype": "float32", "out_dtype": settings.out_dtype,
          "merge_base": base.value}
     if base is MergeBase.dequantized:
         s["nf4"] = nf4_settings(det)
-    return {"base": {"path": det.base.path, "files": base_identity(Path(det.base.path))},
-            "adapter": {"path": det.adapter.path, "files": adapter_identity(Path(det.adapter.path))}, "settings": s}
+    if settings.rtn is not None:
+        s["w4a16"] = {"algorithm": "rtn", "group_size": settings.rtn.group_size, "symmetric": settings.rtn.symmetric,
+                      "ignore": sorted(set(settings.rtn.ignore) | {"lm_head"}), "quantizer": QUANTIZER_VERSION}
+    adapter = ({"path": det.adapter.path, "files": adapter_identity(Path(det.adapter.path))} if det.adapter
+               else {"path": None, "files": None})
+    return {"base": {"path": det.base.path, "files": base_identity(Path(det.base.path))}, "adapter": adapter,
+            "settings": s}
 
 
 def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
@@ -123,18 +148,6 @@ def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict
 _KERNELS = {MergeMethod.stream: stream_merge, MergeMethod.peft: _peft_merge}
 
 
-class _NeverRaised(Exception):
-    pass
-
-
-def _torch_oom() -> type[BaseException]:
-    """torch's out-of-memory error when torch is loaded: a CPU stream merge never imports torch
-    (an except clause evaluates this only once an exception is on its way, so torch is loaded
-    if it raised one)."""
-    torch = sys.modules.get("torch")
-    return getattr(torch, "OutOfMemoryError", _NeverRaised) if torch is not None else _NeverRaised
-
-
 def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
                   settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
     """Return a merged checkpoint for the detected base + adapter, building it if needed.
@@ -158,40 +171,24 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
     s = inputs["settings"]
     attempts: list[dict] = []
 
+    def make(tmp: Path, device: str) -> dict[str, Any]:
+        log.info("merge: %s on %s (merge base: %s%s)", s["method"], device, s["merge_base"],
+                 ", w4a16 rtn in the same pass" if "w4a16" in s else "")
+        hashes = _KERNELS[MergeMethod(s["method"])](det, inputs, device, tmp)
+        copy_side_files(Path(det.base.path), tmp)
+        return {"files_sha256": hashes}
+
     def build(tmp: Path) -> dict[str, Any]:
-        for device in devices:
-            a0 = time.perf_counter()
-            try:
-                log.info("merge: %s on %s (merge base: %s)", s["method"], device, s["merge_base"])
-                hashes = _KERNELS[MergeMethod(s["method"])](det, inputs, device, tmp)
-                for name in _COPY_FROM_BASE:
-                    src = Path(det.base.path) / name
-                    if src.is_file():
-                        shutil.copy2(src, tmp / name)
-                seconds = round(time.perf_counter() - a0, 2)
-                attempts.append({"device": device, "ok": True, "seconds": seconds})
-                return {"device": device, "files_sha256": hashes}
-            except _torch_oom() as e:
-                attempts.append({"device": device, "ok": False, "error": f"out of memory: {str(e)[:300]}"})
-                log.warning("merge on %s ran out of memory; trying the next device", device)
-                del e  # its traceback holds the half-loaded model
-                gc.collect()
-                torch = sys.modules["torch"]
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except (MemoryError, RuntimeError) as e:
-                attempts.append({"device": device, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                log.warning("merge on %s failed (%s); trying the next device", device, type(e).__name__)
-            for p in tmp.iterdir():  # the next device starts from an empty dir
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        raise MergeFailed(f"every merge attempt failed: {attempts}",
-                          "free memory, allow CPU merging (memory.allow_cpu_merge=true) or serve the LoRA "
-                          "(memory.stop_on_failure=false)", attempts)
+        return try_devices(devices, lambda device: make(tmp, device), tmp, what="merge", attempts=attempts,
+                           failed=MergeFailed, fix="free memory, allow CPU merging (memory.allow_cpu_merge=true) "
+                                               "or serve the LoRA (memory.stop_on_failure=false)")
 
     width = 4 if s["out_dtype"] == "float32" else 2
     needed = int(det.base.param_count * width * 1.05) + 64 * 1024**2 if det.base.param_count else None
+    quantized = "w4a16" in s
     built = cache.get_or_build(Path(cache_dir), key, inputs=inputs, build=build, needed_bytes=needed,
-                               force=force_recreate, what="the merged checkpoint", kind="merge")
+                               force=force_recreate, kind="w4a16" if quantized else "merge",
+                               what="the W4A16 checkpoint" if quantized else "the merged checkpoint")
     if not built.cached:
         log.info("merge: wrote %s on %s in %.1f s", built.path, attempts[-1]["device"], attempts[-1]["seconds"])
     return MergeResult(str(built.path), key, built.cached, None if built.cached else built.manifest.get("device"),

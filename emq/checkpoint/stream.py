@@ -3,6 +3,11 @@ add scale·(B·A) computed in fp32 (numpy on the CPU, torch on the GPU when the 
 to the output dtype; hash and write each output shard as it goes (emq.checkpoint.safetensors_io). Peak
 memory ≈ a few tensors per parallel part + the adapter, whatever the model size
 (emq.checkpoint.costs.stream_peak_ram).
+
+With `settings["w4a16"]` the same pass also quantizes (round to nearest, per group) every decoder Linear
+as it is merged and writes it in compressed-tensors pack-quantized form: the served W4A16 checkpoint in
+one pass, no bf16 merged copy written. RTN of the rounded merged weight, exactly what quantizing the
+merged checkpoint afterwards would give. Without an adapter it quantizes the base alone.
 """
 from __future__ import annotations
 
@@ -265,10 +270,14 @@ def _output_parts(base_dir: Path, shards: list[str], workers: int) -> list[tuple
 
 def stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict[str, str]:
     """Tensor by tensor: untouched tensors pass through as bytes; targeted ones get W + s·B·A in
-    fp32. Returns the sha256 of every shard written (computed while writing)."""
+    fp32 (and, with `inputs["settings"]["w4a16"]`, decoder Linears are quantized and packed). Returns
+    the sha256 of every shard written (computed while writing)."""
     from threadpoolctl import threadpool_limits
 
-    deltas, bias_deltas, replace, adapter_reader = load_adapter(det)
+    if det.adapter is None:  # quantizing a base alone
+        deltas, bias_deltas, replace, adapter_reader = {}, {}, {}, None
+    else:
+        deltas, bias_deltas, replace, adapter_reader = load_adapter(det)
     # One BLAS thread per worker: the workers already fill the cores, and OpenBLAS threads that
     # spin-wait beside them doubled the CPU time of a 2-core merge (measured).
     limits = threadpool_limits(limits=1, user_api="blas")
@@ -276,7 +285,8 @@ def stream_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dic
         return _stream_merge_with(det, inputs, device, out, deltas, bias_deltas, replace)
     finally:
         limits.restore_original_limits()
-        adapter_reader.close()
+        if adapter_reader is not None:
+            adapter_reader.close()
 
 
 _OUT_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -298,10 +308,32 @@ class _StreamJob:
     fan_in_fan_out: bool
     adapter_path: str  # for messages
     bar: Any  # tqdm progress bar, in bytes of the base
+    quant: Any = None  # w4a16.QuantSpec: quantize decoder Linears as they are written (None: plain merge)
+    ignore: tuple[str, ...] = ()  # Linear modules kept in 16 bits (names, matched as suffixes)
 
     def out_code_of(self, code: str) -> str:
         """The output dtype of a tensor stored as `code`: floats become `out_code`, the rest stay."""
         return self.out_code if code in sio.FLOAT_CODES else code
+
+    def quantizes(self, info: dict[str, dict[str, Any]], name: str) -> bool:
+        """Whether base tensor `name` is a decoder Linear's weight that w4a16 packs."""
+        if self.quant is None or not name.endswith(".weight") or info[name]["dtype"] not in sio.FLOAT_CODES:
+            return False
+        module = name[: -len(".weight")]
+        return len(info[name]["shape"]) == 2 and dequant_eligible(name, tuple(info[name]["shape"])) and not any(
+            module == i or module.endswith("." + i) for i in self.ignore)
+
+    def entries(self, info: dict[str, dict[str, Any]], name: str) -> list[tuple[str, str, list[int]]]:
+        """The output tensors (name, dtype, shape) that base tensor `name` becomes."""
+        if not self.quantizes(info, name):
+            return [(name, self.out_code_of(info[name]["dtype"]), info[name]["shape"])]
+        out_f, in_f = info[name]["shape"]
+        module, g = name[: -len(".weight")], self.quant.group_size
+        packed = [(f"{module}.weight_packed", "I32", [out_f, -(-in_f // 8)]),
+                  (f"{module}.weight_scale", self.out_code, [out_f, in_f // g])]
+        if not self.quant.symmetric:
+            packed.append((f"{module}.weight_zero_point", "I32", [-(-out_f // 8), in_f // g]))
+        return packed + [(f"{module}.weight_shape", "I64", [2])]
 
     def dequantizes(self, info: dict[str, dict[str, Any]], name: str) -> bool:
         """Whether base tensor `name` (of a shard with header `info`) goes through the NF4 round trip."""
@@ -318,6 +350,7 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     settings = inputs["settings"]
     out_code = _OUT_CODES[settings["out_dtype"]]
     nf4 = settings.get("nf4")
+    quant, ignore = _quant_spec(settings.get("w4a16"))
     cfg = json.loads((base_dir / "config.json").read_text())
     lm_head = _untied_lm_head(det, cfg, deltas, replace, out_code)
     untie = lm_head is not None
@@ -325,12 +358,13 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     shards = sio.shard_names(base_dir)
     bar = tqdm(total=sum((base_dir / s).stat().st_size for s in shards), desc="stream merge", unit="B",
                unit_scale=True)
-    _import_before_threads(device, nf4)
+    _import_before_threads(device, nf4, quant is not None)
     workers = stream_workers(os.cpu_count() or 1)
     parts = _output_parts(base_dir, shards, workers)
     job = _StreamJob(base_dir=base_dir, out=out, out_code=out_code, nf4=nf4, device=device, deltas=deltas,
                      bias_deltas=bias_deltas, replace=replace, lm_head=lm_head,
-                     fan_in_fan_out=det.adapter.fan_in_fan_out, adapter_path=det.adapter.path, bar=bar)
+                     fan_in_fan_out=bool(det.adapter and det.adapter.fan_in_fan_out),
+                     adapter_path=det.adapter.path if det.adapter else "", bar=bar, quant=quant, ignore=ignore)
     last = [untie and part is parts[-1] for part in parts]
 
     # Shards are independent: merge several at once (I/O, hashing and torch kernels release the GIL).
@@ -346,8 +380,17 @@ def _stream_merge_with(det: DetectResult, inputs: dict, device: str, out: Path, 
     if todo:
         raise EmqError(f"adapter tensors target weights the base does not have: {sorted(todo)[:3]}",
                        "this adapter was trained on another base; set model.base to it")
-    _write_index_and_config(out, cfg, weight_map, settings["out_dtype"], untie)
+    _write_index_and_config(out, cfg, weight_map, settings["out_dtype"], untie, quant, ignore)
     return hashes
+
+
+def _quant_spec(w4a16: dict[str, Any] | None) -> tuple[Any, tuple[str, ...]]:
+    """(the QuantSpec, the ignore list) of the merge settings' "w4a16" entry, or (None, ())."""
+    if not w4a16:
+        return None, ()
+    from emq.checkpoint.w4a16 import QuantSpec  # torch: only when quantizing
+
+    return QuantSpec(group_size=int(w4a16["group_size"]), symmetric=bool(w4a16["symmetric"])), tuple(w4a16["ignore"])
 
 
 def _untied_lm_head(det: DetectResult, cfg: dict[str, Any], deltas: dict[str, _Lora], replace: dict[str, _Ref],
@@ -385,9 +428,9 @@ def _shared_embedding(base_dir: Path, out_code: str) -> np.ndarray:
     return lm_head
 
 
-def _import_before_threads(device: str, nf4: dict[str, Any] | None) -> None:
+def _import_before_threads(device: str, nf4: dict[str, Any] | None, quantize: bool = False) -> None:
     """Import what the merge of any part will need from torch and bitsandbytes (nothing on a plain CPU merge)."""
-    if device != "cpu" or nf4 is not None:
+    if device != "cpu" or nf4 is not None or quantize:
         # torch (GPU math) and bitsandbytes (NF4 round trip) are imported here, once, before the
         # workers start: importing them from two threads at once can hand one thread a
         # half-initialised module (bitsandbytes' CPU ops were then missing).
@@ -404,14 +447,14 @@ def _merge_part(job: _StreamJob, part: tuple[str, str, list[str]], last: bool) -
     reader = sio.Reader(job.base_dir / in_shard)
     info = reader.header
     # decoded: read whole and worked on; the rest (untouched, same dtype) pass through as bytes
-    decoded = {n: n in job.deltas or n in job.bias_deltas or job.dequantizes(info, n)
+    decoded = {n: n in job.deltas or n in job.bias_deltas or job.dequantizes(info, n) or job.quantizes(info, n)
                or info[n]["dtype"] != job.out_code_of(info[n]["dtype"]) for n in names}
     plan = [(n, decoded[n]) for n in names if n not in job.replace]  # replaced tensors come from the adapter
     biggest = max((reader.span(n)[1] for n, whole in plan if whole), default=0)
     pool = sio.BufferPool(max(64 << 20, 3 * biggest))  # read ahead, merge, write: three in flight
     pieces = reader.stream(plan, pool)
     scratch = _Scratch()
-    entries = [(n, job.out_code_of(info[n]["dtype"]), info[n]["shape"]) for n in names]
+    entries = [e for n in names for e in job.entries(info, n)]
     if last:  # lm_head becomes a tensor of its own, in a shard loaders read
         entries.append(("lm_head.weight", job.out_code, list(job.lm_head.shape)))
     writer = sio.Writer(job.out / shard, entries)
@@ -426,7 +469,15 @@ def _merge_part(job: _StreamJob, part: tuple[str, str, list[str]], last: bool) -
             job.bar.update(length)
             w = _work_tensor(job, name, w, code, in_shard, scratch)
             found.add(name)
-            writer.write(name, w, release=None if buf is None else lambda b=buf: pool.give(b))
+            release = None if buf is None else lambda b=buf: pool.give(b)
+            if job.quantizes(info, name):
+                packed = _quantize_np(job, name, w)
+                for out_name, _, _ in job.entries(info, name):  # the writer's order
+                    writer.write(out_name, packed[out_name])
+                if release is not None:
+                    release()
+            else:
+                writer.write(name, w, release=release)
         if last:
             writer.write("lm_head.weight", job.lm_head)
         digest = writer.close()
@@ -492,9 +543,28 @@ def _work_tensor(job: _StreamJob, name: str, w: np.ndarray, code: str, in_shard:
     return result
 
 
+def _quantize_np(job: _StreamJob, name: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    """RTN-quantize one merged weight (held in the output dtype) and pack it: {tensor name: array}."""
+    import torch
+
+    from emq.checkpoint.w4a16 import pack, quantize_rtn
+
+    scale_dtype = _torch_dtype(job.out_code) if job.out_code != "F32" else torch.bfloat16
+    x = _to_torch(w, job.out_code).to(device=job.device, dtype=torch.float32)
+    packed = pack(quantize_rtn(x, job.quant, scale_dtype))
+    module = name[: -len(".weight")]
+    out = {}
+    for suffix, t in packed.items():
+        t = t.cpu()
+        out[f"{module}.{suffix}"] = t.view(torch.int16).numpy().view(np.uint16) if t.dtype in (
+            torch.bfloat16, torch.float16) else t.numpy()
+    return out
+
+
 def _write_index_and_config(out: Path, cfg: dict[str, Any], weight_map: dict[str, str], out_dtype: str,
-                            untie: bool) -> None:
-    """The safetensors index of the parts written and the base's config.json for the merged model."""
+                            untie: bool, quant: Any = None, ignore: tuple[str, ...] = ()) -> None:
+    """The safetensors index of the parts written and the base's config.json for the merged (and, with
+    `quant`, packed) model."""
     if untie:
         cfg["tie_word_embeddings"] = False
     total = sum((out / s).stat().st_size for s in set(weight_map.values()))
@@ -502,4 +572,8 @@ def _write_index_and_config(out: Path, cfg: dict[str, Any], weight_map: dict[str
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = out_dtype
+    if quant is not None:
+        from emq.checkpoint.w4a16 import quantization_config
+
+        cfg["quantization_config"] = quantization_config(quant, list(ignore))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

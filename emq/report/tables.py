@@ -45,7 +45,14 @@ def plan_table(det: DetectResult, plan: Plan, judge=None) -> str:
     if plan.merge_devices:
         t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}; if every attempt fails: "
                   f"{plan.fallback.value if plan.fallback else 'stop'}")
-    t.add_row("quant", f"{plan.quant.value} (vLLM quantization={plan.engine.quantization!r})")
+    t.add_row("quant", f"{plan.quantize.describe() if plan.quantize else plan.quant.value} "
+              f"(vLLM quantization={plan.engine.quantization!r})")
+    if plan.quantize:
+        q = plan.quantize
+        t.add_row("quantize", f"{q.algorithm} on the {q.source} checkpoint"
+                  + (" in the stream pass (fused)" if q.fused else f", calibrated on {q.calibration['samples']} x "
+                     f"{q.calibration['seq_len']} tokens of {q.calibration['corpus']!r}")
+                  + f", on {' → '.join(q.devices)}; 16-bit: {', '.join(q.ignore)}")
     t.add_row("engine", f"{plan.vllm} on {plan.platform}, {plan.engine.dtype}, memory share {plan.engine.memory_utilization}, "
               f"max_model_len {plan.engine.max_model_len}, eager={plan.engine.enforce_eager}"
               f"{', LoRA rank ≤ ' + str(plan.engine.max_lora_rank) if plan.engine.enable_lora else ''}")
@@ -101,9 +108,16 @@ def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     if status.error:
         rows.append(("error", status.error))
     for k in ("quant", "dtype", "count", "mean_output_tokens", "tokens_per_second", "latency_p95_s", "load_seconds",
-              "weights_gib", "merge_seconds"):
-        if metrics.get(k) is not None:
-            rows.append((k, str(metrics[k])))
+              "weights_gib", "merge_seconds", "quantize_seconds"):
+        if metrics.get(k) is None:
+            continue
+        value = str(metrics[k])
+        if k == "quant" and metrics.get("quant_detail"):
+            value = metrics["quant_detail"]
+        elif k == "weights_gib":
+            value += " (plan estimate)" if str(metrics.get("weights_source") or "").startswith("plan estimate") else \
+                " (measured)"
+        rows.append((k, value))
     rows += judged_rows(metrics)
     fid = metrics.get("fidelity")
     if fid:
