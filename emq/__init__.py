@@ -5,6 +5,9 @@ Importing the package is cheap: the API functions below import torch and friends
     emq.was_trained_in_4bit(lora)                     -> True / False / None
     emq.get_or_create_merged_model(base, lora, ...)   -> Path of the cached merged checkpoint
     emq.prepare_model_for_vllm(lora, ...)             -> model path, engine kwargs, LoRARequest
+    emq.quantize(model_path, algorithm=...)           -> a cached W4A16 checkpoint (compressed-tensors)
+    emq.get_or_create_quantized_model(base, lora)     -> merged + W4A16, cached
+    emq.quantize_to_awq / get_or_create_awq_model     -> the original tool's names (AWQ → compressed-tensors)
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Any
 
 from emq.version import __version__  # noqa: F401 - the package's version
 
-__all__ = ["get_or_create_merged_model", "prepare_model_for_vllm", "was_trained_in_4bit"]
+__all__ = ["get_or_create_awq_model", "get_or_create_merged_model", "get_or_create_quantized_model",
+           "prepare_model_for_vllm", "quantize", "quantize_to_awq", "was_trained_in_4bit"]
 
 
 def __getattr__(name: str) -> Any:

@@ -201,6 +201,8 @@ def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, se
     # emq asks each worker for its weights' memory with a function (collective_rpc), which vLLM
     # only sends to its own worker processes when this is set; the workers inherit it.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    for k, v in settings.env.items():  # the plan's (recorded in plan.json); a value the user set wins
+        os.environ.setdefault(k, v)
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     seconds = time.perf_counter() - t0

@@ -79,6 +79,7 @@ class PeakMemory:
     def __init__(self, interval_s: float = 0.2):
         self.interval_s = interval_s
         self.peak_rss_bytes = 0
+        self.window_rss_bytes = 0  # the peak since `open_window` (a stage's own), beside the run's peaks
         self.peak_gpu_bytes: int | None = None  # NVML, summed over the tree's processes
         self.peak_gpu_device_delta_bytes: int | None = None  # NVML, device used above its level at start
         self._proc = psutil.Process()
@@ -102,6 +103,7 @@ class PeakMemory:
             except psutil.Error:
                 continue
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        self.window_rss_bytes = max(self.window_rss_bytes, rss)
         if self._nvml.available:
             try:
                 per_pid = self._nvml.by_pid()
@@ -134,6 +136,14 @@ class PeakMemory:
         return {"peak_rss_gib": round(max(self.peak_rss_bytes, self.sample()) / GIB, 3),
                 "peak_vram_gib": round(gpu / GIB, 3) if gpu is not None else None,
                 "peak_vram_method": self.gpu_method}
+
+    def open_window(self) -> None:
+        """Start measuring a stage's own peak RSS (the run's peaks go on)."""
+        self.window_rss_bytes = 0
+
+    def window_peak_gib(self) -> float:
+        """The peak RSS of the process tree since `open_window`, GiB."""
+        return round(max(self.window_rss_bytes, self.sample()) / GIB, 3)
 
     def reset(self) -> None:
         """Forget the peaks so far (e.g. after a one-off demo build in the same process)."""

@@ -73,6 +73,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     enable_chunked_prefill: bool | None = None  # None: vLLM's default
     extra: dict = field(default_factory=dict)  # memory.engine_extra, validated against EngineArgs
+    env: dict = field(default_factory=dict)  # environment vLLM's processes start with (set by the engine, recorded)
 
 
 @dataclass(frozen=True)
@@ -492,14 +493,14 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
                                    quant.group_size)
     ignore = sorted(set(quant.ignore) | {"lm_head"})
     source = "merged" if routing.route is Route.merge_then_serve else "base"
-    est["serve_weights"] = w4a16_bytes(det, group, quant.symmetric) / GIB
+    est["serve_weights"] = est["serve_weights_w4a16"] = w4a16_bytes(det, group, quant.symmetric) / GIB
     layout = f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
     if quant.algorithm is QuantAlgorithm.rtn:
-        if source == "merged" and memory.merge_method is MergeMethod.peft:
-            raise EmqError("quant.algorithm=rtn quantizes inside the stream merge; memory.merge_method=peft cannot",
-                           "memory.merge_method=stream, or quant.algorithm=gptq / awq (they quantize the merge)")
         devices = routing.merge_devices if source == "merged" else (
             ["cuda", "cpu"] if machine.cuda and not memory.prefer_cpu_merge else ["cpu"])
+        if source == "merged" and memory.merge_method is MergeMethod.peft:  # peft writes the merge itself
+            reasons.append(f"{layout}; round to nearest, in a stream pass over the peft merge (no calibration)")
+            return QuantizePlan("rtn", group, quant.symmetric, ignore, False, source, devices)
         reasons.append(f"{layout}; round to nearest, fused into the stream pass over the "
                        f"{'merge' if source == 'merged' else 'base'} (one pass, no 16-bit copy written; no calibration)")
         return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices)
@@ -667,14 +668,25 @@ def _lora_rank(det: DetectResult) -> int:
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
 
 
+def engine_env(qm: QuantMethod, machine: Machine, reasons: list[str]) -> dict[str, str]:
+    """Environment vLLM needs for this quantization here (set before its processes start)."""
+    if qm is QuantMethod.w4a16 and machine.vllm.platform == "cuda":
+        reasons.append("engine: VLLM_DISABLED_KERNELS=HummingLinearKernel — vLLM 0.23 picks it for some int4 "
+                       "layouts (sym g64) and its flashinfer autotune hangs without network (measured on an H200); "
+                       "Marlin/Machete serve the same checkpoint")
+        return {"VLLM_DISABLED_KERNELS": "HummingLinearKernel"}
+    return {}
+
+
 def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, qm: QuantMethod,
-                     mode: EngineMode, *, lora: bool) -> EngineSettings:
+                     mode: EngineMode, reasons: list[str], *, lora: bool) -> EngineSettings:
     return EngineSettings(
         quantization=machine.vllm.quant.get(qm), dtype=mode.dtype, memory_utilization=mode.memory_utilization,
         max_model_len=memory.max_model_len, enforce_eager=mode.enforce_eager,
         enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
         max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
         enable_chunked_prefill=mode.enable_chunked_prefill, extra=dict(memory.engine_extra),
+        env=engine_env(qm, machine, reasons),
     )
 
 
@@ -718,7 +730,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     devices = routing.merge_devices
     plan = Plan(route=routing.route, quant=qm, merge_devices=devices,
                 merge_method=memory.merge_method.value if devices else None, fallback=routing.fallback,
-                engine=_engine_settings(det, memory, machine, qm, mode, lora=lora),
+                engine=_engine_settings(det, memory, machine, qm, mode, reasons, lora=lora),
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=machine.vllm.platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
                 stop_reason=routing.stop_reason, quant_requested=quant.method.value,

@@ -44,19 +44,22 @@ class RunStatus:
     merge_attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage entered
+    stage_peak_rss_gib: dict[str, float] = field(default_factory=dict)  # each stage's own peak RSS (process tree)
     peak_rss_gib: float = 0.0
     run_dir: str = ""
 
     @contextmanager
-    def enter(self, stage: str, progress: Progress) -> Iterator[None]:
-        """Mark `stage` as the one running (status and progress.json) and time it."""
+    def enter(self, stage: str, progress: Progress, mem: PeakMemory) -> Iterator[None]:
+        """Mark `stage` as the one running (status and progress.json); time it and take its peak RSS."""
         self.stage = stage
         progress.update(force=True, stage=stage)
+        mem.open_window()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
+            self.stage_peak_rss_gib[stage] = mem.window_peak_gib()
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
@@ -81,14 +84,14 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
             write_json(run_dir / RUN_CONFIG, cfg)  # the composed config, resolved (paths included)
 
-            with status.enter("detect", progress):
+            with status.enter("detect", progress, mem):
                 if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
                     ensure_demo(cfg.paths.data_dir)
                     mem.reset()  # a first-run demo build is not part of this model's footprint
                 det = detect(cfg.model)
                 write_json(run_dir / DETECT, det)
 
-            with status.enter("plan", progress):
+            with status.enter("plan", progress, mem):
                 prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
                 judge.check_prompts(prompts)
                 machine = snapshot(cfg.paths.cache_dir)
@@ -108,7 +111,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 status.status = "ok"
                 return status
 
-            with status.enter("merge", progress):
+            with status.enter("merge", progress, mem):
                 if weights_missing(det, route, fidelity=cfg.eval.fidelity.enabled):
                     det = detect(cfg.model, fetch_weights=True)  # hub ids: detect read metadata only
                     write_json(run_dir / DETECT, det)
@@ -126,7 +129,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                         route = Route.serve_lora
                         status.route = route.value
 
-            with status.enter("quantize", progress):  # w4a16 by GPTQ/AWQ, or the base alone (the merge did RTN)
+            with status.enter("quantize", progress, mem):  # w4a16 by GPTQ/AWQ, or the base alone (the merge did RTN)
                 quantized = quantize_for_plan(det, plan.quantize, merged, cfg.paths.cache_dir,
                                               force_recreate=cfg.memory.force_recreate)
                 if quantized is not None:
@@ -136,16 +139,16 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 lora_path = det.adapter.path if route is Route.serve_lora else None
                 write_json(run_dir / INPUTS, inputs_record(det, served))
 
-            with status.enter("reference", progress):  # before vLLM takes the GPU: the trained function, once per model
+            with status.enter("reference", progress, mem):  # before vLLM takes the GPU: the trained function, once per model
                 fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
                 mem.reset()  # the reference (cached after its first run) is not the served variant's footprint
 
-            with status.enter("load", progress):
+            with status.enter("load", progress, mem):
                 engine = load(model_path, plan.engine, lora_path=lora_path, seed=cfg.seed,
                               max_logprobs=cfg.eval.fidelity.top_k)
                 write_json(run_dir / LOAD, engine.record)
 
-            with status.enter("evaluate", progress):
+            with status.enter("evaluate", progress, mem):
                 result = evaluate(engine, cfg.eval, run_dir, progress)
                 fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
                 loaded = engine.record
@@ -156,7 +159,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 mem.reset()
                 write_json(run_dir / METRICS, metrics)
 
-            with status.enter("judge", progress):
+            with status.enter("judge", progress, mem):
                 metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics, progress)
             status.status = "ok"
         except EmqError as e:

@@ -9,12 +9,19 @@ from emq.schema import MemoryConfig, QuantConfig, QuantMethod
 PARAMS_14B = 14_800_000_000
 
 
+# Qwen2.5-14B's decoder Linears ([out, in]): q, k/v (GQA 8 × 128), o, gate/up, down
+QWEN14B_LINEARS = [[5120, 5120], [1024, 5120], [13824, 5120], [5120, 13824]]
+
+
 def fake_det(trained_in_4bit: bool | None = True, adapter: bool = True, params: int = PARAMS_14B,
-         use_dora: bool = False, rank: int = 32) -> DetectResult:
+             use_dora: bool = False, rank: int = 32, linear_shapes: list[list[int]] | None = None,
+             moe: bool = False, quantization_config: dict | None = None) -> DetectResult:
     base = BaseFacts(ref="/m/base", path="/m/base", architecture="Qwen2ForCausalLM", model_type="qwen2",
                      dtype="bfloat16", weights_local=True, param_count=params, param_bytes=params * 2,
                      num_layers=48, num_kv_heads=8, head_dim=128,
-                     largest_linear_bytes=int(params / PARAMS_14B * 5120 * 13824 * 2))  # ~Qwen2.5-14B's MLP weights
+                     largest_linear_bytes=int(params / PARAMS_14B * 5120 * 13824 * 2),  # ~Qwen2.5-14B's MLP weights
+                     linear_params=int(params * 0.89), linear_shapes=linear_shapes or QWEN14B_LINEARS, moe=moe,
+                     quantization_config=quantization_config)
     blockers = ["DoRA (vLLM's LoRA path serves plain LoRA)"] if use_dora else []
     facts = AdapterFacts(path="/m/adapter", rank=rank, alpha=2 * rank, use_rslora=False, use_dora=use_dora,
                          target_modules=["q_proj", "v_proj"], modules_to_save=[], rank_pattern={},

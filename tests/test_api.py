@@ -24,7 +24,8 @@ def test_get_or_create_merged_model_is_cached(demo, tmp_path):
 def test_prepare_merges_a_qlora_adapter(demo, tmp_path):
     prep = emq.prepare_model_for_vllm(str(demo.adapters["good_doctor"]), cache_dir=tmp_path)
     assert prep.merged and Path(prep.model).parent == tmp_path and prep.lora_request() is None
-    assert prep.engine_kwargs["quantization"] == "int8_per_channel_weight_only"  # this CPU build's in-flight option
+    assert prep.engine_kwargs["quantization"] == "compressed-tensors"  # auto: W4A16 (RTN, fused into the merge)
+    assert (Path(prep.model) / "config.json").read_text().count("pack-quantized") == 1
     assert prep.plan.route is Route.merge_then_serve
 
 

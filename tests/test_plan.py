@@ -1,6 +1,8 @@
 """plan choices from injected machine snapshots (no system calls patched)."""
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 import pytest
@@ -9,11 +11,12 @@ from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Gpu, Machine, vllm_info
 from emq.plan import LEANEST_FIRST, SERVE_FRACTION, QuantChoice, Route, leanest_quant, make_plan, resolve_quant
-from emq.schema import MemoryConfig, MergeMethod, QuantConfig, QuantMethod, RoutePolicy
+from emq.schema import MemoryConfig, MergeMethod, QuantAlgorithm, QuantConfig, QuantMethod, RoutePolicy
 from tests.plans import PARAMS_14B, cuda_vllm, fake_det, fake_machine, plan_for
 
 def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
-    plan = plan_for(machine=fake_machine(gpu_free_gib=140, ram_gib=100, vllm=cuda_vllm()), merge_method=MergeMethod.peft)
+    plan = plan_for(machine=fake_machine(gpu_free_gib=140, ram_gib=100, vllm=cuda_vllm()), merge_method=MergeMethod.peft,
+                    quant=QuantMethod.bnb)
     assert plan.route is Route.merge_then_serve
     assert plan.merge_devices == ["cuda", "cpu"]
     assert plan.quant is QuantMethod.bnb and plan.engine.quantization == "bitsandbytes"
@@ -31,7 +34,8 @@ def test_small_gpu_merges_on_cpu_with_peft():
 def test_no_gpu_enough_ram_merges_on_cpu():
     plan = plan_for(machine=fake_machine(ram_gib=100))
     assert plan.route is Route.merge_then_serve and plan.merge_devices == ["cpu"]
-    assert plan.quant is QuantMethod.int8 and plan.engine.enforce_eager
+    assert plan.quant is QuantMethod.w4a16 and plan.engine.enforce_eager
+    assert plan.quantize.algorithm == "rtn" and plan.quantize.fused and plan.quantize.group_size == 128
 
 
 def test_no_gpu_too_little_ram_stops():
@@ -55,7 +59,7 @@ def test_bnb_on_cpu_vllm_fails_with_the_fix():
     with pytest.raises(EmqError) as e:
         plan_for(quant=QuantMethod.bnb)
     assert "quant=bnb cannot run here" in e.value.message and "needs CUDA" in e.value.message
-    assert "quant=int8" in e.value.fix
+    assert "quant=w4a16" in e.value.fix
 
 
 def test_bnb_on_new_vllm_fails():
@@ -63,31 +67,38 @@ def test_bnb_on_new_vllm_fails():
         plan_for(quant=QuantMethod.bnb, machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.32.0")))
 
 
-def test_auto_without_bnb_on_gpu_picks_fp8():
-    plan = plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.32.0")))
-    assert plan.quant is QuantMethod.fp8
+def test_auto_picks_w4a16_on_every_vllm_with_the_measured_reason():
+    for machine in (fake_machine(), fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.23.0")),
+                    fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.32.0"))):
+        plan = plan_for(machine=machine)
+        assert plan.quant is QuantMethod.w4a16 and plan.engine.quantization == "compressed-tensors"
+        assert any(r.startswith("quant: auto → w4a16") and "3.0x at 8" in r for r in plan.reasons)
 
 
 def test_substitution_is_returned_and_recorded():
     cpu = fake_machine()
     reasons: list[str] = []
     choice = resolve_quant(QuantConfig(method=QuantMethod.bnb, substitute=True), MemoryConfig(), cpu, reasons)
-    assert choice == QuantChoice(QuantMethod.int8, substitution="bnb → int8")
-    assert reasons[-1].startswith("quant: SUBSTITUTED bnb → int8 (int8_per_channel_weight_only): bnb cannot run here")
+    assert choice == QuantChoice(QuantMethod.w4a16, substitution="bnb → w4a16")
+    assert reasons[-1].startswith("quant: SUBSTITUTED bnb → w4a16 (compressed-tensors): bnb cannot run here")
     plan = make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.bnb, substitute=True), cpu)
-    assert plan.quant is QuantMethod.int8 and plan.quant_substitution == "bnb → int8"
+    assert plan.quant is QuantMethod.w4a16 and plan.quant_substitution == "bnb → w4a16"
     assert plan.quant_requested == "bnb"
     # a choice that runs here, or auto, is no substitution
-    assert resolve_quant(QuantConfig(method=QuantMethod.int8, substitute=True), MemoryConfig(), cpu, []) == \
-        QuantChoice(QuantMethod.int8)
+    assert resolve_quant(QuantConfig(method=QuantMethod.w4a16, substitute=True), MemoryConfig(), cpu, []) == \
+        QuantChoice(QuantMethod.w4a16)
     assert plan_for(machine=cpu).quant_substitution is None
 
 
 def test_leanest_quant_follows_the_served_weights():
     assert list(LEANEST_FIRST) == sorted(LEANEST_FIRST, key=SERVE_FRACTION.__getitem__)  # ties keep their order
-    assert leanest_quant(cuda_vllm("0.23.0")) is QuantMethod.bnb
-    assert leanest_quant(cuda_vllm("0.32.0")) is QuantMethod.fp8
-    assert leanest_quant(fake_machine().vllm) is QuantMethod.int8
+    assert leanest_quant(cuda_vllm("0.23.0")) is QuantMethod.w4a16
+    assert leanest_quant(cuda_vllm("0.32.0")) is QuantMethod.w4a16
+    assert leanest_quant(fake_machine().vllm) is QuantMethod.w4a16
+    cpu_without_w4a16 = dataclasses.replace(fake_machine().vllm, quant={QuantMethod.none: None,
+                                                                        QuantMethod.int8: "int8_per_channel_weight_only"})
+    assert leanest_quant(cpu_without_w4a16) is None  # CPU int8 quantizes nothing of a dense model
+    assert leanest_quant(cpu_without_w4a16, moe=True) is QuantMethod.int8
     assert leanest_quant(vllm_info(cuda=False, dist=None, version=None)) is None
 
 
@@ -162,7 +173,7 @@ def test_kv_cache_that_does_not_fit_names_the_knobs():
 def test_estimates_cover_every_quant_option():
     plan = plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))
     e = plan.estimates_gib
-    assert e["serve_weights_bnb"] < e["serve_weights_int8"] < e["serve_weights_none"]
+    assert max(e["serve_weights_w4a16"], e["serve_weights_bnb"]) < e["serve_weights_int8"] < e["serve_weights_none"]
     assert e["kv_per_sequence"] > 0 and e["kv_headroom"] > e["kv_per_sequence"]
 
 
@@ -202,10 +213,14 @@ def test_cpu_without_native_bf16_serves_float32_unless_quantized():
     det = fake_det(params=135_000_000)
     assert plan_for(det=det, machine=_cpu(False), quant=QuantMethod.none).engine.dtype == "float32"
     assert plan_for(det=det, machine=_cpu(True), quant=QuantMethod.none).engine.dtype == "bfloat16"
-    int8 = plan_for(det=det, machine=_cpu(False), quant=QuantMethod.int8)
-    assert int8.engine.dtype == "bfloat16" and any("slower than float32" in r for r in int8.reasons)
-    # and the plan says that this CPU build's int8 leaves a dense model's linear layers unquantized
-    assert any("MoE expert weights only" in r for r in int8.reasons)
+    w4 = plan_for(det=det, machine=_cpu(False), quant=QuantMethod.w4a16)
+    assert w4.engine.dtype == "bfloat16" and any("slower than float32" in r for r in w4.reasons)
+    # this CPU build's int8 quantizes MoE experts only: refused for a dense model, noted for an MoE one
+    with pytest.raises(EmqError, match="mixture-of-experts weights only") as e:
+        plan_for(det=det, machine=_cpu(False), quant=QuantMethod.int8)
+    assert "quant=w4a16" in e.value.fix
+    moe = plan_for(det=fake_det(params=135_000_000, moe=True), machine=_cpu(True), quant=QuantMethod.int8)
+    assert moe.quant is QuantMethod.int8 and any("MoE expert weights only" in r for r in moe.reasons)
     assert plan_for(det=det, machine=_cpu(False), quant=QuantMethod.none, dtype="float16").engine.dtype == "float16"
 
 
@@ -264,3 +279,55 @@ def test_a_model_too_big_for_one_gpu_points_to_tensor_parallelism():
     assert plan.route is Route.stop and "memory.tensor_parallel_size=2" in plan.stop_reason
     tp2 = plan_for(det=det, machine=two, quant=QuantMethod.none, tensor_parallel_size=2)
     assert tp2.route is Route.serve_base and tp2.estimates_gib["engine_pool"] > 140
+
+
+# --- w4a16 -----------------------------------------------------------------------------------
+
+def test_w4a16_group_size_comes_from_the_models_shapes():
+    demo = fake_det(params=135_000_000, linear_shapes=[[192, 576], [576, 576], [576, 1536], [1536, 576]])
+    plan = plan_for(det=demo, quant=QuantMethod.w4a16)
+    assert plan.quantize.group_size == 64 and any("128 does not divide in-feature 576" in r for r in plan.reasons)
+    assert plan.quantize.describe() == "w4a16 (rtn, g64, asym)"
+    with pytest.raises(EmqError, match="quant.group_size=128 does not divide in-feature 576") as e:
+        make_plan(demo, MemoryConfig(), QuantConfig(method=QuantMethod.w4a16, group_size=128), fake_machine())
+    assert "[64, 32]" in e.value.fix
+    with pytest.raises(EmqError, match="multiples of 32"):
+        plan_for(det=fake_det(linear_shapes=[[100, 576]]), quant=QuantMethod.w4a16)
+
+
+def test_w4a16_serve_weights_are_computed_from_the_linears():
+    plan = plan_for(quant=QuantMethod.w4a16)
+    linear, rest = PARAMS_14B * 0.89, PARAMS_14B * 0.11
+    expected = (linear * (0.5 + 2 / 128 + 0.5 / 128) + rest * 2) / GIB
+    assert plan.estimates_gib["serve_weights"] == pytest.approx(expected, rel=0.01)
+    assert plan.estimates_gib["serve_weights_w4a16"] == plan.estimates_gib["serve_weights"]
+
+
+def test_w4a16_refuses_an_already_quantized_base_and_runs_rtn_after_a_peft_merge():
+    bnb = {"quant_method": "compressed-tensors"}
+    with pytest.raises(EmqError, match="already quantized"):
+        plan_for(det=fake_det(quantization_config=bnb), quant=QuantMethod.w4a16)
+    peft = plan_for(quant=QuantMethod.w4a16, merge_method=MergeMethod.peft)  # rtn in a pass of its own
+    assert not peft.quantize.fused and peft.quantize.source == "merged" and peft.quantize.algorithm == "rtn"
+
+
+def test_w4a16_calibrated_runs_on_the_gpu_when_it_fits_else_the_cpu():
+    gpu = fake_machine(gpu_free_gib=140, vllm=cuda_vllm())
+    gptq = make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.w4a16, algorithm=QuantAlgorithm.gptq),
+                     gpu)
+    q = gptq.quantize
+    assert not q.fused and q.source == "merged" and q.devices == ["cuda", "cpu"] and q.calibration["samples"] == 40
+    assert gptq.estimates_gib["quantize_peak_gpu_vram"] < 40 and gptq.engine.env == {
+        "VLLM_DISABLED_KERNELS": "HummingLinearKernel"}
+    small = fake_machine(gpu_free_gib=2, gpu_total_gib=24, vllm=cuda_vllm())
+    awq = make_plan(fake_det(), MemoryConfig(gpu_memory_utilization=0.05),
+                    QuantConfig(method=QuantMethod.w4a16, algorithm=QuantAlgorithm.awq), small)
+    assert awq.quantize.devices == ["cpu"] and any(r.startswith("no GPU quantize") for r in awq.reasons)
+    with pytest.raises(EmqError, match="quant.device=cuda"):
+        make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.w4a16, algorithm=QuantAlgorithm.gptq,
+                                                          device="cuda"), fake_machine())
+
+
+def test_lora_on_w4a16_quantizes_the_base():
+    plan = plan_for(det=fake_det(trained_in_4bit=False), quant=QuantMethod.w4a16)
+    assert plan.route is Route.serve_lora and plan.quantize.source == "base" and plan.engine.enable_lora

@@ -9,7 +9,7 @@ from tests.conftest import compose_run
 
 def test_failed_run_still_writes_status(tmp_path, monkeypatch):
     monkeypatch.setenv("EMQ_HOME", str(tmp_path / "home"))
-    cfg = compose_run(["model=demo_base", "model.demo=false", f"model.base={tmp_path / 'missing'}"])
+    cfg = compose_run(["model=demo_base", "model.demo=false", f"model.base={tmp_path / 'missing'}", "judge=none"])
     status = run(cfg, tmp_path / "run")
     assert status.status == "failed" and status.stage == "detect"
     record = json.loads((tmp_path / "run" / "status.json").read_text())

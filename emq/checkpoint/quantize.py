@@ -137,19 +137,23 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
         force_recreate: rebuild even if cached.
 
     Returns:
-        None when nothing is left to do (the merge quantized in its own pass); a MergeResult for the base
-        quantized by RTN in a stream pass; else a QuantizeResult.
+        None when nothing is left to do (the merge quantized in its own pass); a MergeResult for RTN in a stream
+        pass of its own (over the base, or over a peft merge); else (gptq/awq) a QuantizeResult.
     """
     import dataclasses
 
     from emq.checkpoint.identity import base_identity
     from emq.checkpoint.merge import MergeSettings, merge_adapter
+    from emq.detect import detect
+    from emq.schema import ModelConfig
 
     if qplan is None or (qplan.fused and qplan.source == "merged"):
         return None
-    if qplan.fused:  # a LoRA (or nothing) served on the base: quantize the base alone, in one stream pass
-        return merge_adapter(dataclasses.replace(det, adapter=None), qplan.devices, cache_dir,
-                             settings=MergeSettings(rtn=rtn_settings(qplan)), force_recreate=force_recreate)
+    if qplan.algorithm == "rtn":  # one stream pass that quantizes: over the base alone, or over a peft merge
+        src = det if merged is None else detect(ModelConfig(name=det.model, base=merged.path))
+        return merge_adapter(dataclasses.replace(src, adapter=None), qplan.devices, cache_dir,
+                             settings=MergeSettings(rtn=rtn_settings(dataclasses.replace(qplan, fused=True))),
+                             force_recreate=force_recreate)
     if merged is not None:
         src, identity = merged.path, {"merged_key": merged.key}
     else:

