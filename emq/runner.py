@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emq import fidelity, judge
+from emq.calibration import load_chats
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
@@ -98,6 +99,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 plan = make_plan(det, cfg.memory, cfg.quant, machine)
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
+                if plan.quantize and plan.quantize.calibration:  # a bad calibration file fails now, before any merge
+                    load_chats(plan.quantize.calibration["corpus"])
                 judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
                                               memory_utilization=plan.engine.memory_utilization,
                                               demo_built=demo_built(cfg.paths.data_dir))
