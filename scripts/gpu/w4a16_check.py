@@ -39,7 +39,7 @@ def seven_b() -> tuple[Path, Path]:
     return base, adapter
 
 
-def phase_quantize() -> list[tuple[str, str]]:
+def phase_quantize(gptq: bool = True, repeats: int = 2) -> list[tuple[str, str]]:
     import torch
 
     from emq.checkpoint.layout import choose_group_size
@@ -57,18 +57,21 @@ def phase_quantize() -> list[tuple[str, str]]:
     group, why = choose_group_size([i for _, i in shapes], [o for o, _ in shapes], None)
     cache = ROOT / "cache"
     times = {}
-    for label, rtn in (("stream merge alone", None), ("merge + RTN fused", RtnSettings(group, False)),
-                       ("stream merge alone (again)", None), ("merge + RTN fused (again)", RtnSettings(group, False))):
+    runs = [("stream merge alone", None), ("merge + RTN fused", RtnSettings(group, False))] * repeats
+    for label, rtn in runs:
         subprocess.run(["sync"])
         t = time.perf_counter()
         res = merge_adapter(det, ["cuda"], cache, settings=MergeSettings(rtn=rtn), force_recreate=True)
-        times.setdefault(label.split(" (")[0], []).append(time.perf_counter() - t)
+        times.setdefault(label, []).append(time.perf_counter() - t)
         if rtn is None:
             merged = res
     for k, v in times.items():
         rows.append((k, " / ".join(f"{x:.1f}" for x in v) + " s"))
     ratio = min(times["merge + RTN fused"]) / min(times["stream merge alone"])
     rows.append(("RTN fused / merge alone", f"{ratio:.2f}x (target <= 1.1; {why})"))
+    (OUT / "quantize.json").write_text(json.dumps({"rows": rows}, indent=1))
+    if not gptq:
+        return rows
     settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
     torch.cuda.reset_peak_memory_stats()
     with PeakMemory() as mem:
@@ -122,7 +125,7 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
                                       "tok_s": tokens / seconds, "load_s": load}), flush=True)
 
 
-def phase_serve() -> list[tuple[str, str]]:
+def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
     import emq
     from emq.detect import detect
     from emq.engine import engine_kwargs
@@ -133,7 +136,7 @@ def phase_serve() -> list[tuple[str, str]]:
     base, adapter = seven_b()
     cache = ROOT / "cache"
     w4 = str(emq.get_or_create_quantized_model(str(base), str(adapter), cache_dir=cache))
-    w4_base = str(emq.quantize(str(base), cache_dir=cache))
+    w4_base = str(emq.quantize(str(base), cache_dir=cache)) if n_variants > 3 else None
     merged = str(emq.get_or_create_merged_model(str(base), str(adapter), cache_dir=cache))
     rows = []
 
@@ -146,20 +149,25 @@ def phase_serve() -> list[tuple[str, str]]:
         return {**kw, "_env": plan.engine.env}
 
     variants = [("w4a16 merged (emq)", w4, QuantMethod.w4a16, "emq", None),
-                ("w4a16 merged (raw LLM.chat)", w4, QuantMethod.w4a16, "raw", None),
                 ("merged + bnb (emq)", merged, QuantMethod.bnb, "emq", None),
-                ("LoRA on the W4A16 base (emq)", w4_base, QuantMethod.w4a16, "emq", str(adapter))]
+                ("w4a16 merged (raw LLM.chat)", w4, QuantMethod.w4a16, "raw", None),
+                ("LoRA on the W4A16 base (emq)", w4_base, QuantMethod.w4a16, "emq", str(adapter))][:n_variants]
     results = {}
     for label, model, quant, side, lora in variants:
         kw = kwargs_for(model, quant, lora is not None)
         cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, "264,8", "256", lora or ""]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=280,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=170, env={
+                **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        except subprocess.TimeoutExpired as e:
+            rows.append((label, f"TIMEOUT after 170 s: {(e.stderr or b'')[-300:]!r}"))
+            continue
         res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if not res:
             rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
             continue
         results[label] = {r["n"]: r for r in res}
+        print(label, res, flush=True)
         rows.append((label, f"load {res[0]['load_s']:.0f} s; " + "; ".join(
             f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s" for r in res)))
     if "w4a16 merged (emq)" in results:
@@ -212,8 +220,13 @@ def main() -> None:
                       int(sys.argv[5]), lora)
     ROOT.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
-        phase_demo(Path(sys.argv[2]), Path(sys.argv[3]))
+    if phase == "short":  # one device call: the fused-RTN ratio, then w4a16 (emq, raw) and bnb tok/s
+        rows = phase_quantize(gptq=False, repeats=1)
+        print("\n".join(f"{k}  {v}" for k, v in rows), flush=True)
+        rows += phase_serve(int(os.environ.get("EMQ_CHECK_VARIANTS", "3")))
+    else:
+        rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
+            phase_demo(Path(sys.argv[2]), Path(sys.argv[3]))
     width = max(len(k) for k, _ in rows)
     print(f"\n== w4a16 check: {phase} ==")
     for k, v in rows:
