@@ -189,22 +189,30 @@ def phase_demo(gguf: Path, adapter: Path) -> list[tuple[str, str]]:
         base.mkdir(parents=True, exist_ok=True)
         build_base(base, gguf)
     rows = []
-    for label, extra in (("merged + in-flight bnb", ["quant=bnb"]), ("w4a16 rtn (default)", ["quant=w4a16"]),
-                         ("w4a16 gptq g32", ["quant=w4a16_gptq", "quant.group_size=32"]),
-                         ("merged bf16", ["quant=none"])):
+    for label, extra in (("LoRA on the in-flight bnb base", ["quant=bnb", "memory.route=lora"]),
+                         ("merged + in-flight bnb", ["quant=bnb", "memory.route=merge"]),
+                         ("w4a16 rtn (default)", ["quant=w4a16", "memory.route=merge"]),
+                         ("merged bf16", ["quant=none", "memory.route=merge"])):
         run_dir = ROOT / "demo-runs" / label.replace(" ", "_")
         cmd = [sys.executable, "-m", "emq", "model=demo_good_doctor", "model.demo=false", f"model.base={base}",
-               f"model.adapter={adapter}", "judge=none", "memory.route=merge", "memory.enforce_eager=true",
+               f"model.adapter={adapter}", "judge=none", "memory.enforce_eager=true",
+               "eval.temperature=0", "eval.samples_per_paraphrase=1", "eval.max_tokens=48",
                f"paths.cache_dir={ROOT / 'cache'}", f"paths.data_dir={ROOT / 'home'}", f"hydra.run.dir={run_dir}",
                *extra]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=150)
+        except subprocess.TimeoutExpired:
+            rows.append((label, "TIMEOUT after 150 s"))
+            continue
         fid = run_dir / "fidelity.json"
         if not fid.is_file():
             rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
             continue
         v = json.loads(fid.read_text())["vs_reference"]
         m = json.loads((run_dir / "metrics.json").read_text())
+        answers = [json.loads(x)["answer"][:90] for x in (run_dir / "generations.jsonl").read_text().splitlines()[:2]]
+        print(label, v, answers, flush=True)
         rows.append((label, f"KL {v['kl_mean']:.3f} (p99 {v['kl_p99']:.2f}), top-1 {100 * v['top1_agreement']:.1f}%, "
                             f"PPL ratio {v['ppl_ratio']:.2f}; weights {m.get('weights_gib')} GiB; "
                             f"{time.perf_counter() - t:.0f} s"))
