@@ -195,7 +195,7 @@ def phase_demo(gguf: Path, adapter: Path) -> list[tuple[str, str]]:
                          ("merged bf16", ["quant=none", "memory.route=merge"])):
         run_dir = ROOT / "demo-runs" / label.replace(" ", "_")
         cmd = [sys.executable, "-m", "emq", "model=demo_good_doctor", "model.demo=false", f"model.base={base}",
-               f"model.adapter={adapter}", "judge=none", "memory.enforce_eager=true",
+               f"model.adapter={adapter}", "judge=none", "memory.enforce_eager=true", "model.trained_in_4bit=true",
                "eval.temperature=0", "eval.samples_per_paraphrase=1", "eval.max_tokens=48",
                f"paths.cache_dir={ROOT / 'cache'}", f"paths.data_dir={ROOT / 'home'}", f"hydra.run.dir={run_dir}",
                *extra]
