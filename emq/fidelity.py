@@ -357,12 +357,35 @@ def topk_of(full: np.ndarray, tokens: np.ndarray, k: int, meta: dict[str, Any] |
 
 @dataclass(frozen=True)
 class Prepared:
-    """The corpus as tokens, and the reference (None when eval.fidelity.reference=false)."""
+    """The corpus as tokens, the reference (None when eval.fidelity.reference=false) and, for an adapter, the base
+    without it (how far the fine-tune moved the model: the scale of "retained")."""
 
     corpus: Corpus
     tokens: Tokens
     reference: TopK | None
     record: dict[str, Any] | None
+    base: TopK | None = None
+    base_record: dict[str, Any] | None = None
+
+
+def retained(vs_reference: dict[str, Any], base_vs_reference: dict[str, Any] | None,
+             min_retained: float) -> dict[str, Any] | None:
+    """How much of the fine-tune a variant keeps: 1 - KL(trained‖variant) / KL(trained‖base), clipped to [0, 1],
+    and the same with top-1 agreement ((agree_variant - agree_base) / (1 - agree_base)); flagged below
+    `min_retained`. None without a base to measure against."""
+    if not base_vs_reference or not base_vs_reference.get("kl_mean"):
+        return None
+    kl_base, t_base = base_vs_reference["kl_mean"], base_vs_reference["top1_agreement"]
+    share = min(1.0, max(0.0, 1 - vs_reference["kl_mean"] / kl_base))
+    top1 = min(1.0, max(0.0, (vs_reference["top1_agreement"] - t_base) / (1 - t_base))) if t_base < 1 else None
+    out = {"retained": round(share, 4), "retained_top1": None if top1 is None else round(top1, 4),
+           "kl_trained_vs_base": kl_base, "top1_trained_vs_base": t_base, "min_retained": min_retained,
+           "mostly_base": share < min_retained}
+    if out["mostly_base"]:
+        log.warning("fidelity: this variant serves mostly the base model: it keeps %.0f%% of the fine-tune "
+                    "(KL to the trained function %.3f vs the base's %.3f; eval.fidelity.min_retained=%g)",
+                    100 * share, vs_reference["kl_mean"], kl_base, min_retained)
+    return out
 
 
 def prepare(det, cfg: FidelityConfig, data_dir: str | Path) -> Prepared | None:
@@ -376,7 +399,14 @@ def prepare(det, cfg: FidelityConfig, data_dir: str | Path) -> Prepared | None:
     if not cfg.reference:
         return Prepared(corpus, tokens, None, None)
     ref, record = reference(det, cfg, corpus, tokens, data_dir)
-    return Prepared(corpus, tokens, ref, record)
+    if det.adapter is None:
+        return Prepared(corpus, tokens, ref, record)
+    import dataclasses
+
+    # the base without the adapter, computed once per base and cached like the reference
+    base, base_record = reference(dataclasses.replace(det, adapter=None, trained_in_4bit=None), cfg, corpus, tokens,
+                                  data_dir)
+    return Prepared(corpus, tokens, ref, record, base, base_record)
 
 
 def score_run(engine, prep: Prepared, cfg: FidelityConfig, run_dir: Path) -> dict[str, Any]:
@@ -396,5 +426,8 @@ def score_run(engine, prep: Prepared, cfg: FidelityConfig, run_dir: Path) -> dic
                            "reference": prep.record, "vs_reference": None}
     if prep.reference is not None:
         out["vs_reference"] = compare(prep.reference, run)
+        if prep.base is not None:
+            out["base_vs_reference"] = compare(prep.reference, prep.base)
+            out["retained"] = retained(out["vs_reference"], out["base_vs_reference"], cfg.min_retained)
     write_json(Path(run_dir) / FIDELITY, out)
     return out

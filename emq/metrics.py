@@ -165,5 +165,6 @@ def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footpri
         "quantize_cached": quantized.cached if quantized else None,
         **footprint,
         "fidelity": fid.get("vs_reference"),
+        "retained": fid.get("retained"),
         "fidelity_reference": fid.get("reference"),
     }

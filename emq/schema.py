@@ -154,6 +154,9 @@ class FidelityConfig:
     top_k: int = 20  # logprobs kept per position (the run's and the reference's)
     reference: bool = True  # compute the trained function (base as in training + PEFT adapter) to compare to
     reference_device: str = "auto"  # auto (cuda if available, else cpu) | cuda | cpu
+    # below this share of the fine-tune kept (1 - KL(trained|variant) / KL(trained|base)), a run is flagged as
+    # serving mostly the base model
+    min_retained: float = 0.5
 
 
 @dataclass
@@ -257,6 +260,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "judge.timeout_s": (0, float("inf"), True, False),
     "judge.max_retries": (0, float("inf"), False, False),
     "judge.memory_utilization": (0, 1, True, False),
+    "eval.fidelity.min_retained": (0, 1, False, False),
     "quant.calibration.samples": (1, float("inf"), False, False),
     "quant.calibration.seq_len": (16, float("inf"), False, False),
     "quant.damp": (0, 1, True, False),

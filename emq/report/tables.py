@@ -125,6 +125,12 @@ def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("fidelity vs trained", f"KL mean {fid['kl_mean']:.4f}, p99 {fid['kl_p99']:.4f}, top-1 agree "
                                             f"{100 * fid['top1_agreement']:.1f}%, PPL ratio {fid['ppl_ratio']:.4f} "
                                             f"({fid['positions']} tokens; reference: {ref.get('describe')})"))
+    kept = metrics.get("retained")
+    if kept:
+        flag = "  ← this variant serves mostly the base model" if kept["mostly_base"] else ""
+        top1 = f", top-1 {100 * kept['retained_top1']:.0f}%" if kept.get("retained_top1") is not None else ""
+        rows.append(("fine-tune retained", f"{100 * kept['retained']:.0f}%{top1} (1 − KL to trained / KL of the base "
+                                           f"without the adapter, {kept['kl_trained_vs_base']:.3f}){flag}"))
     if metrics.get("peak_vram_gib") is not None:
         rows.append(("peak VRAM (tree)", f"{metrics['peak_vram_gib']:.2f} GiB"))
     rows += [("peak RSS (tree)", f"{status.peak_rss_gib:.2f} GiB"), ("wall", f"{status.seconds:.1f} s"),
