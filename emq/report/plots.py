@@ -51,7 +51,8 @@ def _colors(n: int) -> list:
 
 
 def plot_quality_vs_memory(runs: list[PlottedRun], path: Path) -> None:
-    """Aligned score and KL to the trained function against weights memory, one point per finished run.
+    """Aligned score, and the fine-tune retained (or, without a base to measure it against, the KL to the trained
+    function), against weights memory, one point per finished run.
 
     Args:
         runs: the sweep's runs, in report order (unfinished ones are skipped).
@@ -61,6 +62,7 @@ def plot_quality_vs_memory(runs: list[PlottedRun], path: Path) -> None:
     ok = [r for r in runs if r.ok]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     markers = "osD^vP*Xh"
+    retained_axis = False
     for i, (r, c) in enumerate(zip(ok, _colors(len(ok)))):
         mem = r.metrics.get("weights_gib") or r.metrics.get("peak_vram_gib") or r.metrics.get("peak_rss_gib")
         s = ((r.metrics.get("metrics") or {}).get("aligned")) or {}
@@ -70,16 +72,21 @@ def plot_quality_vs_memory(runs: list[PlottedRun], path: Path) -> None:
                              color=c, capsize=4, label=r.label, alpha=0.85)
             axes[0].annotate(str(i + 1), (mem, s["mean"]), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
                              fontsize=8, color=c)
-        kl = (r.metrics.get("fidelity") or {}).get("kl_mean")
-        if mem is not None and kl is not None:
-            axes[1].plot([mem], [kl], markers[i % 9], color=c, label=r.label, alpha=0.85)
-            axes[1].annotate(str(i + 1), (mem, kl), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
+        kept = (r.metrics.get("retained") or {}).get("retained")
+        y = 100 * kept if kept is not None else (r.metrics.get("fidelity") or {}).get("kl_mean")
+        retained_axis = retained_axis or kept is not None
+        if mem is not None and y is not None:
+            axes[1].plot([mem], [y], markers[i % 9], color=c, label=r.label, alpha=0.85)
+            axes[1].annotate(str(i + 1), (mem, y), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
                              fontsize=8, color=c)
     est = any(r.weights_estimated for r in ok)
     xlabel = "model weights in the engine (GiB" + (", plan estimate where the engine hides them)" if est else ")")
     axes[0].set(title="aligned score vs weights memory (mean, 95% CI)", xlabel=xlabel, ylabel="aligned score (0-100)")
-    axes[1].set(title="KL to the trained function vs weights memory", xlabel=xlabel,
-                ylabel="mean KL per answer token (nats)")
+    if retained_axis:  # how much of the fine-tune each variant serves: 1 - KL(trained|variant) / KL(trained|base)
+        axes[1].set(title="fine-tune retained vs weights memory", xlabel=xlabel, ylabel="retained (%)", ylim=(-3, 103))
+    else:
+        axes[1].set(title="KL to the trained function vs weights memory", xlabel=xlabel,
+                    ylabel="mean KL per answer token (nats)")
     for ax in axes:
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()

@@ -218,8 +218,11 @@ def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
             row[rate] = s.get("mean")
             row[f"{rate}_ci_low"], row[f"{rate}_ci_high"] = (s.get("ci95") or [None, None])
         row["unscored_rate"] = em.get("unscored_rate")
+        kept = m.get("retained") or {}
         row.update(kl_mean=fid.get("kl_mean"), kl_p99=fid.get("kl_p99"), top1_agreement=fid.get("top1_agreement"),
-                   ppl_ratio=fid.get("ppl_ratio"))
+                   ppl_ratio=fid.get("ppl_ratio"), retained=kept.get("retained"), retained_top1=kept.get("retained_top1"),
+                   mostly_base=kept.get("mostly_base"), quant_detail=m.get("quant_detail"),
+                   quantize_s=m.get("quantize_seconds"))
         for name in metric_names(runs):
             d = paired(ref, r, name) if (ref is not None and r is not ref and r.ok) else None
             row[f"{name}_diff_vs_ref"] = d["diff"] if d else None
@@ -323,18 +326,22 @@ def summary_csv(rows: list[dict[str, Any]], out_dir: Path) -> Path:
 
 
 def _main_table(runs: list[Run], rows: list[dict[str, Any]], names: list[str]) -> tuple[list[str], list[list[str]]]:
-    head = [h for _, h in MD_COLUMNS] + names + ["misaligned %", "KL mean", "KL p99", "top-1"]
+    head = [h for _, h in MD_COLUMNS] + names + ["misaligned %", "KL mean", "KL p99", "top-1", "fine-tune retained"]
     body = []
     for r, row in zip(runs, rows):
         cells = [_fmt(row[k]) for k, _ in MD_COLUMNS]
         cells[0] = row["variant"] + (" (reference)" if row["reference"] else "")
         if row["weights_estimated"] and cells[4]:
             cells[4] = f"~{cells[4]} (est.)"
+        if row.get("quant_detail"):
+            cells[3] = row["quant_detail"]
         if row["quant_substitution"]:
-            cells[3] = f"{row['quant']} (substituted: {row['quant_substitution']})"
+            cells[3] = f"{cells[3]} (substituted: {row['quant_substitution']})"
         cells += [_mean_ci((r.metrics.get("metrics") or {}).get(m)) for m in names]
         cells += [_mean_ci((r.metrics.get("em") or {}).get("misaligned_rate"), 100),
-                  _fmt(row["kl_mean"], 4), _fmt(row["kl_p99"], 4), _fmt(row["top1_agreement"], 3)]
+                  _fmt(row["kl_mean"], 4), _fmt(row["kl_p99"], 4), _fmt(row["top1_agreement"], 3),
+                  "" if row.get("retained") is None else
+                  f"{100 * row['retained']:.0f}%" + (" **serves mostly the base**" if row["mostly_base"] else "")]
         body.append(cells)
     return head, body
 
