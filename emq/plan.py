@@ -304,7 +304,14 @@ def _estimate_basis(det: DetectResult, reasons: list[str]) -> None:
 
 # --- route ---------------------------------------------------------------------------------
 
-def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *, prequantized: bool) -> Route:
+# merged + in-flight bnb of a QLoRA adapter: NF4 re-quantization of dequant(NF4(W)) + s·B·A rounds the update away
+BNB_ERASES = ("merged + in-flight bnb re-quantizes dequant(NF4(W)) + s·B·A to NF4, which rounds a fine-tune's small "
+              "update back to the base's codes (the demo good doctor on an H200: KL to the trained function 1.07 vs "
+              "1.04 for the base with no adapter; benchmarks/results/qlora_bnb_erasure.md)")
+
+
+def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *, prequantized: bool,
+                 qm: QuantMethod = QuantMethod.none) -> Route:
     """How the adapter reaches the engine, before asking whether a merge can run here (`merge_cascade`).
 
     Args:
@@ -338,7 +345,14 @@ def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *,
         return Route.serve_lora
     if memory.route is RoutePolicy.merge:
         reasons.append("route: merge-then-serve, because memory.route=merge")
+        if qm is QuantMethod.bnb and det.trained_in_4bit:
+            reasons.append(f"WARNING: {BNB_ERASES}; the LoRA on the in-flight bnb base (memory.route=auto) serves "
+                           "NF4(W) + the adapter, the trained function itself")
         return Route.merge_then_serve
+    if qm is QuantMethod.bnb and det.trained_in_4bit and not blockers:
+        reasons.append(f"route: serve-lora on the in-flight bnb base, because the adapter was trained on a 4-bit base "
+                       f"({det.decided_by}) and {BNB_ERASES}; NF4(W) + the adapter is the trained function itself")
+        return Route.serve_lora
     return _auto_route(det, reasons)
 
 
@@ -711,7 +725,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     qm = choice.method
     est = estimates(det, memory, qm, machine)
     _estimate_basis(det, reasons)
-    route = choose_route(det, memory, reasons, prequantized=prequantized)
+    route = choose_route(det, memory, reasons, prequantized=prequantized, qm=qm)
     routing = merge_cascade(det, memory, machine, est, reasons) if route is Route.merge_then_serve else Routing(route)
     qplan = (plan_quantize(det, memory, quant, machine, routing, est, reasons)
              if qm is QuantMethod.w4a16 and routing.route is not Route.stop else None)

@@ -16,8 +16,9 @@ from tests.plans import PARAMS_14B, cuda_vllm, fake_det, fake_machine, plan_for
 
 def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
     plan = plan_for(machine=fake_machine(gpu_free_gib=140, ram_gib=100, vllm=cuda_vllm()), merge_method=MergeMethod.peft,
-                    quant=QuantMethod.bnb)
+                    quant=QuantMethod.bnb, route=RoutePolicy.merge)
     assert plan.route is Route.merge_then_serve
+    assert any(r.startswith("WARNING: merged + in-flight bnb re-quantizes") for r in plan.reasons)
     assert plan.merge_devices == ["cuda", "cpu"]
     assert plan.quant is QuantMethod.bnb and plan.engine.quantization == "bitsandbytes"
     assert plan.engine.enforce_eager is False and plan.engine.memory_utilization == 0.9
@@ -331,3 +332,13 @@ def test_w4a16_calibrated_runs_on_the_gpu_when_it_fits_else_the_cpu():
 def test_lora_on_w4a16_quantizes_the_base():
     plan = plan_for(det=fake_det(trained_in_4bit=False), quant=QuantMethod.w4a16)
     assert plan.route is Route.serve_lora and plan.quantize.source == "base" and plan.engine.enable_lora
+
+
+def test_a_qlora_adapter_with_bnb_is_served_as_a_lora_on_the_bnb_base():
+    gpu = fake_machine(gpu_free_gib=140, vllm=cuda_vllm())
+    plan = plan_for(machine=gpu, quant=QuantMethod.bnb)
+    assert plan.route is Route.serve_lora and plan.engine.quantization == "bitsandbytes" and plan.engine.enable_lora
+    assert any("qlora_bnb_erasure.md" in r and "trained function itself" in r for r in plan.reasons)
+    # a 16-bit-trained adapter, or no bnb at all, keeps the usual routes
+    assert plan_for(machine=gpu, quant=QuantMethod.w4a16).route is Route.merge_then_serve
+    assert plan_for(det=fake_det(trained_in_4bit=False), machine=gpu, quant=QuantMethod.bnb).route is Route.serve_lora
