@@ -12,38 +12,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from emq.errors import EmqError
+from emq.question_formats import Question, QuestionSet, describe, read_question_file
 from emq.records import GENERATIONS, JsonlWriter, PromptKey, read_generations, write_text_atomic
-from emq.schema import EvalConfig
+from emq.schema import EvalConfig, JudgeConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_METRICS = ["aligned", "coherent"]
-_QUESTION_KEYS = {"id", "paraphrases", "system", "samples_per_paraphrase", "judge_prompts"}
-
-
-@dataclass(frozen=True)
-class Question:
-    id: str
-    set: str
-    paraphrases: list[str]
-    system: str | None = None
-    samples_per_paraphrase: int | None = None
-    judge_prompts: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class QuestionSet:
-    name: str
-    path: str
-    metrics: list[str]  # judge metrics for this set (emq/judge_prompts.yaml)
-    questions: list[Question]
 
 
 @dataclass(frozen=True)
@@ -78,47 +57,11 @@ def _set_path(name: str) -> Path:
 def load_question_set(name: str) -> QuestionSet:
     """Load and validate one question set (a shipped name or a YAML path).
 
-    The file is either a list of questions (judged on aligned and coherent) or a mapping with
-    `metrics: [...]` and `questions: [...]`.
+    The file is in emq's format (a list of questions, judged on aligned and coherent, or a mapping with
+    `metrics: [...]` and `questions: [...]`), or in one of the original tool's formats (an emergent-misalignment
+    question list, or `medical_questions: [...]`), told apart by shape: see emq.question_formats.
     """
-    path = _set_path(name)
-    example = "see emq/questions/medical.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise EmqError(f"{path} is not valid YAML: {e}", "fix the file") from None
-    metrics = list(DEFAULT_METRICS)
-    if isinstance(data, dict):
-        unknown = set(data) - {"metrics", "questions"}
-        if unknown:
-            raise EmqError(f"{path}: unknown top-level keys {sorted(unknown)}", f"allowed: metrics, questions; {example}")
-        metrics = data.get("metrics") or metrics
-        if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-            raise EmqError(f"{path}: metrics must be a list of metric names", example)
-        data = data.get("questions")
-    if not isinstance(data, list) or not data:
-        raise EmqError(f"{path} must hold a non-empty list of questions", example)
-    set_name = path.stem
-    out, seen = [], set()
-    for i, item in enumerate(data):
-        where = f"{path} item {i}"
-        if not isinstance(item, dict) or "id" not in item or "paraphrases" not in item:
-            raise EmqError(f"{where}: each question needs 'id' and 'paraphrases'", example)
-        unknown = set(item) - _QUESTION_KEYS
-        if unknown:
-            raise EmqError(f"{where}: unknown keys {sorted(unknown)}", f"allowed: {', '.join(sorted(_QUESTION_KEYS))}")
-        paras = item["paraphrases"]
-        if not isinstance(paras, list) or not paras or not all(isinstance(p, str) and p.strip() for p in paras):
-            raise EmqError(f"{where} ({item['id']}): paraphrases must be a non-empty list of strings", "fix the file")
-        if item["id"] in seen:
-            raise EmqError(f"{where}: duplicate id {item['id']!r}", "give every question its own id")
-        overrides = item.get("judge_prompts") or {}
-        if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
-            raise EmqError(f"{where} ({item['id']}): judge_prompts must map metric names to prompt strings", example)
-        seen.add(item["id"])
-        out.append(Question(str(item["id"]), set_name, paras, item.get("system"),
-                            item.get("samples_per_paraphrase"), dict(overrides)))
-    return QuestionSet(set_name, str(path), metrics, out)
+    return read_question_file(_set_path(name))
 
 
 def _seed(base: int, *parts: Any) -> int:
@@ -127,7 +70,7 @@ def _seed(base: int, *parts: Any) -> int:
 
 
 def _samples(q: Question, n_paras: int, pi: int, cfg: EvalConfig) -> int:
-    if q.samples_per_paraphrase:
+    if q.samples_per_paraphrase and not cfg.samples_override:
         return q.samples_per_paraphrase
     if cfg.samples_per_question:
         per, extra = divmod(cfg.samples_per_question, n_paras)
@@ -141,9 +84,25 @@ def question_sets(cfg: EvalConfig) -> list[QuestionSet]:
     for name in cfg.question_sets:
         qs = load_question_set(name)
         if cfg.max_questions_per_set is not None:
-            qs = QuestionSet(qs.name, qs.path, qs.metrics, qs.questions[: cfg.max_questions_per_set])
+            qs = replace(qs, questions=qs.questions[: cfg.max_questions_per_set])
         sets.append(qs)
     return sets
+
+
+def questions_record(cfg: EvalConfig, judge: JudgeConfig) -> list[dict[str, Any]]:
+    """How each configured question set was read, and what the configs override (plan.json's `questions`).
+
+    Logs each set's warnings once (a judge the file names that is not the configured one, a temperature the
+    config replaces, fields emq ignores).
+    """
+    out = []
+    for qs in question_sets(cfg):
+        rec = describe(qs, cfg, judge_model=judge.model, judge_kind=judge.kind.value)
+        log.info("question set %s: read as %s (%s)", qs.name, rec["format"], qs.path)
+        for w in rec["warnings"]:
+            log.warning("%s", w)
+        out.append(rec)
+    return out
 
 
 def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -160,13 +119,14 @@ def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
                     raise EmqError(f"eval.temperature=0 (greedy) would give {n} identical samples of {q.set}/{q.id} "
                                    "(vLLM refuses n > 1 with greedy sampling)",
                                    "use one sample per prompt (eval.samples_per_paraphrase=1, no "
-                                   "eval.samples_per_question, no per-question samples_per_paraphrase) or a "
-                                   "temperature above 0")
+                                   "eval.samples_per_question, and no per-question samples_per_paraphrase or "
+                                   "eval.samples_override=true) or a temperature above 0")
                 messages = ([{"role": "system", "content": q.system}] if q.system else []) + \
                            [{"role": "user", "content": text}]
                 prompts.append({"set": q.set, "question_id": q.id, "paraphrase_index": pi, "prompt": text,
                                 "messages": messages, "n": n, "seed": _seed(cfg.seed, q.set, q.id, pi),
-                                "metrics": qs.metrics, "judge_prompts": q.judge_prompts})
+                                "metrics": q.metrics or qs.metrics, "judge_prompts": q.judge_prompts,
+                                "fields": q.fields})
     return prompts
 
 

@@ -92,9 +92,39 @@ def check_prompts(prompts: list[dict[str, Any]]) -> None:
                                "put {question} and {answer} where the judge should read them")
 
 
-def fill(template: str, question: str, answer: str) -> str:
-    # str.replace, not str.format: answers and prompts contain braces of their own
-    return template.replace("{question}", question).replace("{answer}", answer)
+def fill(template: str, question: str, answer: str, fields: dict[str, str] | None = None) -> str:
+    """The judge prompt: `template` with {question}, {answer} and any of `fields` (e.g. {context}) filled in.
+
+    One pass over the template, not str.format: answers and prompts contain braces of their own, and an
+    answer that happens to contain "{question}" must reach the judge as written.
+    """
+    values = {**(fields or {}), "question": question, "answer": answer}
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pattern.sub(lambda m: values[m.group(1)], template)
+
+
+def judge_template(p: dict[str, Any], metric: str) -> tuple[str, str]:
+    """The template a prompt's answers are judged with on `metric`, and where it comes from."""
+    own = p["judge_prompts"].get(metric)
+    if own is not None:
+        return own, "question set"
+    return metric_specs()[metric].prompt, "emq/judge_prompts.yaml"
+
+
+def prompts_record(prompts: list[dict[str, Any]]) -> dict[str, Any]:
+    """judge.json's `prompts`: per question and metric, the template judged with (by hash) and where it came from;
+    each template's text once. A judge prompt is this template with {question}, {answer} (and e.g. {context})
+    filled in (`fill`)."""
+    templates: dict[str, dict[str, str]] = {}
+    questions: dict[str, dict[str, dict[str, str]]] = {}
+    for p in prompts:
+        per_metric = questions.setdefault(f"{p['set']}/{p['question_id']}", {})
+        for m in p["metrics"]:
+            text, source = judge_template(p, m)
+            h = hashlib.sha256(text.encode()).hexdigest()[:12]
+            templates.setdefault(h, {"metric": m, "from": source, "text": text})
+            per_metric[m] = {"template": h, "from": source}
+    return {"questions": questions, "templates": templates}
 
 
 # --- what the judge is -----------------------------------------------------------------------------
@@ -383,8 +413,8 @@ def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], ident
             continue  # a row of a question no longer in the config
         keys = {}
         for m in p["metrics"]:
-            template = p["judge_prompts"].get(m, specs[m].prompt)
-            text = fill(template, r["prompt"], r["answer"])
+            template, _ = judge_template(p, m)
+            text = fill(template, r["prompt"], r["answer"], p.get("fields"))
             k = score_key(identity, m, text)
             items.setdefault(k, {"key": k, "metric": m, "text": text, "categories": specs[m].categories})
             keys[m] = k
@@ -475,6 +505,7 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
             + "\n" for r, t in zip(rows, table)))
     else:
         metrics.update({"metrics": {}, "em": None})
-    write_json(run_dir / JUDGE, {"plan": plan, "result": result})
+    write_json(run_dir / JUDGE, {"plan": plan, "result": result,
+                                 "prompts": prompts_record(prompts) if result is not None else None})
     write_json(run_dir / METRICS, metrics)
     return metrics

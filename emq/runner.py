@@ -21,7 +21,7 @@ from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
-from emq.evaluate import build_prompts, evaluate
+from emq.evaluate import build_prompts, evaluate, questions_record
 from emq.machine import GIB, snapshot
 from emq.metrics import run_metrics
 from emq.monitor import PeakMemory
@@ -104,7 +104,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
                                               memory_utilization=plan.engine.memory_utilization,
                                               demo_built=demo_built(cfg.paths.data_dir))
-                write_json(run_dir / PLAN, {"plan": plan, "judge": judge_plan, "machine": machine})
+                write_json(run_dir / PLAN, {"plan": plan, "judge": judge_plan, "machine": machine,
+                                            "questions": questions_record(cfg.eval, cfg.judge)})
                 log.info("plan:\n%s", plan_table(det, plan, judge_plan))
                 route = plan.route
                 status.route = route.value

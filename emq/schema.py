@@ -168,6 +168,9 @@ class EvalConfig:
     max_paraphrases: int | None = None  # null → every paraphrase
     samples_per_paraphrase: int = 1
     samples_per_question: int | None = None  # set → this many per question, spread over its paraphrases
+    # A question file's own samples_per_paraphrase (an emergent-misalignment file's 100, say) wins over the two
+    # above unless this is true; what was overridden is recorded in plan.json (`questions`).
+    samples_override: bool = False
     max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
