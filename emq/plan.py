@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from emq.checkpoint.costs import layerwise_peaks, merge_peaks, w4a16_bytes
+from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, merge_peaks, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
 from emq.detect import DetectResult, is_bnb_4bit
 from emq.errors import EmqError
@@ -520,10 +520,12 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
         return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices)
     cal = quant.calibration
     est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
+    est.update(layerwise_seconds(det, quant.algorithm.value, cal.samples, cal.seq_len))
     devices = _quantize_devices(quant.device, machine, est, reasons)
+    took = ", ".join(f"~{est[f'quantize_seconds_{d}'] / 60:.1f} min on {d}" for d in devices)
     reasons.append(f"{layout}; {quant.algorithm.value} on the {source} checkpoint, layer by layer (one decoder "
                    f"layer and {cal.samples} x {cal.seq_len} calibration tokens from {cal.corpus!r} in memory), "
-                   f"on {' → '.join(devices)}")
+                   f"on {' → '.join(devices)} ({took}, from measured rates; once per checkpoint, then cached)")
     return QuantizePlan(quant.algorithm.value, group, quant.symmetric, ignore, False, source, devices,
                         {"corpus": cal.corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp})
 
