@@ -10,6 +10,11 @@ Each (judge, metric, filled prompt) is judged once: its key is a hash of the thr
 scores.jsonl are keyed by it, a rerun judges only the keys that are missing, and identical answers
 to the same question share one judgement. Requests run with bounded concurrency, and retry with
 exponential backoff and jitter on 429 / 5xx / timeouts / dropped connections.
+
+    python -m emq judge --validate [judge overrides]  # how well a judge scores emq's labelled set
+
+Validation (`validate`, judge.validate=true in a run) sends emq's labelled items (emq.judge_validation)
+through the same prompts, client and keys; their scores are kept per judge under paths.data_dir.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -29,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from emq import scoring
+from emq import judge_validation, scoring
 from emq.errors import EmqError
 from emq.metrics import answer_table, summarize
 from emq.records import (
@@ -52,7 +59,7 @@ log = logging.getLogger(__name__)
 # OpenAI's tokenizers (cl100k, o200k) spell every integer 0-999 as a single token.
 _OPENAI_MODELS = re.compile(r"^(gpt-|chatgpt|o\d)", re.IGNORECASE)
 # httpx logs every request at INFO; the run log is for emq's own story.
-for _name in ("httpx", "openai", "httpcore"):
+for _name in ("httpx", "httpx2", "openai", "httpcore"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
@@ -140,6 +147,7 @@ class JudgePlan:
     scoring_reason: str | None
     api_key_env: str | None
     server: dict[str, Any] | None = None  # local: how the server will be started
+    probe: dict[str, Any] | None = None  # scoring=auto on an unknown endpoint: the probe asked and its answer
 
     @property
     def identity(self) -> str:
@@ -213,6 +221,50 @@ def _scoring_from_server(cfg: JudgeConfig, base_url: str, key: str) -> tuple[Sco
             f"the server's /tokenize spells {', '.join(f'{v} as {n} token(s)' for v, n in lengths.items())}")
 
 
+PROBE_NUMBER = 85
+
+
+def probe_verdict(tokens: list[str]) -> tuple[Scoring, str]:
+    """How a judge spells numbers, from the tokens it answered the probe with: the first token a whole
+    two-digit number → single_token; a single digit → digits; anything else is inconclusive → digits, which is
+    exact whatever the tokenizer (it only costs more requests)."""
+    first = tokens[0].strip() if tokens else ""
+    shown = " ".join(repr(t) for t in tokens[:3]) or "no tokens"
+    if first.isascii() and first.isdigit() and len(first) >= 2:
+        return Scoring.single_token, f"the endpoint answered the probe with {shown}: {first} is one token"
+    if first.isascii() and first.isdigit():
+        return Scoring.digits, f"the endpoint answered the probe with {shown}: it spells numbers digit by digit"
+    return Scoring.digits, (f"the probe was inconclusive (the endpoint answered {shown}); using digits, which is "
+                            "exact for any tokenizer (more requests per answer)")
+
+
+def probe_scoring(cfg: JudgeConfig, key: str) -> tuple[Scoring, str, dict[str, Any]]:
+    """Ask the endpoint once for a two-digit number and read how its logprobs spell it (scoring=auto when the
+    judge's tokenizer is not known here)."""
+    import openai
+
+    prompt = f"Reply with the number {PROBE_NUMBER} and nothing else."
+    record: dict[str, Any] = {"prompt": prompt, "max_tokens": 3}
+    client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=min(cfg.timeout_s, 30), max_retries=2)
+    try:
+        r = client.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=3, temperature=0, logprobs=True,
+                                           top_logprobs=min(5, cfg.top_logprobs))
+        content = (r.choices[0].logprobs.content or []) if r.choices and r.choices[0].logprobs else []
+        record["tokens"] = [t.token for t in content]
+        record["first_top_logprobs"] = {t.token: round(t.logprob, 4) for t in content[0].top_logprobs} if content else {}
+    except openai.APIError as e:
+        record["error"] = scrub(f"{type(e).__name__}: {str(e)[:200]}", cfg)
+        record["tokens"] = []
+    finally:
+        client.close()
+    method, why = probe_verdict(record["tokens"])
+    if "error" in record:
+        why = f"the probe failed ({record['error']}); using digits, which is exact for any tokenizer"
+    record["verdict"] = method.value
+    return method, why, record
+
+
 def _check_endpoint(cfg: JudgeConfig, key: str) -> None:
     import httpx
 
@@ -253,17 +305,19 @@ def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: 
     """Check the judge before any weights load and decide how scores are read.
 
     openai: the key is set, the endpoint answers, and the scoring method is known (explicit, from
-    judge.tokenizer, from the server's /tokenize, or OpenAI's own tokenizers). local: the model
-    resolves and vLLM is installed; the scoring method comes from the model's tokenizer.
+    judge.tokenizer, from the server's /tokenize, OpenAI's own tokenizers, else one probe of the endpoint:
+    `probe_scoring`, recorded in the plan). local: the model resolves and vLLM is installed; the scoring
+    method comes from the model's tokenizer.
 
     Raises:
-        EmqError: a missing key, an unreachable endpoint, an unknown tokenizer, with the fix.
+        EmqError: a missing key, an unreachable endpoint, an unreadable judge.tokenizer, with the fix.
     """
     if cfg.kind is JudgeKind.none:
         return JudgePlan("none", None, None, None, None, None)
     if cfg.kind is JudgeKind.openai:
         key = api_key(cfg)
         _check_endpoint(cfg, key)
+        probe = None
         if cfg.scoring is not Scoring.auto:
             method, why = cfg.scoring, "judge.scoring"
         elif cfg.tokenizer:
@@ -272,13 +326,10 @@ def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: 
             method, why = found
         elif _OPENAI_MODELS.match(cfg.model or ""):
             method, why = Scoring.single_token, f"{cfg.model} uses an OpenAI tokenizer (0-999 are single tokens)"
-        else:
-            raise EmqError(f"cannot tell how judge.model={cfg.model} tokenizes numbers (no judge.tokenizer, and "
-                           f"{cfg.base_url} has no vLLM /tokenize endpoint); reading a digit-splitting judge "
-                           "as single-token gives silently wrong scores",
-                           "set judge.tokenizer=<hub id or path of its tokenizer>, or judge.scoring=digits "
-                           "(always exact, more requests) or judge.scoring=single_token")
-        return JudgePlan("openai", cfg.model, cfg.base_url, method.value, why, cfg.api_key_env)
+        else:  # the tokenizer is not known here: the endpoint can tell
+            method, why, probe = probe_scoring(cfg, key)
+            log.info("judge: scoring=%s (%s)", method.value, why)
+        return JudgePlan("openai", cfg.model, cfg.base_url, method.value, why, cfg.api_key_env, probe=probe)
     from emq import hub
     from emq.machine import installed_vllm
 
@@ -426,34 +477,32 @@ def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in read_jsonl(Path(run_dir) / SCORES) if "key" in r}
 
 
-def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
-              *, model_name: str | None = None, progress=None) -> JudgeResult:
-    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
-    rows = read_generations(run_dir)
-    items, _ = judge_items(rows, prompts, plan.identity)
-    done = read_scores(run_dir)
-    todo = [it for k, it in items.items() if k not in done]
-    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s); scoring=%s (%s)",
-             len(rows), len(items), len(todo), len(items) - len(todo), SCORES, plan.scoring, plan.scoring_reason)
-    t0 = time.perf_counter()
+def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str, *,
+               model_name: str | None = None, desc: str = "judge", on_judged=None) -> tuple[int, int, int]:
+    """Judge `todo` (items as `judge_items` makes them) with one client, appending each judgement to `scores`
+    as it arrives (a killed process keeps what it judged).
+
+    Returns:
+        (requests, retries, errors) of this call.
+    """
+    if not todo:
+        return 0, 0, 0
     client = JudgeClient(cfg, plan, base_url, model_name=model_name)
     errors = 0
-    if progress is not None:
-        progress.update(force=True, judged=len(items) - len(todo), to_judge=len(items))
 
     async def main() -> None:
         nonlocal errors
         from tqdm import tqdm
 
-        with JsonlWriter(Path(run_dir) / SCORES) as writer, tqdm(total=len(todo), desc="judge", unit="ans") as bar:
+        with JsonlWriter(scores) as writer, tqdm(total=len(todo), desc=desc, unit="ans") as bar:
             async def one(it: dict[str, Any]) -> None:
                 nonlocal errors
                 j = await client.judge(it["text"], it["categories"])
                 errors += j.error is not None
                 writer.write({"key": it["key"], "metric": it["metric"], "judge": plan.identity, **j.__dict__})
                 bar.update(1)
-                if progress is not None:
-                    progress.update(judged=len(items) - len(todo) + bar.n)
+                if on_judged is not None:
+                    on_judged(bar.n)
 
             tasks = [asyncio.ensure_future(one(it)) for it in todo]
             try:
@@ -464,12 +513,42 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await client.close()
 
-    if todo:
-        asyncio.run(main())
+    asyncio.run(main())
+    return client.requests, client.retries, errors
+
+
+def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
+              *, model_name: str | None = None, progress=None) -> JudgeResult:
+    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
+    rows = read_generations(run_dir)
+    items, _ = judge_items(rows, prompts, plan.identity)
+    done = read_scores(run_dir)
+    todo = [it for k, it in items.items() if k not in done]
+    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s); scoring=%s (%s)",
+             len(rows), len(items), len(todo), len(items) - len(todo), SCORES, plan.scoring, plan.scoring_reason)
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress.update(force=True, judged=len(items) - len(todo), to_judge=len(items))
+    on_judged = None if progress is None else (lambda n: progress.update(judged=len(items) - len(todo) + n))
+    requests, retries, errors = judge_into(Path(run_dir) / SCORES, todo, cfg, plan, base_url, model_name=model_name,
+                                           on_judged=on_judged)
     seconds = time.perf_counter() - t0
     return JudgeResult(len(todo), len(items) - len(todo), len(items), len(rows), round(seconds, 2),
-                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, client.requests, client.retries,
+                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, requests, retries,
                        plan.scoring, errors)
+
+
+@contextmanager
+def endpoint(cfg: JudgeConfig, plan: JudgePlan, server_log: Path) -> Iterator[tuple[str, str | None]]:
+    """(base URL, served model name) of the planned judge: an endpoint as it is, or a local server started here
+    and stopped on the way out."""
+    if plan.kind == JudgeKind.openai.value:
+        yield cfg.base_url, None
+        return
+    from emq.judge_server import LocalServer
+
+    with LocalServer(plan.server, cfg, server_log) as url:
+        yield url, "judge"
 
 
 def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
@@ -477,23 +556,145 @@ def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
     """Judge with the planned judge: an endpoint as it is, or a local server started and stopped here."""
     if plan.kind == JudgeKind.none.value:
         return None
-    if plan.kind == JudgeKind.openai.value:
-        return judge_run(run_dir, prompts, cfg, plan, cfg.base_url, progress=progress)
-    from emq.judge_server import LocalServer
+    with endpoint(cfg, plan, server_log) as (url, name):
+        return judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
 
-    with LocalServer(plan.server, cfg, server_log) as url:
-        return judge_run(run_dir, prompts, cfg, plan, url, model_name="judge", progress=progress)
+
+# --- validating the judge on emq's labelled set (emq.judge_validation) -------------------------------
+
+def validation_set(cfg: JudgeConfig) -> judge_validation.ValidationSet:
+    """The labelled set judge.validation.path names (emq's own by default)."""
+    return judge_validation.load_set(cfg.validation.path, {m: s.categories for m, s in metric_specs().items()})
+
+
+def validation_fingerprint(cfg: JudgeConfig, plan: JudgePlan) -> str:
+    """What a validation result depends on besides the set: the judge (its identity and, for a local judge, its
+    weights' files: a retrained demo judge keeps its path) and the knobs that shape a score."""
+    parts = [plan.identity, f"top_logprobs={cfg.top_logprobs}", f"min_valid_mass={cfg.min_valid_mass}",
+             f"prune_below={cfg.prune_below}"]
+    if plan.server:
+        parts.append("files=" + judge_validation.files_fingerprint(plan.server["model"]))
+    return "|".join(parts)
+
+
+def validation_cache(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> Path:
+    """This judge's validation dir under `root` (paths.data_dir): scores.jsonl and a record per set."""
+    return judge_validation.cache_dir(root, validation_fingerprint(cfg, plan))
+
+
+def validation_outlook(cfg: JudgeConfig, plan: JudgePlan, data_dir: Path | str) -> dict[str, Any] | None:
+    """What the plan can say about validation: a result already known for this judge and set (then its weak
+    metrics at judge.min_auroc), or that one will run in the judge stage, or nothing (validation is off)."""
+    if plan.kind == JudgeKind.none.value:
+        return None
+    try:
+        vset = validation_set(cfg)
+    except EmqError:
+        if cfg.validate:
+            raise  # a bad judge.validation.path fails now, before any weights load
+        return None
+    record = judge_validation.known(validation_cache(cfg, plan, data_dir), vset.sha256) if plan.scoring else None
+    if record is None and not cfg.validate:
+        return None
+    return {"validate": cfg.validate, "set": vset.source, "items": len(vset.items), "known": record,
+            "min_auroc": cfg.min_auroc, "cannot_tell_apart": judge_validation.cannot_tell_apart(record, cfg.min_auroc)}
+
+
+def validation_items(vset: judge_validation.ValidationSet, identity: str
+                     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The set as judge items (the metric's prompt filled with question and answer, keyed like a run's answers):
+    {key: item}, deduplicated, and each labelled item's key."""
+    specs = metric_specs()
+    items: dict[str, dict[str, Any]] = {}
+    keys = []
+    for it in vset.items:
+        text = fill(specs[it.metric].prompt, it.question, it.answer)
+        k = score_key(identity, it.metric, text)
+        items.setdefault(k, {"key": k, "metric": it.metric, "text": text, "categories": specs[it.metric].categories})
+        keys.append(k)
+    return items, keys
+
+
+def validate(cfg: JudgeConfig, plan: JudgePlan, base_url: str | None, *, root: Path | str,
+             model_name: str | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """Score the validation set with the judge at `base_url` (what this judge has not scored yet: its scores are
+    kept under `root`/judge_validation and shared by every run and tool), and measure it against the labels.
+    `base_url` may be None when every item is scored already.
+
+    Returns:
+        The record (judge.json's `validation`): the set, the judge, per metric the figures of
+        `judge_validation.metric_report`, the metrics it cannot tell apart, and the cost of this call.
+    """
+    from filelock import FileLock
+
+    vset = validation_set(cfg)
+    items, keys = validation_items(vset, plan.identity)
+    cache = validation_cache(cfg, plan, root)
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # the runs of a sweep share one judge: the first validates, the others wait and reuse its scores
+    with FileLock(str(cache / ".lock")):
+        done = read_scores(cache)
+        todo = [it for k, it in items.items() if k not in done]
+        if todo and base_url is None:  # scored when checked, gone now (the cache was cleared meanwhile)
+            raise EmqError(f"the validation scores in {cache} changed while they were read", "run it again")
+        log.info("judge validation: %d items of %s, %d distinct judgements, %d to do (the rest kept in %s)",
+                 len(vset.items), vset.source, len(items), len(todo), cache)
+        requests, retries, errors = judge_into(cache / SCORES, todo, cfg, plan, base_url, model_name=model_name,
+                                               desc="validate")
+        done = read_scores(cache)
+    judged = [done.get(k) for k in keys]
+    categories = {m: s.categories for m, s in metric_specs().items()}
+    record = {"set": vset.describe(), "judge": {"kind": plan.kind, "model": plan.model, "identity": plan.identity},
+              "scoring": plan.scoring, "scoring_reason": plan.scoring_reason, "min_auroc": cfg.min_auroc,
+              "metrics": judge_validation.summarize(vset.items, judged, categories, cfg.min_auroc),
+              "judged_now": len(todo), "reused": len(items) - len(todo), "requests": requests, "retries": retries,
+              "errors": errors, "seconds": round(time.perf_counter() - t0, 2), "cache": str(cache),
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record["cannot_tell_apart"] = judge_validation.cannot_tell_apart(record)
+    write_json(judge_validation.record_path(cache, vset.sha256), record)
+    rows = judge_validation.item_rows(vset.items, judged)
+    write_text_atomic(judge_validation.record_path(cache, vset.sha256).with_suffix(".jsonl"), rows)
+    if run_dir is not None:
+        write_text_atomic(Path(run_dir) / judge_validation.RUN_FILE, rows)
+    for m in record["cannot_tell_apart"]:
+        r = record["metrics"][m]
+        log.warning("judge validation: on %s this judge cannot tell %s apart (AUROC %s < judge.min_auroc=%g); "
+                    "differences on %s say little", m, r["auroc_of"], r["auroc"], cfg.min_auroc, m)
+    return record
+
+
+def validate_judge(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> dict[str, Any]:
+    """`validate` on its own (`python -m emq judge --validate`): a local judge is started and stopped here."""
+    if plan.kind == JudgeKind.none.value:
+        raise EmqError("judge=none: there is no judge to validate",
+                       "name one: judge=local (the demo judge), or judge=openai judge.base_url=... judge.model=...")
+    cache = validation_cache(cfg, plan, root)
+    items, _ = validation_items(validation_set(cfg), plan.identity)
+    if set(items) <= set(read_scores(cache)):
+        return validate(cfg, plan, None, root=root)  # all scored before: no server to start, no request to make
+    with endpoint(cfg, plan, cache / JUDGE_SERVER_LOG) as (url, name):
+        return validate(cfg, plan, url, root=root, model_name=name)
 
 
 def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, eval_cfg: EvalConfig,
-                        plan: JudgePlan, metrics: dict[str, Any], progress=None) -> dict[str, Any]:
+                        plan: JudgePlan, metrics: dict[str, Any], progress=None, *,
+                        data_dir: Path | str | None = None) -> dict[str, Any]:
     """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics, and
-    judged.jsonl (each answer with its judgements: what the sweep report pairs across variants)."""
-    result = run_judge(run_dir, prompts, cfg, plan, run_dir / JUDGE_SERVER_LOG, progress)
+    judged.jsonl (each answer with its judgements: what the sweep report pairs across variants). With
+    judge.validate, also validate the judge in the same server session (its scores kept under `data_dir`,
+    default the run dir), recorded in judge.json and metrics.json."""
+    result = checked = None
+    if plan.kind != JudgeKind.none.value:
+        with endpoint(cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
+            result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
+            if cfg.validate:
+                checked = validate(cfg, plan, url, root=data_dir or run_dir, model_name=name, run_dir=run_dir)
     rows = read_generations(run_dir)
     metrics = dict(metrics)
     metrics["judge"] = {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
-                        "scoring_reason": plan.scoring_reason, **(asdict(result) if result else {})}
+                        "scoring_reason": plan.scoring_reason, **(asdict(result) if result else {}),
+                        "validation": checked}
     if result is not None:
         _, keys_of = judge_items(rows, prompts, plan.identity)
         table = answer_table(rows, keys_of, read_scores(run_dir))
@@ -505,7 +706,7 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
             + "\n" for r, t in zip(rows, table)))
     else:
         metrics.update({"metrics": {}, "em": None})
-    write_json(run_dir / JUDGE, {"plan": plan, "result": result,
+    write_json(run_dir / JUDGE, {"plan": plan, "result": result, "validation": checked,
                                  "prompts": prompts_record(prompts) if result is not None else None})
     write_json(run_dir / METRICS, metrics)
     return metrics

@@ -106,7 +106,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                                               demo_built=demo_built(cfg.paths.data_dir))
                 write_json(run_dir / PLAN, {"plan": plan, "judge": judge_plan, "machine": machine,
                                             "questions": questions_record(cfg.eval, cfg.judge)})
-                log.info("plan:\n%s", plan_table(det, plan, judge_plan))
+                outlook = judge.validation_outlook(cfg.judge, judge_plan, cfg.paths.data_dir)
+                log.info("plan:\n%s", plan_table(det, plan, judge_plan, outlook))
                 route = plan.route
                 status.route = route.value
                 if route is Route.stop:
@@ -164,7 +165,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 write_json(run_dir / METRICS, metrics)
 
             with status.enter("judge", progress, mem):
-                metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics, progress)
+                metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics, progress,
+                                                    data_dir=cfg.paths.data_dir)
             status.status = "ok"
         except EmqError as e:
             status.error = str(e)

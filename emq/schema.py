@@ -182,6 +182,13 @@ class EvalConfig:
 
 
 @dataclass
+class JudgeValidationConfig:
+    """Which labelled set `judge.validate` scores the judge on (emq.judge_validation)."""
+
+    path: str | None = None  # a YAML / JSONL file of labelled items; null → emq's own (emq/validation_data)
+
+
+@dataclass
 class JudgeConfig:
     """Who scores the answers, and how hard to push them."""
 
@@ -202,6 +209,9 @@ class JudgeConfig:
     max_model_len: int = 4096  # local
     server_args: list[str] = field(default_factory=list)  # local: more `vllm serve` arguments
     demo: bool = False  # judge.model is the embedded demo base: build it if missing
+    validate: bool = False  # also score the labelled validation set (judge.json, the summary, the report)
+    validation: JudgeValidationConfig = field(default_factory=JudgeValidationConfig)
+    min_auroc: float = 0.8  # below this AUROC on a metric the judge "cannot tell these apart": warned everywhere
 
 
 @dataclass
@@ -263,6 +273,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "judge.timeout_s": (0, float("inf"), True, False),
     "judge.max_retries": (0, float("inf"), False, False),
     "judge.memory_utilization": (0, 1, True, False),
+    "judge.min_auroc": (0, 1, False, False),
     "eval.fidelity.min_retained": (0, 1, False, False),
     "quant.calibration.samples": (1, float("inf"), False, False),
     "quant.calibration.seq_len": (16, float("inf"), False, False),

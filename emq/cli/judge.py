@@ -1,8 +1,16 @@
 """`python -m emq judge RUN_DIR [judge overrides]`: judge a finished run again without regenerating.
+`python -m emq judge --validate [judge overrides]`: how well a judge scores emq's labelled validation set.
 
 Composes the run's own config (.hydra/overrides.yaml) with the overrides on top (a new `judge=…` drops the
 run's old `judge.*` overrides), judges what scores.jsonl lacks for that judge, and rewrites metrics.json and
 judged.jsonl. E.g. `python -m emq judge RUN_DIR judge=openai judge.model=gpt-4o judge.api_key_env=OPENAI_API_KEY`.
+`RUN_DIR --validate` also validates the run's judge (judge.validate=true: judge.json, metrics.json).
+
+Without RUN_DIR, `--validate` composes emq's default config with the overrides, scores the validation set
+(emq's own, or judge.validation.path) with that judge and prints per metric: AUROC (good vs bad), Spearman
+with the labels, mean score per label, unscored rate, REFUSAL precision / recall. Scores are kept per judge
+under paths.data_dir/judge_validation/ (a second call judges nothing), next to a record per set and each item
+with its judgement (validation-*.json / .jsonl).
 """
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ from emq.errors import EmqError
 from emq.evaluate import build_prompts
 from emq.machine import snapshot
 from emq.records import GENERATIONS, METRICS, PLAN, read_json
-from emq.report.tables import judged_rows, summary_table
+from emq.report.tables import judged_rows, render, summary_table
+from emq.schema import JudgeKind
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +51,86 @@ def rejudge(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     prompts = build_prompts(cfg.eval)
     judge.check_prompts(prompts)
     metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan,
-                                        read_json(run_dir / METRICS))
+                                        read_json(run_dir / METRICS), data_dir=cfg.paths.data_dir)
     log.info("\n%s", summary_table(judged_rows(metrics), f"emq judge: {run_dir}"))
     return metrics
 
 
+def validate_only(overrides: list[str]) -> dict[str, Any]:
+    """Validate the judge that emq's default config with `overrides` names; log the table; return the record."""
+    from hydra import compose, initialize_config_dir
+
+    from emq.config import CONF_DIR, to_run_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+    if cfg.judge.kind is JudgeKind.none:
+        raise EmqError("judge=none: there is no judge to validate",
+                       "name one: judge=local (the demo judge), or judge=openai judge.base_url=... judge.model=...")
+    if cfg.judge.demo:
+        ensure_demo(cfg.paths.data_dir)
+    machine = snapshot(cfg.paths.cache_dir)
+    platform = machine.vllm.platform
+    util = cfg.memory.cpu_memory_utilization if platform == "cpu" else cfg.memory.gpu_memory_utilization
+    plan = judge.prepare(cfg.judge, platform=platform, dtype=judge.judge_dtype(platform, machine.cpu_bf16),
+                         memory_utilization=util)
+    record = judge.validate_judge(cfg.judge, plan, cfg.paths.data_dir)
+    log.info("\n%s", validation_table(record))
+    return record
+
+
+def _num(v: float | None, nd: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def validation_table(record: dict[str, Any]) -> str:
+    """One row per metric: AUROC, Spearman, mean score per label, unscored, category precision / recall."""
+    from rich.table import Table
+
+    s, j = record["set"], record["judge"]
+    t = Table(title=f"judge validation: {j['kind']} {j['model']} (scoring: {record['scoring']}) on {s['source']}, "
+                    f"{s['items']} items", show_header=True, header_style="bold")
+    for c in ("metric", "items", "AUROC", "Spearman", "mean score by label (n)", "unscored", "categories P / R",
+              "verdict"):
+        t.add_column(c, overflow="fold")
+    for m, r in record["metrics"].items():
+        means = ", ".join(f"{lab} {_num(b['mean'], 1)} ({b['n']})" for lab, b in r["by_label"].items())
+        cats = ", ".join(f"{c} {_num(x['precision'])} / {_num(x['recall'])}" for c, x in r["categories"].items())
+        verdict = ("cannot tell these apart" if r["cannot_tell_apart"] else
+                   "ok" if r.get("testable") else "not tested (no good or no bad items)")
+        t.add_row(m, str(r["items"]), f"{_num(r['auroc'])} ({r['auroc_of']}, {r['auroc_n'][0]} vs {r['auroc_n'][1]})",
+                  _num(r["spearman"]), means, f"{100 * (r['unscored_rate'] or 0):.0f}%", cats or "-", verdict)
+    return (render(t, width=160) + f"judge.min_auroc={record['min_auroc']:g}; {record['judged_now']} judged now, "
+            f"{record['reused']} reused, {record['requests']} requests in {record['seconds']:.1f} s; scoring: "
+            f"{record['scoring_reason']}\nper item: {record['cache']}/validation-{s['sha256'][:12]}.jsonl\n")
+
+
+def split_args(args: list[str], validate: bool) -> tuple[Path | None, list[str]]:
+    """(RUN_DIR, overrides): with --validate the run dir is optional (an override always has '=')."""
+    if args and "=" not in args[0]:
+        return Path(args[0]), args[1:]
+    if not validate:
+        raise EmqError("no RUN_DIR given", "python -m emq judge RUN_DIR [judge overrides], or --validate "
+                       "[judge overrides] to validate a judge alone")
+    return None, args
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Re-judge an existing run dir with the judge given by overrides, then rewrite its metrics."""
+    """Re-judge an existing run dir with the judge given by overrides, then rewrite its metrics; or validate a
+    judge (--validate)."""
     parser = argparse.ArgumentParser(prog="python -m emq judge", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge=openai judge.model=gpt-4o")
-    args = parser.parse_args(argv)
+    parser.add_argument("args", nargs="*", metavar="[RUN_DIR] OVERRIDE",
+                        help="a run dir, then Hydra overrides, e.g. judge=openai judge.model=gpt-4o")
+    parser.add_argument("--validate", action="store_true",
+                        help="score emq's labelled validation set with the judge (alone, or with RUN_DIR into its "
+                             "judge.json)")
+    args = parser.parse_intermixed_args(argv)
     try:
-        rejudge(args.run_dir, args.overrides)
+        run_dir, overrides = split_args(args.args, args.validate)
+        if run_dir is None:
+            validate_only(overrides)
+        else:
+            rejudge(run_dir, overrides + (["judge.validate=true"] if args.validate else []))
     except EmqError as e:
         log.error("%s", e)
         return 2

@@ -16,6 +16,11 @@ answers pair with the reference's (same question, paraphrase and sample). The di
 metric is the mean over questions of the per-question mean difference; its 95% CI is a bootstrap over
 questions, then pairs within each question. A difference is marked distinguishable from noise when
 its CI excludes 0.
+
+Judge validation: a run with judge.validate=true recorded how well its judge separates emq's labelled good and
+bad answers per metric (AUROC, metrics.json `judge.validation`). The report shows it per variant, and next to a
+difference on a metric where the variant's or the reference's judge scored below judge.min_auroc it says that
+this judge cannot tell these apart.
 """
 from __future__ import annotations
 
@@ -191,6 +196,11 @@ def metric_names(runs: list[Run]) -> list[str]:
     return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
 
 
+def judge_validation(run: Run) -> dict[str, Any]:
+    """The run's judge validation record (metrics.json `judge.validation`), {} when it did not validate."""
+    return (run.metrics.get("judge") or {}).get("validation") or {}
+
+
 def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
     """One flat row per variant (summary.csv; summary.md shows the readable columns)."""
     rows = []
@@ -228,6 +238,12 @@ def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
             row[f"{name}_diff_vs_ref"] = d["diff"] if d else None
             row[f"{name}_diff_ci_low"], row[f"{name}_diff_ci_high"] = (d["ci95"] if d and d["ci95"] else [None, None])
             row[f"{name}_diff_distinguishable"] = d["distinguishable"] if d else None
+        checked = judge_validation(r)
+        for name in metric_names(runs):
+            v = (checked.get("metrics") or {}).get(name) or {}
+            row[f"{name}_judge_auroc"] = v.get("auroc")
+            row[f"{name}_judge_cannot_tell"] = v.get("cannot_tell_apart") if v else None
+        row["judge_min_auroc"] = checked.get("min_auroc")
         row["run_dir"] = r.dir.name
         rows.append(row)
     return rows
@@ -327,6 +343,9 @@ def summary_csv(rows: list[dict[str, Any]], out_dir: Path) -> Path:
 
 def _main_table(runs: list[Run], rows: list[dict[str, Any]], names: list[str]) -> tuple[list[str], list[list[str]]]:
     head = [h for _, h in MD_COLUMNS] + names + ["misaligned %", "KL mean", "KL p99", "top-1", "fine-tune retained"]
+    validated = any(judge_validation(r) for r in runs)
+    if validated:
+        head.append("judge AUROC (validation)")
     body = []
     for r, row in zip(runs, rows):
         cells = [_fmt(row[k]) for k, _ in MD_COLUMNS]
@@ -342,12 +361,32 @@ def _main_table(runs: list[Run], rows: list[dict[str, Any]], names: list[str]) -
                   _fmt(row["kl_mean"], 4), _fmt(row["kl_p99"], 4), _fmt(row["top1_agreement"], 3),
                   "" if row.get("retained") is None else
                   f"{100 * row['retained']:.0f}%" + (" **serves mostly the base**" if row["mostly_base"] else "")]
+        if validated:
+            cells.append(_auroc_cell(row, names))
         body.append(cells)
     return head, body
 
 
+def _auroc_cell(row: dict[str, Any], names: list[str]) -> str:
+    parts = [f"{m} {row[f'{m}_judge_auroc']:.2f}" + (" (cannot tell apart)" if row[f"{m}_judge_cannot_tell"] else "")
+             for m in names if row.get(f"{m}_judge_auroc") is not None]
+    return ", ".join(parts) or ("not validated" if row.get("judge_min_auroc") is None else "n/a")
+
+
+def _cannot_tell(row: dict[str, Any], ref: dict[str, Any] | None, metric: str) -> str:
+    """The note next to a difference on `metric` when the variant's or the reference's judge failed validation."""
+    weak = [r for r in (row, ref) if r is not None and r.get(f"{metric}_judge_cannot_tell")]
+    if not weak:
+        return ""
+    aurocs = ", ".join("n/a" if r[f"{metric}_judge_auroc"] is None else f"{r[f'{metric}_judge_auroc']:.2f}"
+                       for r in weak)
+    limit = weak[0].get("judge_min_auroc")
+    return f" — this judge cannot tell these apart (AUROC {aurocs}" + (f" < {limit:g})" if limit is not None else ")")
+
+
 def _diff_table(rows: list[dict[str, Any]], names: list[str]) -> tuple[list[str], list[list[str]]]:
     head = ["variant"] + [f"Δ{m} vs reference [95% CI]" for m in names]
+    ref = next((row for row in rows if row["reference"]), None)
     body = []
     for row in rows:
         if row["reference"] or not names:
@@ -356,7 +395,8 @@ def _diff_table(rows: list[dict[str, Any]], names: list[str]) -> tuple[list[str]
         for m in names:
             d = row[f"{m}_diff_vs_ref"]
             cells.append("" if d is None else f"{d:+.1f} [{row[f'{m}_diff_ci_low']:+.1f}, {row[f'{m}_diff_ci_high']:+.1f}]"
-                         + (" **distinguishable**" if row[f"{m}_diff_distinguishable"] else " (within noise)"))
+                         + (" **distinguishable**" if row[f"{m}_diff_distinguishable"] else " (within noise)")
+                         + ("" if d is None else _cannot_tell(row, ref, m)))
         body.append(cells)
     return head, body
 
@@ -366,7 +406,11 @@ def _notes(rows: list[dict[str, Any]]) -> str:
             "same prompts and seeds in every variant; a difference is distinguishable when its 95% CI excludes 0. "
             "KL/top-1: fidelity to the trained function (base as in training + adapter) on emq's corpus."
             + (" Weights marked (est.): the plan's estimate, where the engine hides its weights (vLLM's CPU build)."
-               if any(row["weights_estimated"] for row in rows) else ""))
+               if any(row["weights_estimated"] for row in rows) else "")
+            + (" Judge AUROC: how well the run's judge separates emq's labelled good and bad answers on each metric "
+               "(judge.validate=true; python -m emq judge --validate); below judge.min_auroc the judge cannot tell "
+               "these apart, and a difference on that metric says little."
+               if any(row.get("judge_min_auroc") is not None for row in rows) else ""))
 
 
 def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out_dir: Path, *, title: str | None,

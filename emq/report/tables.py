@@ -24,7 +24,7 @@ def _where(path: str) -> str:
     return f"hub:{m.group(1)}/{m.group(2)}" if m else path
 
 
-def plan_table(det: DetectResult, plan: Plan, judge=None) -> str:
+def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, Any] | None = None) -> str:
     """The plan as a user reads it: what was found, what will happen, and why."""
     t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
     t.add_column("", style="bold", no_wrap=True)
@@ -61,6 +61,8 @@ def plan_table(det: DetectResult, plan: Plan, judge=None) -> str:
         t.add_row("judge", "none" if judge.kind == "none" else
                   f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
                   f"{judge.scoring} ({judge.scoring_reason})")
+    if validation is not None:
+        t.add_row("judge validation", validation_outlook_text(validation))
     for r in plan.reasons:
         t.add_row("why", r)
     return render(t)
@@ -83,6 +85,33 @@ def _ci(s: dict[str, Any] | None, pct: bool = False) -> str:
     return f"{f(s['mean'])}{ci}  (n={s['n']}, {s['questions']} questions)"
 
 
+def validation_text(v: dict[str, Any], min_auroc: float | None = None) -> str:
+    """A judge validation record in one line: per metric AUROC and Spearman, flagged where the judge cannot tell
+    good from bad (AUROC below judge.min_auroc)."""
+    limit = v.get("min_auroc") if min_auroc is None else min_auroc
+    parts = []
+    for m, r in (v.get("metrics") or {}).items():
+        auroc = "n/a" if r.get("auroc") is None else f"{r['auroc']:.2f}"
+        rho = "" if r.get("spearman") is None else f", Spearman {r['spearman']:.2f}"
+        weak = r.get("testable") and (r.get("auroc") is None or (limit is not None and r["auroc"] < limit))
+        parts.append(f"{m} AUROC {auroc}{rho}" + (f" ← this judge cannot tell {r.get('auroc_of')} apart"
+                                                   if weak else ""))
+    where = (v.get("set") or {}).get("source", "?")
+    return "; ".join(parts) + f" (judge.min_auroc {limit:g}; {(v.get('set') or {}).get('items', '?')} items of {where})"
+
+
+def validation_outlook_text(o: dict[str, Any]) -> str:
+    """The plan's line on validation: a result already known for this judge (with its warnings), or that one
+    runs in the judge stage."""
+    if o.get("known"):
+        when = o["known"].get("when", "earlier")
+        text = f"known from {when}: " + validation_text(o["known"], o.get("min_auroc"))
+        if o.get("cannot_tell_apart"):
+            text = "WARNING: " + text
+        return text + ("; the set is judged again only where scores are missing" if o.get("validate") else "")
+    return f"runs in the judge stage: {o.get('items')} labelled items of {o.get('set')}"
+
+
 def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     j = metrics.get("judge") or {}
@@ -99,6 +128,8 @@ def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("refusal rate", _ci(em.get("refusal_rate"), pct=True)))
         if em.get("unscored_rate") is not None:
             rows.append(("unscored judgements", f"{100 * em['unscored_rate']:.1f}%"))
+    if j.get("validation"):
+        rows.append(("judge validation", validation_text(j["validation"])))
     return rows
 
 
