@@ -140,14 +140,14 @@ def test_missing_key_bad_key_and_unreachable_endpoint_fail_at_plan(monkeypatch):
         J.prepare(dead, platform="cpu", dtype="float32", memory_utilization=0.3)
 
 
-def test_unknown_tokenizer_is_an_error_unless_openai(monkeypatch):
-    # a server without /tokenize: the stub in single mode answers it, so point at one that 404s
+def test_an_unknown_tokenizer_is_probed_at_the_endpoint(monkeypatch):
+    # a server without /tokenize: emq asks the endpoint for a two-digit number and reads the tokens it returns
     with StubJudge(key=SENTINEL, mode="single") as stub:
         monkeypatch.setattr(J, "_scoring_from_server", lambda *a: None)
-        with pytest.raises(EmqError, match="judge.tokenizer"):
-            J.prepare(cfg_for(stub, model="some-llama"), platform="cpu", dtype="float32", memory_utilization=0.3)
+        plan = J.prepare(cfg_for(stub, model="some-llama"), platform="cpu", dtype="float32", memory_utilization=0.3)
+        assert plan.scoring == "single_token" and plan.probe["verdict"] == "single_token"
         plan = J.prepare(cfg_for(stub, model="gpt-4o"), platform="cpu", dtype="float32", memory_utilization=0.3)
-        assert plan.scoring == "single_token"
+        assert plan.scoring == "single_token" and plan.probe is None  # OpenAI's tokenizers are known: no probe
 
 
 def _write_run(run_dir: Path, answers: list[str]) -> list[dict]:

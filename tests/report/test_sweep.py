@@ -239,9 +239,12 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
         assert row["status"] == "ok"
         assert float(row["tokens_per_s"]) == m["tokens_per_second"] and int(row["answers"]) == m["count"] == 4
         assert row["quant"] == m["quant"] and float(row["weights_gib"]) == m["weights_gib"]
-    bnb = next(r for r in rows if r["variant"] == "quant=bnb (→int8)")  # labels say what ran
-    assert bnb["quant"] == "int8" and bnb["quant_substitution"] == "bnb → int8"
-    assert "quantization substituted here: bnb → int8" in (sweep / "summary.md").read_text()
+    # bnb cannot run on the CPU build: the plan substitutes the leanest method that can (what it picks is the plan's
+    # business; the labels must say what ran)
+    bnb = next(r for r in rows if r["variant"].startswith("quant=bnb (→"))
+    ran = bnb["variant"].removeprefix("quant=bnb (→").removesuffix(")")
+    assert ran != "bnb" and bnb["quant"] == ran and bnb["quant_substitution"] == f"bnb → {ran}"
+    assert f"quantization substituted here: bnb → {ran}" in (sweep / "summary.md").read_text()
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
     assert report_cli.main([str(sweep)]) == 0
     assert {p: (sweep / p).read_bytes() for p in before} == before
