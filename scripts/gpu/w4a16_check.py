@@ -5,8 +5,9 @@ fit one device call. Every phase builds what it needs if an earlier call did not
                                                   # RTN fused, then GPTQ (128 x 512 calibration tokens) on the GPU
     python3 scripts/gpu/w4a16_check.py serve      # tok/s at 264 and 8 sequences x 256 tokens: emq w4a16 vs raw
                                                   # vllm.LLM.chat on the same checkpoint, emq merged + bnb, LoRA on W4A16
-    python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER   # the demo good doctor: fidelity to the trained function
-                                                  # of merged + in-flight bnb vs w4a16 (rtn, gptq), through `python -m emq`
+    python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER a|b  # the demo good doctor through `python -m emq`: fidelity
+                                                  # and fine-tune retained; a: LoRA on bnb, merged + bnb, merged bf16,
+                                                  # LoRA on bf16, w4a16 rtn g64 and gptq g32; b: rtn g32, gptq g64, awq g64/g32
 
 Random weights make the 7B text meaningless; time, memory and tokens/s are real. Results go to $OUT (JSON) and a
 short table is printed last.
@@ -181,18 +182,31 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
     return rows
 
 
-def phase_demo(gguf: Path, adapter: Path) -> list[tuple[str, str]]:
+def _w4(alg: str, g: int) -> tuple[str, list[str]]:
+    return f"w4a16 {alg} g{g}", ["quant=w4a16", f"quant.algorithm={alg}", f"quant.group_size={g}", "memory.route=merge"]
+
+
+DEMO_VARIANTS = {  # label → overrides; "a" answers issue 20's table and w4a16-vs-bnb, "b" the other W4A16 settings
+    "a": [("LoRA on the in-flight bnb base", ["quant=bnb", "memory.route=lora"]),
+          ("merged + in-flight bnb", ["quant=bnb", "memory.route=merge"]),
+          ("merged bf16", ["quant=none", "memory.route=merge"]),
+          ("LoRA on the bf16 base", ["quant=none", "memory.route=lora"]),
+          _w4("rtn", 64), _w4("gptq", 32)],
+    "b": [_w4("rtn", 32), _w4("gptq", 64), _w4("awq", 64), _w4("awq", 32)],
+}
+
+
+def phase_demo(gguf: Path, adapter: Path, half: str = "a") -> list[tuple[str, str]]:
+    """The demo good doctor through `python -m emq` per variant: KL / top-1 to the trained function, fine-tune
+    retained, weights, and the first greedy answers."""
     from emq.demo.build import build_base
 
     base = ROOT / "demo-base"
     if not (base / "config.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         build_base(base, gguf)
-    rows = []
-    for label, extra in (("LoRA on the in-flight bnb base", ["quant=bnb", "memory.route=lora"]),
-                         ("merged + in-flight bnb", ["quant=bnb", "memory.route=merge"]),
-                         ("w4a16 rtn (default)", ["quant=w4a16", "memory.route=merge"]),
-                         ("merged bf16", ["quant=none", "memory.route=merge"])):
+    rows, results = [], {}
+    for label, extra in DEMO_VARIANTS[half]:
         run_dir = ROOT / "demo-runs" / label.replace(" ", "_")
         cmd = [sys.executable, "-m", "emq", "model=demo_good_doctor", "model.demo=false", f"model.base={base}",
                f"model.adapter={adapter}", "judge=none", "memory.enforce_eager=true", "model.trained_in_4bit=true",
@@ -207,16 +221,25 @@ def phase_demo(gguf: Path, adapter: Path) -> list[tuple[str, str]]:
             continue
         fid = run_dir / "fidelity.json"
         if not fid.is_file():
-            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
+            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-600:]}"))
             continue
-        v = json.loads(fid.read_text())["vs_reference"]
+        f = json.loads(fid.read_text())
+        v, kept = f["vs_reference"], f.get("retained") or {}
         m = json.loads((run_dir / "metrics.json").read_text())
-        answers = [json.loads(x)["answer"][:90] for x in (run_dir / "generations.jsonl").read_text().splitlines()[:2]]
-        print(label, v, answers, flush=True)
+        plan = json.loads((run_dir / "plan.json").read_text())["plan"]
+        answers = [json.loads(x)["answer"][:120] for x in (run_dir / "generations.jsonl").read_text().splitlines()[:3]]
+        results[label] = {"vs_reference": v, "retained": kept, "weights_gib": m.get("weights_gib"),
+                          "weights_source": m.get("weights_source"), "route": plan["route"], "quant": plan["quant"],
+                          "quantize": plan.get("quantize"), "reason": plan.get("reason"), "answers": answers,
+                          "seconds": round(time.perf_counter() - t, 1), "tokens_per_second": m.get("tokens_per_second")}
+        print(label, json.dumps(results[label])[:1500], flush=True)
         rows.append((label, f"KL {v['kl_mean']:.3f} (p99 {v['kl_p99']:.2f}), top-1 {100 * v['top1_agreement']:.1f}%, "
-                            f"PPL ratio {v['ppl_ratio']:.2f}; weights {m.get('weights_gib')} GiB; "
+                            f"retained {100 * kept.get('retained', float('nan')):.0f}% (top-1 "
+                            f"{100 * (kept.get('retained_top1') or float('nan')):.0f}%)"
+                            f"{' FLAGGED mostly base' if kept.get('mostly_base') else ''}, PPL ratio "
+                            f"{v['ppl_ratio']:.2f}; {plan['route']}; weights {m.get('weights_gib')} GiB; "
                             f"{time.perf_counter() - t:.0f} s"))
-    (OUT / "demo.json").write_text(json.dumps({"rows": rows}, indent=1))
+    (OUT / f"demo_{half}.json").write_text(json.dumps({"rows": rows, "results": results}, indent=1))
     return rows
 
 
@@ -234,7 +257,7 @@ def main() -> None:
         rows += phase_serve(int(os.environ.get("EMQ_CHECK_VARIANTS", "3")))
     else:
         rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
-            phase_demo(Path(sys.argv[2]), Path(sys.argv[3]))
+            phase_demo(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "a")
     width = max(len(k) for k, _ in rows)
     print(f"\n== w4a16 check: {phase} ==")
     for k, v in rows:
