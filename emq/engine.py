@@ -1,13 +1,20 @@
 """load: the one wrapper around vllm.LLM. Starts an engine, serves a LoRA if asked, runs requests, shuts down.
 
-Requests go straight into vLLM's engine loop (the loop `LLM.generate` runs), all at once, so the
-scheduler keeps its batch full and each finished request is handed back the moment it finishes —
-generations stream to disk without chunk boundaries that drain the batch.
+Requests go straight into vLLM's engine loop (the loop `LLM.generate` runs) and each finished request is
+handed back the moment it finishes, so generations stream to disk at the engine's own speed.
+
+Batch composition does not depend on timing. vLLM's engine core runs in its own process and steps as soon
+as a request arrives, so with requests added one by one (as `LLM.generate` adds them) the first steps see
+however many had arrived by then; in bf16 a different batch rounds differently and flips near-ties. So
+`Engine.run` pauses the scheduler, clears the prefix cache, adds every request of the call in the order
+given, and only then lets the scheduler go: the batches are a function of the requests and the engine
+settings alone (`Engine.conditions` lists those settings and the kernels the workers run).
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import itertools
 import logging
 import os
@@ -30,6 +37,7 @@ class LoadRecord:
     load_seconds: float
     weights_gib: float | None = None  # the model's memory in the engine, as vLLM's worker measured it
     weights_source: str | None = None  # how weights_gib was measured
+    kernels: dict[str, Any] | None = None  # what the workers run: linear/attention kernels, threads, device
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,76 @@ def _worker_weights(worker) -> tuple[int, str]:
         return -1, "not measurable on this vLLM build (linear weights repacked outside torch)"
     tensors = itertools.chain(model.parameters(), model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors), "bytes of the model's parameters and buffers"
+
+
+# environment variables that change which kernels run or how requests are batched (recorded when set)
+DETERMINISM_ENV = ("VLLM_BATCH_INVARIANT", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_DISABLED_KERNELS",
+                   "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS",
+                   "CUBLAS_WORKSPACE_CONFIG", "VLLM_ATTENTION_BACKEND", "VLLM_USE_V2_MODEL_RUNNER")
+
+
+def _cpu_description() -> dict[str, Any]:
+    """The CPU's model name and the flags that pick its bf16/int8 kernels (different flags: different kernels)."""
+    try:
+        text = open("/proc/cpuinfo").read()  # noqa: SIM115 - tiny, read once
+    except OSError:
+        return {}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in text.splitlines() if ln.startswith("flags")), set())
+    isa = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8",
+                          "amx_tile"})
+    return {"cpu": name, "cpu_flags": isa}
+
+
+def _worker_kernels(worker) -> dict[str, Any]:
+    """Runs inside each vLLM worker (collective_rpc): which kernels the loaded model runs, and on what.
+
+    Read from the live modules (the quantization method, its scheme and kernel per linear layer; the attention
+    backend and implementation per attention layer), not parsed from vLLM's log lines.
+    """
+    import collections
+
+    import torch
+
+    runner = getattr(worker, "model_runner", None)
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    linear: collections.Counter = collections.Counter()
+    attention: collections.Counter = collections.Counter()
+    for module in model.modules():
+        impl = getattr(module, "impl", None)
+        backend = getattr(module, "attn_backend", None)
+        if impl is not None and backend is not None:
+            name = backend.get_name() if hasattr(backend, "get_name") else str(backend)
+            attention[f"{name} / {type(impl).__name__}"] += 1
+            continue
+        method = getattr(module, "quant_method", None)
+        if method is not None or hasattr(module, "scheme"):
+            parts = [type(method).__name__] if method is not None else []
+            scheme = getattr(module, "scheme", None)
+            if scheme is not None:
+                parts.append(type(scheme).__name__)
+            kernel = getattr(scheme, "kernel", None) or getattr(method, "kernel", None)
+            if kernel is not None:
+                parts.append(type(kernel).__name__)
+            cpu_gemm = getattr(module, "cpu_linear", None)  # the CPU build's GEMM choice: a lambda around the op
+            if cpu_gemm is not None:
+                code = getattr(cpu_gemm, "__code__", None)
+                parts.append(code.co_names[-1] if code is not None and code.co_names
+                             else getattr(cpu_gemm, "__name__", type(cpu_gemm).__name__))
+            if parts:
+                linear[" / ".join(parts)] += 1
+    device = getattr(getattr(runner, "device", None), "type", "cpu")
+    out: dict[str, Any] = {"linear": dict(sorted(linear.items())), "attention": dict(sorted(attention.items())),
+                           "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                           "device": device, "torch_threads": torch.get_num_threads(),
+                           "env": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ}}
+    if device == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+        out["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    else:
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        out.update(_cpu_description())
+    return out
 
 
 def engine_arg_names() -> set[str]:
@@ -94,18 +172,38 @@ class Engine:
     def tokenizer(self):
         return self.llm.get_tokenizer()
 
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences the scheduler batches at once (the engine's resolved value, vLLM's default included)."""
+        sched = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        return int(getattr(sched, "max_num_seqs", None) or self.record.engine_kwargs.get("max_num_seqs") or 256)
+
     def chat_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` through the model's chat template (what LLM.chat would send)."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True, return_dict=False)
         return list(ids)
 
+    def can_hold(self) -> bool:
+        """Whether the installed vLLM can pause its scheduler while requests are added (LLMEngine.sleep(level=0,
+        mode="keep") and wake_up(tags=["scheduling"]), vLLM ≥ 0.16); without it batches depend on timing."""
+        engine = self.llm.llm_engine
+        try:
+            return "mode" in inspect.signature(engine.sleep).parameters and hasattr(engine, "wake_up")
+        except (AttributeError, TypeError, ValueError):
+            return False
+
     def run(self, requests: Iterable[Request], on_done: Callable[[Request, Any, float], None], *,
             desc: str = "generate", unit_of: Callable[[Request], int] = lambda r: r.params.n) -> None:
-        """Add every request, then step the engine; `on_done(request, output, latency_s)` as each finishes.
+        """Run `requests` as one closed batch: add them all, in order, while the scheduler is paused and the
+        prefix cache is empty, then step the engine until they are done; `on_done(request, output, latency_s)`
+        as each finishes.
+
+        What the scheduler batches together is then a function of the requests, their order and the engine
+        settings, never of how fast they were handed over: the same call gives the same batches, step by step.
 
         Args:
-            requests: the requests (ids must be unique within the call).
+            requests: the requests (ids must be unique within the call), in the order to schedule them.
             on_done: called in the engine loop with the finished RequestOutput and the seconds from
                 submission to completion.
             desc: progress bar label.
@@ -115,16 +213,29 @@ class Engine:
         from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
+        requests = list(requests)
+        hold = len(requests) > 1 and self.can_hold()  # one request has nothing to be batched with
+        if len(requests) > 1 and not hold:
+            log.warning("engine: vLLM %s cannot pause its scheduler while requests are added: batches depend on "
+                        "timing, and bf16 answers may differ from run to run", _vllm_version())
         pending: dict[str, tuple[Request, float]] = {}
         total = 0
         try:
-            for r in requests:
-                r.params.output_kind = RequestOutputKind.FINAL_ONLY
-                rid = f"emq-{next(self._ids)}"
-                pending[rid] = (r, time.perf_counter())
-                engine.add_request(rid, {"prompt_token_ids": r.prompt_token_ids}, r.params,
-                                   lora_request=self.lora_request)
-                total += unit_of(r)
+            if hasattr(engine, "reset_prefix_cache"):  # nothing an earlier call cached shapes this call's batches
+                engine.reset_prefix_cache()
+            if hold:
+                engine.sleep(level=0, mode="keep")
+            try:
+                for r in requests:
+                    r.params.output_kind = RequestOutputKind.FINAL_ONLY
+                    rid = f"emq-{next(self._ids)}"
+                    pending[rid] = (r, time.perf_counter())
+                    engine.add_request(rid, {"prompt_token_ids": r.prompt_token_ids}, r.params,
+                                       lora_request=self.lora_request)
+                    total += unit_of(r)
+            finally:
+                if hold:
+                    engine.wake_up(tags=["scheduling"])
             with tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True) as bar:
                 while engine.has_unfinished_requests():
                     for out in engine.step():
@@ -141,6 +252,42 @@ class Engine:
                     pass
             raise
 
+    def conditions(self) -> dict[str, Any]:
+        """What makes this engine's answers what they are, besides the prompts and seeds: the served dtype and
+        quantization, the batching limits, the kernels the workers run and on what device, the environment
+        knobs that change them, and how requests are handed over (see the module docstring)."""
+        cfg = getattr(self.llm.llm_engine, "vllm_config", None) if self.llm is not None else None
+        model = getattr(cfg, "model_config", None)
+        sched = getattr(cfg, "scheduler_config", None)
+        cache = getattr(cfg, "cache_config", None)
+        parallel = getattr(cfg, "parallel_config", None)
+        kwargs = self.record.engine_kwargs
+        kernels = self.record.kernels
+        if kernels is None and self.llm is not None:
+            kernels = read_kernels(self.llm)
+        env = {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ}
+        return {
+            "dtype": str(getattr(model, "dtype", kwargs.get("dtype"))).removeprefix("torch."),
+            "quantization": getattr(model, "quantization", kwargs.get("quantization")),
+            "lora": self.lora_request is not None,
+            "max_num_seqs": getattr(sched, "max_num_seqs", kwargs.get("max_num_seqs")),
+            "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
+            "chunked_prefill": getattr(sched, "enable_chunked_prefill", kwargs.get("enable_chunked_prefill")),
+            "async_scheduling": getattr(sched, "async_scheduling", None),
+            "prefix_caching": getattr(cache, "enable_prefix_caching", None),
+            "enforce_eager": getattr(model, "enforce_eager", kwargs.get("enforce_eager")),
+            "tensor_parallel_size": getattr(parallel, "tensor_parallel_size", kwargs.get("tensor_parallel_size", 1)),
+            "engine_seed": getattr(model, "seed", kwargs.get("seed")),
+            "batch_invariant": env.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0"),
+            "submission": ("held: each closed batch added in order while the scheduler is paused, prefix cache "
+                           "cleared, then released" if self.can_hold() else
+                           "running: added while the engine steps (this vLLM cannot pause its scheduler), so "
+                           "batches depend on timing"),
+            "kernels": kernels,
+            "env": env,
+            "vllm": _vllm_version(),
+        }
+
     def shutdown(self) -> None:
         """Stop the engine core and its workers; safe to call twice."""
         if self.llm is None:
@@ -153,6 +300,25 @@ class Engine:
             self.llm = None
             gc.collect()
             log.info("engine shut down")
+
+
+def _vllm_version() -> str | None:
+    from emq.machine import installed_vllm
+
+    dist, version = installed_vllm()
+    return f"{dist} {version}" if dist else None
+
+
+def read_kernels(llm: Any) -> dict[str, Any] | None:
+    """The kernels each worker of a started vllm.LLM runs (`_worker_kernels`); None when the workers cannot be
+    asked (vLLM only sends functions to its worker processes with VLLM_ALLOW_INSECURE_SERIALIZATION=1)."""
+    try:
+        found = llm.collective_rpc(_worker_kernels, timeout=60)
+    except Exception as e:  # noqa: BLE001 - a record field, not worth failing a run over
+        log.warning("engine: could not read the kernels from the workers (%s)", e)
+        return None
+    first = found[0]
+    return first if all(f == first for f in found) else {"workers": found}
 
 
 def engine_kwargs(model_path: str, settings: EngineSettings, *, lora: bool, seed: int,
@@ -215,5 +381,8 @@ def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, se
             weights = round(sum(b for b, _ in found) / 1024**3, 3)
     except Exception as e:  # noqa: BLE001 - a record field, not worth failing a run over
         log.warning("load: could not read the weights' memory from the workers (%s)", e)
+    kernels = read_kernels(llm)
+    if kernels:
+        log.info("load: kernels %s", {k: kernels.get(k) for k in ("linear", "attention", "model_dtype")})
     lora = LoRARequest("adapter", 1, lora_path) if lora_path else None
-    return Engine(llm, lora, LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source))
+    return Engine(llm, lora, LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source, kernels))

@@ -1,10 +1,17 @@
 """evaluate: generate answers to question sets through the loaded engine; stream them to JSONL.
 
-Every request goes into vLLM's engine loop at once (emq.engine.Engine.run) and each prompt's
-samples are written the moment they finish, so generation runs at the engine's own speed and a
-killed run loses only what was in flight. A rerun resumes: prompts whose samples are all in
-generations.jsonl are not generated again. Every prompt has its own seed (derived from eval.seed
-and its identity), so a resumed run produces what an uninterrupted one would have.
+The schedule is fixed before the first step, so it never depends on timing: prompts are sorted by (set,
+question, paraphrase) and cut into closed groups of at most `eval.group_size` samples (default 4 × the
+engine's max_num_seqs); each group is handed to the engine whole while its scheduler waits
+(emq.engine.Engine.run) and runs to its end before the next one starts. Each prompt's samples are written
+the moment they finish, so a killed run loses only the group in flight.
+
+Resume: a rerun in the same run dir keeps every group whose prompts are all in generations.jsonl and
+generates every other group again whole, with the same prompts in the same batches as an uninterrupted run.
+Prompts of such a group that were already written are generated again to keep the batch the same; their rows
+are kept, and the new answers are checked against them (a difference means the conditions changed between
+the attempts, and is logged). Every prompt has its own seed (derived from eval.seed and its identity).
+Under the same conditions (versions.json `determinism`) a resumed run's answers equal an uninterrupted one's.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ from typing import Any
 
 from emq.errors import EmqError
 from emq.question_formats import Question, QuestionSet, describe, read_question_file
-from emq.records import GENERATIONS, JsonlWriter, PromptKey, read_generations, write_text_atomic
+from emq.records import (GENERATIONS, VERSIONS, JsonlWriter, PromptKey, SampleKey, read_generations, update_json,
+                         write_text_atomic)
 from emq.schema import EvalConfig, JudgeConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,13 @@ class EvalResult:
     tokens_per_second: float
     latency_p50_s: float | None  # submission → last sample of a prompt, over this run's prompts
     latency_p95_s: float | None
+    groups: int = 0  # closed groups the prompts were cut into
+    groups_generated: int = 0  # groups this run generated (the others were complete already)
+    regenerated: int = 0  # samples generated again to keep a resumed group whole (rows kept, answers compared)
+    regenerated_differ: int = 0  # of those, answers that differ from the kept ones (conditions changed)
+
+
+GROUP_SIZE_FACTOR = 4  # eval.group_size=null: this many × max_num_seqs samples per group
 
 
 def _set_path(name: str) -> Path:
@@ -160,13 +175,53 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(s[i], 3)
 
 
+def group_prompts(prompts: list[dict[str, Any]], group_size: int) -> list[list[dict[str, Any]]]:
+    """The closed groups a run's prompts are generated in: sorted by (set, question, paraphrase), cut into
+    consecutive groups of at most `group_size` samples (a prompt with more samples is a group alone).
+
+    A function of the run's whole prompt list and the size only, so a resumed run cuts the same groups.
+    """
+    groups: list[list[dict[str, Any]]] = []
+    samples = 0
+    for p in sorted(prompts, key=PromptKey.of):
+        if not groups or samples + p["n"] > group_size:
+            groups.append([])
+            samples = 0
+        groups[-1].append(p)
+        samples += p["n"]
+    return groups
+
+
+def resolve_group_size(cfg: EvalConfig, max_num_seqs: int) -> tuple[int, str]:
+    """(samples per group, where that number came from)."""
+    if cfg.group_size:
+        return cfg.group_size, "eval.group_size"
+    return GROUP_SIZE_FACTOR * max_num_seqs, f"eval.group_size=null: {GROUP_SIZE_FACTOR} × max_num_seqs"
+
+
+def fingerprint(conditions: dict[str, Any]) -> str:
+    """A short hash of the determinism conditions, stored in every row so a resume can tell whether the rows it
+    keeps were made under the conditions it runs under."""
+    return hashlib.sha256(json.dumps(conditions, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def determinism_record(engine, cfg: EvalConfig, group_size: int, size_source: str, groups: int) -> dict[str, Any]:
+    """versions.json `determinism`: the engine's conditions plus this run's schedule and sampling."""
+    return {**engine.conditions(),
+            "schedule": {"order": "sorted by (set, question_id, paraphrase_index)", "group_size": group_size,
+                         "group_size_from": size_source, "groups": groups,
+                         "group": "closed: added whole while the scheduler waits, run to its end before the next"},
+            "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                         "eval_seed": cfg.seed, "per_prompt_seeds": True}}
+
+
 def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResult:
-    """Generate every sample not yet in `out_dir/generations.jsonl`.
+    """Generate every sample not yet in `out_dir/generations.jsonl`, group by group (module docstring).
 
     Args:
         engine: a loaded `emq.engine.Engine`.
         cfg: the eval group.
-        out_dir: the run directory.
+        out_dir: the run directory (versions.json gets the `determinism` record).
         progress: an `emq.records.Progress` to report counts to (optional).
     """
     from vllm import SamplingParams
@@ -174,47 +229,72 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResul
     from emq.engine import Request
 
     prompts = build_prompts(cfg)
+    group_size, size_source = resolve_group_size(cfg, engine.max_num_seqs)
+    groups = group_prompts(prompts, group_size)
+    conditions = determinism_record(engine, cfg, group_size, size_source, len(groups))
+    stamp = fingerprint(conditions)
+    update_json(out_dir / VERSIONS, determinism={**conditions, "fingerprint": stamp})
     path = out_dir / GENERATIONS
     complete = _keep_complete(path, prompts)
-    todo = [p for p in prompts if PromptKey.of(p) not in complete]
-    log.info("evaluate: %d prompts (%d samples), %d to generate (%d resumed)", len(prompts),
-             sum(p["n"] for p in prompts), len(todo), len(prompts) - len(todo))
-    by_id: dict[str, dict[str, Any]] = {}
-    requests = []
-    for p in todo:
-        rid = f"{p['set']}/{p['question_id']}/{p['paraphrase_index']}"
-        by_id[rid] = p
-        params = SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_tokens=cfg.max_tokens, seed=p["seed"])
-        requests.append(Request(rid, engine.chat_ids(p["messages"]), params))
-    out_tokens = generated = 0
-    latencies: list[float] = []
+    kept = {SampleKey.of(r): r for r in read_generations(out_dir)}
+    other = sorted({r.get("conditions") for r in kept.values()} - {stamp}, key=str)
+    if other:
+        log.warning("evaluate: %d kept answers were generated under other conditions (fingerprint %s, now %s: see "
+                    "versions.json `determinism`); they may differ from what this run would generate — delete %s "
+                    "to generate them all again", sum(r.get("conditions") != stamp for r in kept.values()),
+                    ", ".join(map(str, other)), stamp, path)
+    todo = [g for g in groups if any(PromptKey.of(p) not in complete for p in g)]
     total = sum(p["n"] for p in prompts)
-    resumed = total - sum(p["n"] for p in todo)
+    to_write = sum(p["n"] for g in todo for p in g if PromptKey.of(p) not in complete)
+    log.info("evaluate: %d prompts (%d samples) in %d groups of at most %d samples (%s); %d groups to generate, "
+             "%d samples to write, %d kept", len(prompts), total, len(groups), group_size, size_source, len(todo),
+             to_write, total - to_write)
+    out_tokens = generated = regenerated = differ = 0
+    latencies: list[float] = []
+    resumed = total - to_write
     if progress is not None:
         progress.update(force=True, generated=resumed, to_generate=total)
 
     with JsonlWriter(path) as writer:
         def done(req, out, latency_s: float) -> None:
-            nonlocal out_tokens, generated
+            nonlocal out_tokens, generated, regenerated, differ
             p = by_id[req.id]
+            again = PromptKey.of(p) in complete
             for si, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                out_tokens += len(c.token_ids)
+                if again:  # generated to keep the group's batches; the row written before stays
+                    regenerated += 1
+                    differ += kept[SampleKey(*PromptKey.of(p), si)]["answer"] != c.text
+                    continue
                 row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
                 row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
-                           finish_reason=c.finish_reason)
+                           finish_reason=c.finish_reason, conditions=stamp)
                 writer.write(row)
-                out_tokens += len(c.token_ids)
                 generated += 1
             latencies.append(latency_s)
             if progress is not None:
                 progress.update(generated=resumed + generated)
 
         t0 = time.perf_counter()
-        if requests:
-            engine.run(requests, done, desc="generate")
+        for gi, group in enumerate(todo):
+            by_id: dict[str, dict[str, Any]] = {}
+            requests = []
+            for p in group:
+                rid = f"{p['set']}/{p['question_id']}/{p['paraphrase_index']}"
+                by_id[rid] = p
+                params = SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_tokens=cfg.max_tokens, seed=p["seed"])
+                requests.append(Request(rid, engine.chat_ids(p["messages"]), params))
+            engine.run(requests, done, desc="generate" if len(todo) == 1 else f"generate {gi + 1}/{len(todo)}")
         seconds = time.perf_counter() - t0
+    if regenerated:
+        (log.warning if differ else log.info)(
+            "evaluate: resumed: %d samples of partly written groups generated again to keep their batches; %d of "
+            "them differ from the answers written before%s", regenerated, differ,
+            " (the conditions changed between the attempts: compare versions.json `determinism`)" if differ else "")
     rows = read_generations(out_dir)
     mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
     return EvalResult(str(path), len(prompts), len(rows), generated, out_tokens, round(mean, 2),
-                      round(seconds, 3), round(out_tokens / seconds, 2) if generated and seconds else 0.0,
-                      _percentile(latencies, 0.5), _percentile(latencies, 0.95))
+                      round(seconds, 3), round(out_tokens / seconds, 2) if out_tokens and seconds else 0.0,
+                      _percentile(latencies, 0.5), _percentile(latencies, 0.95), len(groups), len(todo),
+                      regenerated, differ)

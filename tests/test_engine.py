@@ -48,3 +48,95 @@ def test_w4a16_served_by_vllm_matches_transformers_on_the_decompressed_model(dem
                  np.concatenate(tok_lp).astype(np.float32), {"what": "transformers"})
     diff = F.compare(ref, served)
     assert diff["kl_mean"] < MAX_KL and diff["top1_agreement"] > MIN_TOP1, diff
+
+
+class _FakeLLMEngine:
+    """vLLM's LLMEngine as Engine.run uses it: records every call, finishes each request on the first step."""
+
+    def __init__(self, pausable=True, fail_on_add=None):
+        self.calls: list[tuple] = []
+        self.unfinished: list[str] = []
+        self.fail_on_add = fail_on_add
+        if not pausable:  # an old vLLM: sleep(level) without a pause mode
+            self.sleep = lambda level=1: self.calls.append(("sleep", level))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def sleep(self, level=1, mode="abort"):
+        self.calls.append(("sleep", level, mode))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def add_request(self, rid, prompt, params, lora_request=None):
+        if self.fail_on_add == len(self.unfinished):
+            raise RuntimeError("engine died")
+        self.calls.append(("add", rid))
+        self.unfinished.append(rid)
+
+    def abort_request(self, rids):
+        self.calls.append(("abort", tuple(rids)))
+
+    def has_unfinished_requests(self):
+        return bool(self.unfinished)
+
+    def step(self):
+        self.calls.append(("step",))
+        done, self.unfinished = self.unfinished, []
+        return [type("Out", (), {"request_id": r, "finished": True})() for r in done]
+
+
+def _engine(fake):
+    from emq.engine import Engine, LoadRecord
+
+    return Engine(type("LLM", (), {"llm_engine": fake})(), None, LoadRecord("m", None, {}, 0.0))
+
+
+def _requests(n):
+    from vllm import SamplingParams
+
+    from emq.engine import Request
+
+    return [Request(f"r{i}", [1, 2, i], SamplingParams(max_tokens=1)) for i in range(n)]
+
+
+def test_run_adds_every_request_while_the_scheduler_waits_then_releases_it():
+    fake = _FakeLLMEngine()
+    done = []
+    _engine(fake).run(_requests(3), lambda r, out, s: done.append(r.id))
+    names = [c[0] for c in fake.calls]
+    assert names == ["reset_prefix_cache", "sleep", "add", "add", "add", "wake_up", "step"]
+    assert fake.calls[1] == ("sleep", 0, "keep") and fake.calls[5] == ("wake_up", ["scheduling"])
+    assert done == ["r0", "r1", "r2"]
+
+
+def test_run_releases_the_scheduler_and_aborts_when_adding_fails():
+    fake = _FakeLLMEngine(fail_on_add=2)
+    with pytest.raises(RuntimeError, match="engine died"):
+        _engine(fake).run(_requests(3), lambda *a: None)
+    assert ("wake_up", ["scheduling"]) in fake.calls and fake.calls[-1][0] == "abort"
+    assert "step" not in [c[0] for c in fake.calls]
+
+
+def test_run_on_a_vllm_without_a_scheduler_pause_says_batches_depend_on_timing(caplog):
+    fake = _FakeLLMEngine(pausable=False)
+    engine = _engine(fake)
+    with caplog.at_level("WARNING"):
+        engine.run(_requests(2), lambda *a: None)
+    assert [c[0] for c in fake.calls] == ["reset_prefix_cache", "add", "add", "step"]
+    assert "depend on timing" in caplog.text and not engine.can_hold()
+    one = _FakeLLMEngine()
+    _engine(one).run(_requests(1), lambda *a: None)  # one request has nothing to be batched with: no pause
+    assert [c[0] for c in one.calls] == ["reset_prefix_cache", "add", "step"]
+
+
+def test_batch_invariant_kernels_on_cuda_and_a_clear_refusal_on_the_cpu_build():
+    from emq.errors import EmqError
+    from tests.plans import cuda_vllm, fake_machine, plan_for
+
+    gpu = plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm()), batch_invariant=True)
+    assert gpu.engine.env.get("VLLM_BATCH_INVARIANT") == "1" and any("VLLM_BATCH_INVARIANT" in r for r in gpu.reasons)
+    assert "VLLM_BATCH_INVARIANT" not in plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm())).engine.env
+    with pytest.raises(EmqError, match="(?s)memory.batch_invariant=true.*CPU build.*memory.batch_invariant=false"):
+        plan_for(machine=fake_machine(), batch_invariant=True)
