@@ -143,11 +143,13 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
 
     def kwargs_for(model: str, quant: QuantMethod, lora: bool) -> dict:
         det = detect(ModelConfig(name="x", base=model))
-        plan = make_plan(det, MemoryConfig(max_model_len=1024), QuantConfig(method=quant), snapshot(cache))
+        plan = make_plan(det, MemoryConfig(max_model_len=1024),  # a W4A16 checkpoint is served as it is
+                         QuantConfig(method=QuantMethod.none if quant == QuantMethod.w4a16 else quant), snapshot(cache))
         kw = engine_kwargs(model, plan.engine, lora=lora, seed=0)
         if lora:
             kw.update(enable_lora=True, max_lora_rank=32, max_loras=1)
-        return {**kw, "_env": plan.engine.env}
+        env = {"VLLM_DISABLED_KERNELS": "HummingLinearKernel"} if quant == QuantMethod.w4a16 else {}
+        return {**kw, "_env": {**env, **plan.engine.env}}
 
     variants = [("w4a16 merged (emq)", w4, QuantMethod.w4a16, "emq", None),
                 ("merged + bnb (emq)", merged, QuantMethod.bnb, "emq", None),
