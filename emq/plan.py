@@ -43,8 +43,9 @@ MIN_CONFIDENCE = 0.5
 LEANEST_FIRST = (QuantMethod.w4a16, QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
 # Why quant=auto takes w4a16 (plan reasons cite the numbers).
 W4A16_WHY = ("offline int4 weights with group-wise scales (compressed-tensors), served natively by every vLLM; "
-             "measured on an H200 (7B-shaped) at 0.93x bnb's weights with 1.21x its tokens/s at 264 sequences and "
-             "3.0x at 8, and on the demo's QLoRA merge it keeps the fine-tune where merged + bnb serves the base")
+             "measured through emq on an H200 (7B-shaped) at 1.08x merged + bnb's tokens/s at 270 sequences and 2.7x "
+             "at 18 (raw vLLM: 0.93x bnb's weights), and on the demo's QLoRA merge it keeps 50% (RTN g64) to 86% "
+             "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md)")
 
 
 class Route(str, Enum):
@@ -306,8 +307,9 @@ def _estimate_basis(det: DetectResult, reasons: list[str]) -> None:
 
 # merged + in-flight bnb of a QLoRA adapter: NF4 re-quantization of dequant(NF4(W)) + s·B·A rounds the update away
 BNB_ERASES = ("merged + in-flight bnb re-quantizes dequant(NF4(W)) + s·B·A to NF4, which rounds a fine-tune's small "
-              "update back to the base's codes (the demo good doctor on an H200: KL to the trained function 1.07 vs "
-              "1.04 for the base with no adapter; benchmarks/results/qlora_bnb_erasure.md)")
+              "update back to the base's codes (the demo good doctor on an H200: merged + bnb keeps 7% of the "
+              "fine-tune, KL to the trained function 0.97 vs 1.04 for the base with no adapter, while the LoRA on the "
+              "in-flight bnb base keeps 99.8%, KL 0.002; benchmarks/results/qlora_bnb_erasure.md)")
 
 
 def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *, prequantized: bool,
