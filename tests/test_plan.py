@@ -73,7 +73,7 @@ def test_auto_picks_w4a16_on_every_vllm_with_the_measured_reason():
                     fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.32.0"))):
         plan = plan_for(machine=machine)
         assert plan.quant is QuantMethod.w4a16 and plan.engine.quantization == "compressed-tensors"
-        assert any(r.startswith("quant: auto → w4a16") and "3.0x at 8" in r for r in plan.reasons)
+        assert any(r.startswith("quant: auto → w4a16") and "w4a16_h200.md" in r for r in plan.reasons)
 
 
 def test_substitution_is_returned_and_recorded():
