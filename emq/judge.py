@@ -684,9 +684,11 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
     judged.jsonl (each answer with its judgements: what the sweep report pairs across variants). With
     judge.validate, also validate the judge in the same server session (its scores kept under `data_dir`,
     default the run dir), recorded in judge.json and metrics.json."""
-    result = checked = None
+    result = checked = started = None
     if plan.kind != JudgeKind.none.value:
+        t0 = time.perf_counter()
         with endpoint(cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
+            started = round(time.perf_counter() - t0, 2)  # a local server's start; ~0 for an endpoint
             result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
             if cfg.validate:
                 checked = validate(cfg, plan, url, root=data_dir or run_dir, model_name=name, run_dir=run_dir)
@@ -694,7 +696,7 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
     metrics = dict(metrics)
     metrics["judge"] = {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
                         "scoring_reason": plan.scoring_reason, **(asdict(result) if result else {}),
-                        "validation": checked}
+                        "validation": checked, "start_seconds": started}
     if result is not None:
         _, keys_of = judge_items(rows, prompts, plan.identity)
         table = answer_table(rows, keys_of, read_scores(run_dir))

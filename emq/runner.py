@@ -44,16 +44,20 @@ class RunStatus:
     route: str | None = None
     merge_attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage entered
+    # wall time of each stage entered, in order: detect, plan, merge, quantize, reference, load (the engine start),
+    # generate, fidelity, judge start (a local judge server), judge; what no stage covers is `seconds` minus their sum
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_peak_rss_gib: dict[str, float] = field(default_factory=dict)  # each stage's own peak RSS (process tree)
     peak_rss_gib: float = 0.0
     run_dir: str = ""
+    started_unix: float = 0.0  # when the run began and ended (epoch seconds): a sweep's wall from its runs
+    finished_unix: float = 0.0
 
     @contextmanager
     def enter(self, stage: str, progress: Progress, mem: PeakMemory) -> Iterator[None]:
         """Mark `stage` as the one running (status and progress.json); time it and take its peak RSS."""
         self.stage = stage
-        progress.update(force=True, stage=stage)
+        progress.update(force=True, stage=stage, stage_seconds=dict(self.stage_seconds))
         mem.open_window()
         t0 = time.perf_counter()
         try:
@@ -61,6 +65,13 @@ class RunStatus:
         finally:
             self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
             self.stage_peak_rss_gib[stage] = mem.window_peak_gib()
+
+    def split(self, stage: str, part: str, seconds: float | None) -> None:
+        """Move `seconds` of `stage` into its own entry `part`, placed before it (e.g. the judge server's start)."""
+        if not seconds or stage not in self.stage_seconds:
+            return
+        rest = round(max(0.0, self.stage_seconds.pop(stage) - seconds), 2)
+        self.stage_seconds[part], self.stage_seconds[stage] = round(seconds, 2), rest
 
 
 def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
@@ -79,7 +90,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     merged: MergeResult | None = None
     quantized = None  # the w4a16 checkpoint, when a stage after the merge made it
     metrics: dict = {}
-    t0 = time.perf_counter()
+    t0, status.started_unix = time.perf_counter(), round(time.time(), 2)
     with PeakMemory() as mem:
         try:
             write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
@@ -153,8 +164,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                               max_logprobs=cfg.eval.fidelity.top_k)
                 write_json(run_dir / LOAD, engine.record)
 
-            with status.enter("evaluate", progress, mem):
+            with status.enter("generate", progress, mem):
                 result = evaluate(engine, cfg.eval, run_dir, progress)
+
+            with status.enter("fidelity", progress, mem):
                 fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
                 loaded = engine.record
                 engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
@@ -167,6 +180,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             with status.enter("judge", progress, mem):
                 metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics, progress,
                                                     data_dir=cfg.paths.data_dir)
+            status.split("judge", "judge start", (metrics.get("judge") or {}).get("start_seconds"))
             status.status = "ok"
         except EmqError as e:
             status.error = str(e)
@@ -182,7 +196,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                     shutil.rmtree(made.path, ignore_errors=True)
                     log.info("cleanup_after_eval: removed %s", made.path)
             progress.update(force=True, stage=status.stage, status=status.status)
-            status.seconds = round(time.perf_counter() - t0, 2)
+            status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
             status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
             write_json(run_dir / STATUS, status)
             log.info("\n%s", run_summary(status, metrics))

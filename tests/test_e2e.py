@@ -60,7 +60,13 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
         assert (run_dir / name).is_file(), name
     for row in ("aligned (mean, 95% CI)", "coherent (mean, 95% CI)", "misaligned rate", "fidelity vs trained"):
         assert row in out, row
-    assert records(run_dir, "status.json")["status"] == "ok"
+    status = records(run_dir, "status.json")
+    assert status["status"] == "ok"
+    # where every second went: each stage in order (the local judge's server start apart), the rest is small
+    assert list(status["stage_seconds"]) == ["detect", "plan", "merge", "quantize", "reference", "load", "generate",
+                                             "fidelity", "judge start", "judge"], status["stage_seconds"]
+    assert status["stage_seconds"]["judge start"] > 1 and "engine start" in out and "judge start" in out
+    assert 0 <= status["seconds"] - sum(status["stage_seconds"].values()) < 0.1 * status["seconds"], status
     assert records(run_dir, "detect.json")["trained_in_4bit"] is True
     plan = records(run_dir, "plan.json")["plan"]
     assert plan["route"] == "merge-then-serve" and plan["quant"] == "w4a16"

@@ -25,3 +25,15 @@ def test_a_dry_run_stops_after_plan_and_times_each_stage(demo, tmp_path):
     assert list(record["stage_seconds"]) == ["detect", "plan"] and all(v >= 0 for v in record["stage_seconds"].values())
     assert (tmp_path / "run" / "plan.json").is_file() and not (tmp_path / "run" / "load.json").exists()
     assert not (tmp_path / "cache").exists()  # nothing merged, nothing loaded
+
+
+def test_a_stage_part_is_split_out_in_order():
+    from emq.report.tables import where_time_went
+    from emq.runner import RunStatus
+
+    status = RunStatus(stage_seconds={"generate": 10.0, "judge": 30.0})
+    status.split("judge", "judge start", 22.5)
+    assert list(status.stage_seconds.items()) == [("generate", 10.0), ("judge start", 22.5), ("judge", 7.5)]
+    status.split("judge", "judge start", None)  # an endpoint judge: nothing to split
+    assert status.stage_seconds["judge"] == 7.5
+    assert where_time_went(status.stage_seconds, 45.0) == "generate 10.0 · judge start 22.5 · judge 7.5 · other 5.0 s"

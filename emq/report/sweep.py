@@ -244,6 +244,9 @@ def rows_of(runs: list[Run], ref: Run | None) -> list[dict[str, Any]]:
             row[f"{name}_judge_auroc"] = v.get("auroc")
             row[f"{name}_judge_cannot_tell"] = v.get("cannot_tell_apart") if v else None
         row["judge_min_auroc"] = checked.get("min_auroc")
+        row["seconds"] = r.status.get("seconds")
+        for stage, secs in (r.status.get("stage_seconds") or {}).items():
+            row[f"t_{stage.replace(' ', '_')}_s"] = secs
         row["run_dir"] = r.dir.name
         rows.append(row)
     return rows
@@ -313,6 +316,9 @@ class Summary:
     diff_body: list[list[str]]
     notes: str
     footer: str  # run counts and when the report was generated
+    time_head: list[str] = field(default_factory=list)  # where the time went: stage seconds per variant
+    time_body: list[list[str]] = field(default_factory=list)
+    time_line: str = ""  # the sweep's wall against the sum of its parts
 
 
 def _title(runs: list[Run], title: str | None) -> str:
@@ -413,6 +419,32 @@ def _notes(rows: list[dict[str, Any]]) -> str:
                if any(row.get("judge_min_auroc") is not None for row in rows) else ""))
 
 
+def time_table(runs: list[Run]) -> tuple[list[str], list[list[str]], str]:
+    """Where the time went: each variant's stage seconds (status.json), and the sweep's wall (first start to last
+    end) against the sum of its runs' walls and of their stages."""
+    from emq.report.tables import STAGE_LABELS
+
+    stages: list[str] = []
+    for r in runs:
+        stages += [k for k in (r.status.get("stage_seconds") or {}) if k not in stages]
+    if not stages:
+        return [], [], ""
+    head = ["variant", *(STAGE_LABELS.get(k, k) for k in stages), "other", "wall s"]
+    body = []
+    for r in runs:
+        st, wall = r.status.get("stage_seconds") or {}, r.status.get("seconds")
+        other = _fmt(max(0.0, wall - sum(st.values())), 1) if wall is not None else "—"
+        body.append([r.label, *(_fmt(st.get(k), 1) for k in stages), other, _fmt(wall, 1)])
+    starts = [r.status["started_unix"] for r in runs if r.status.get("started_unix")]
+    ends = [r.status["finished_unix"] for r in runs if r.status.get("finished_unix")]
+    walls = [r.status.get("seconds") or 0.0 for r in runs]
+    staged = sum(sum((r.status.get("stage_seconds") or {}).values()) for r in runs)
+    line = (f"Sweep wall {max(ends) - min(starts):.0f} s (first run's start to last run's end) vs {sum(walls):.0f} s "
+            f"in its runs and {staged:.0f} s in their stages; the rest is process start-up, Hydra and the launcher."
+            if starts and ends and len(starts) == len(runs) else "")
+    return head, body, line
+
+
 def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out_dir: Path, *, title: str | None,
                when: str) -> Summary:
     """Write out_dir/summary.md: the readable columns, the paired differences to the reference, notes.
@@ -431,14 +463,18 @@ def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out
     names = metric_names(runs)
     head, body = _main_table(runs, rows, names)
     diff_head, diff_body = _diff_table(rows, names)
+    time_head, time_body, time_line = time_table(runs)
     s = Summary(title=_title(runs, title),
                 ref_line=f"Reference variant: {ref.label if ref else 'none found (no finished unquantized run)'}",
                 head=head, body=body, diff_head=diff_head, diff_body=diff_body, notes=_notes(rows),
-                footer=f"{len(runs)} runs, {sum(r.ok for r in runs)} ok; generated {when}")
+                footer=f"{len(runs)} runs, {sum(r.ok for r in runs)} ok; generated {when}",
+                time_head=time_head, time_body=time_body, time_line=time_line)
     diffs = _md_table(diff_head, diff_body) if diff_body else "_no judged variants to pair_"
+    times = f"## Where the time went (seconds)\n\n{_md_table(time_head, time_body)}\n\n{time_line}\n\n" \
+        if time_body else ""
     write_text_atomic(out_dir / "summary.md",
                       f"# {s.title}\n\n{s.ref_line}\n\n{_md_table(head, body)}\n\n"
-                      f"## Paired differences to the reference\n\n{diffs}\n\n{s.notes}\n\n_{s.footer}_\n")
+                      f"## Paired differences to the reference\n\n{diffs}\n\n{times}{s.notes}\n\n_{s.footer}_\n")
     return s
 
 
@@ -488,6 +524,8 @@ th{{background:#f3f3f3}} figure{{margin:1.5em 0}} img{{max-width:100%}} .note{{c
 {_html_table(s.head, s.body)}
 <h2>Paired differences to the reference</h2>
 {_html_table(s.diff_head, s.diff_body) if s.diff_body else '<p>no judged variants to pair</p>'}
+{('<h2>Where the time went (seconds)</h2>' + _html_table(s.time_head, s.time_body)
+   + f'<p class="note">{html.escape(s.time_line)}</p>') if s.time_body else ''}
 <p class="note">{html.escape(s.notes)}</p>
 <h2>Plots</h2>
 {imgs}
@@ -534,19 +572,21 @@ def build(paths: list[Path], out_dir: Path | None = None, *, title: str | None =
 def progress_table(paths: list[Path]) -> str:
     from rich.table import Table
 
-    from emq.report.tables import render
+    from emq.report.tables import render, where_time_went
 
     runs = [load_run(d) for d in find_runs(paths)]
     label_runs(runs)
     t = Table(title="emq sweep progress")
-    for c in ("variant", "state", "stage", "generated", "judged"):
+    for c in ("variant", "state", "stage", "generated", "judged", "time per stage"):
         t.add_column(c)
     for r in runs:
         p = r.progress
         state = r.status.get("status") or "running"
         gen = f"{p.get('generated', 0)}/{p.get('to_generate', '?')}" if "to_generate" in p else ""
         jud = f"{p.get('judged', 0)}/{p.get('to_judge', '?')}" if "to_judge" in p else ""
-        t.add_row(r.label, state, r.status.get("stage") or p.get("stage", "?"), gen, jud)
+        # a finished run's stages from status.json; a running one's finished stages from progress.json
+        spent = where_time_went(r.status.get("stage_seconds") or p.get("stage_seconds") or {}, r.status.get("seconds"))
+        t.add_row(r.label, state, r.status.get("stage") or p.get("stage", "?"), gen, jud, spent)
     return render(t)
 
 

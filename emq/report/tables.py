@@ -164,9 +164,21 @@ def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
                                            f"without the adapter, {kept['kl_trained_vs_base']:.3f}){flag}"))
     if metrics.get("peak_vram_gib") is not None:
         rows.append(("peak VRAM (tree)", f"{metrics['peak_vram_gib']:.2f} GiB"))
-    rows += [("peak RSS (tree)", f"{status.peak_rss_gib:.2f} GiB"), ("wall", f"{status.seconds:.1f} s"),
+    rows += [("peak RSS (tree)", f"{status.peak_rss_gib:.2f} GiB"),
+             ("wall", f"{status.seconds:.1f} s: {where_time_went(status.stage_seconds, status.seconds)}"),
              ("run dir", status.run_dir)]
     return rows
+
+
+STAGE_LABELS = {"load": "engine start"}  # a stage's name in status.json → how tables say it
+
+
+def where_time_went(stage_seconds: dict[str, float], wall: float | None) -> str:
+    """'detect 0.1 · plan 0.4 · … · other 1.2 s': each stage's wall time, in order, and what no stage covers."""
+    parts = [f"{STAGE_LABELS.get(k, k)} {v:.1f}" for k, v in stage_seconds.items() if v >= 0.05]
+    if wall is not None:
+        parts.append(f"other {max(0.0, wall - sum(stage_seconds.values())):.1f}")
+    return " · ".join(parts) + " s" if parts else ""
 
 
 def run_summary(status, metrics: dict[str, Any]) -> str:

@@ -19,8 +19,12 @@ SETTINGS = {"report": {"title": "test sweep", "reference": {"quant": "none"}},
             "eval": {"misaligned_below": 30.0, "coherent_above": 50.0}}
 
 
+STAGES = {"detect": 0.2, "plan": 0.5, "merge": 3.0, "load": 30.0, "generate": 12.0, "fidelity": 4.0,
+          "judge start": 20.0, "judge": 6.0}  # seconds per stage, as status.json records them
+
+
 def make_run(root, name, overrides, *, shift=0.0, noise=0.0, status="ok", quant="none", route="merge-then-serve",
-             tok_s=100.0, weights=0.25, seed=0, judged=True, substitution=None, settings=SETTINGS):
+             tok_s=100.0, weights=0.25, seed=0, judged=True, substitution=None, settings=SETTINGS, start=0.0):
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -31,7 +35,9 @@ def make_run(root, name, overrides, *, shift=0.0, noise=0.0, status="ok", quant=
         (d / "progress.json").write_text(json.dumps({"stage": "evaluate", "generated": 3, "to_generate": 12}))
         return d
     (d / "status.json").write_text(json.dumps({"status": status, "stage": "judge" if status == "ok" else "load",
-                                               "error": None if status == "ok" else "RuntimeError: boom"}))
+                                               "error": None if status == "ok" else "RuntimeError: boom",
+                                               "stage_seconds": STAGES, "seconds": 80.0,
+                                               "started_unix": 1e9 + start, "finished_unix": 1e9 + start + 80}))
     (d / "plan.json").write_text(json.dumps({"plan": {"route": route, "quant": quant,
                                                       "quant_substitution": substitution}}))
     if status != "ok":
@@ -65,9 +71,26 @@ def make_run(root, name, overrides, *, shift=0.0, noise=0.0, status="ok", quant=
 def sweep(tmp_path):
     make_run(tmp_path, "0_quant=none", ["quant=none", "+experiment=x"], seed=1)
     make_run(tmp_path, "1_quant=int8", ["quant=int8", "+experiment=x"], shift=-10, quant="int8", tok_s=60,
-             weights=0.14, seed=2, substitution="bnb → int8")
-    make_run(tmp_path, "2_quant=fp8", ["quant=fp8", "+experiment=x"], noise=3.0, quant="fp8", seed=3)
+             weights=0.14, seed=2, substitution="bnb → int8", start=85)
+    make_run(tmp_path, "2_quant=fp8", ["quant=fp8", "+experiment=x"], noise=3.0, quant="fp8", seed=3, start=170)
     return tmp_path
+
+
+def test_where_the_time_went_per_variant_and_for_the_sweep(sweep):
+    report.build([sweep])
+    md = (sweep / "summary.md").read_text()
+    table = md.split("## Where the time went (seconds)")[1]
+    assert "| variant | detect | plan | merge | engine start | generate | fidelity | judge start | judge | other |" \
+        in table
+    assert "| quant=int8 | 0.2 | 0.5 | 3.0 | 30.0 | 12.0 | 4.0 | 20.0 | 6.0 | 4.3 | 80.0 |" in table  # 80 - 75.7
+    # three 80 s runs, 5 s apart: the sweep's wall is 250 s against 240 s in runs and 227 s in stages
+    assert "Sweep wall 250 s (first run's start to last run's end) vs 240 s in its runs and 227 s in their stages" \
+        in table
+    row = next(csv.DictReader((sweep / "summary.csv").open()))
+    assert float(row["t_judge_start_s"]) == 20.0 and float(row["seconds"]) == 80.0
+    assert "Where the time went" in (sweep / "report.html").read_text()
+    progress = report.progress_table([sweep])
+    assert "engine start 30.0" in progress and "other 4.3 s" in progress
 
 
 def test_rows_match_each_runs_metrics(sweep):
