@@ -14,7 +14,7 @@ def run_main() -> None:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    from emq.config import CONF_DIR, to_run_config
+    from emq.config import CONF_DIR, resolve_judge_scope, to_run_config
     from emq.errors import EmqError
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -23,7 +23,8 @@ def run_main() -> None:
 
         hc = HydraConfig.get()
         try:
-            run_cfg = to_run_config(cfg)
+            run_cfg = resolve_judge_scope(to_run_config(cfg), hc.mode == RunMode.MULTIRUN,
+                                          str(hc.launcher.get("_target_", "")))
         except EmqError as e:  # a value no run can use: the same one message as any other bad input
             from emq.report.tables import summary_table
 

@@ -89,6 +89,19 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run_cfg
 
 
+def resolve_judge_scope(run_cfg: RunConfig, multirun: bool, launcher_target: str) -> RunConfig:
+    """judge.scope=auto → sweep for a local judge in a multirun whose jobs run on this machine (the sweep-end
+    callback runs here too, so one judge server can serve every variant), else run (a single run, an endpoint
+    judge, or SLURM jobs, whose submitting node may have no GPU)."""
+    from emq.schema import JudgeKind, JudgeScope
+
+    j = run_cfg.judge
+    if j.scope is JudgeScope.auto:
+        shared = multirun and j.kind is JudgeKind.local and "slurm" not in launcher_target.lower()
+        j.scope = JudgeScope.sweep if shared else JudgeScope.run
+    return run_cfg
+
+
 def _key_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 

@@ -517,6 +517,23 @@ def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan:
     return client.requests, client.retries, errors
 
 
+def borrow_scores(run_dir: Path, prompts: list[dict[str, Any]], plan: JudgePlan, donors: list[Path]) -> int:
+    """Copy into run_dir's scores.jsonl the judgements that `donors` (other runs of a sweep, same judge) already
+    made of the same (judge, prompt, answer): dedupe across a sweep. Returns how many were copied."""
+    items, _ = judge_items(read_generations(run_dir), prompts, plan.identity)
+    want = set(items) - set(read_scores(run_dir))
+    found = []
+    for d in donors:
+        for k, row in read_scores(d).items():
+            if k in want:
+                found.append(row)
+                want.discard(k)
+    if found:
+        with open(Path(run_dir) / SCORES, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in found))
+    return len(found)
+
+
 def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
               *, model_name: str | None = None, progress=None) -> JudgeResult:
     """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
@@ -677,17 +694,40 @@ def validate_judge(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> dict[
         return validate(cfg, plan, url, root=root, model_name=name)
 
 
+def defer_to_sweep(run_dir: Path, plan: JudgePlan, metrics: dict[str, Any]) -> dict[str, Any]:
+    """judge.scope=sweep: record that this run's answers wait for the sweep's one judge (judge.json, metrics.json);
+    `python -m emq judge RUN_DIR` judges such a run alone at any time."""
+    log.info("judge: deferred to the end of the sweep, where one %s judge serves every variant", plan.kind)
+    metrics = {**metrics, "judge": {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
+                                    "deferred_to_sweep": True}, "metrics": {}, "em": None}
+    write_json(run_dir / JUDGE, {"plan": plan, "result": None, "deferred_to_sweep": True})
+    write_json(run_dir / METRICS, metrics)
+    return metrics
+
+
+@contextmanager
+def _opened(at: tuple[str, str | None] | None, cfg: JudgeConfig, plan: JudgePlan,
+            server_log: Path) -> Iterator[tuple[str, str | None]]:
+    if at is not None:  # an endpoint the caller holds open (the sweep's one judge)
+        yield at
+        return
+    with endpoint(cfg, plan, server_log) as opened:
+        yield opened
+
+
 def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, eval_cfg: EvalConfig,
                         plan: JudgePlan, metrics: dict[str, Any], progress=None, *,
-                        data_dir: Path | str | None = None) -> dict[str, Any]:
+                        data_dir: Path | str | None = None, at: tuple[str, str | None] | None = None
+                        ) -> dict[str, Any]:
     """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics, and
     judged.jsonl (each answer with its judgements: what the sweep report pairs across variants). With
     judge.validate, also validate the judge in the same server session (its scores kept under `data_dir`,
-    default the run dir), recorded in judge.json and metrics.json."""
+    default the run dir), recorded in judge.json and metrics.json. `at`: (URL, served name) of a judge already
+    running (the sweep's); else the planned judge is reached, or started and stopped, here."""
     result = checked = started = None
     if plan.kind != JudgeKind.none.value:
         t0 = time.perf_counter()
-        with endpoint(cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
+        with _opened(at, cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
             started = round(time.perf_counter() - t0, 2)  # a local server's start; ~0 for an endpoint
             result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
             if cfg.validate:

@@ -29,7 +29,7 @@ from emq.plan import Route, make_plan, weights_missing
 from emq.records import (DETECT, INPUTS, LOAD, MERGE, METRICS, PLAN, QUANTIZE, RUN_CONFIG, STATUS, VERSIONS,
                          Progress, versions, write_json)
 from emq.report.tables import plan_table, run_summary
-from emq.schema import RunConfig, Stage
+from emq.schema import JudgeKind, JudgeScope, RunConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,11 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 write_json(run_dir / METRICS, metrics)
 
             with status.enter("judge", progress, mem):
-                metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics, progress,
-                                                    data_dir=cfg.paths.data_dir)
+                if cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value:
+                    metrics = judge.defer_to_sweep(run_dir, judge_plan, metrics)  # one judge server per sweep
+                else:
+                    metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics,
+                                                        progress, data_dir=cfg.paths.data_dir)
             status.split("judge", "judge start", (metrics.get("judge") or {}).get("start_seconds"))
             status.status = "ok"
         except EmqError as e:

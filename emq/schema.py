@@ -64,6 +64,14 @@ class JudgeKind(str, Enum):
     local = "local"  # emq starts `vllm serve judge.model` on 127.0.0.1 and stops it afterwards
 
 
+class JudgeScope(str, Enum):
+    """Where a local judge server runs: once per run, or once per sweep (emq.cli.judge.judge_deferred)."""
+
+    auto = "auto"  # sweep for a multirun whose jobs run on this machine (basic, local launchers), else run
+    run = "run"  # each run starts its own judge and judges itself
+    sweep = "sweep"  # runs defer judging; the sweep's end starts one judge and judges every run through it
+
+
 class Scoring(str, Enum):
     """How a 0-100 judgement is read from the judge's log-probabilities (emq.scoring)."""
 
@@ -220,6 +228,7 @@ class JudgeConfig:
     validate: bool = False  # also score the labelled validation set (judge.json, the summary, the report)
     validation: JudgeValidationConfig = field(default_factory=JudgeValidationConfig)
     min_auroc: float = 0.8  # below this AUROC on a metric the judge "cannot tell these apart": warned everywhere
+    scope: JudgeScope = JudgeScope.auto  # local judge: one server per run, or one per sweep (see JudgeScope)
 
 
 @dataclass

@@ -129,3 +129,17 @@ def test_compose_from_run_replaces_the_judge(tmp_path):
     assert cfg.judge.max_concurrency == 16  # the old judge's knobs went with it
     with pytest.raises(EmqError, match="overrides.yaml"):
         compose_from_run(tmp_path / "nope", [])
+
+
+def test_judge_scope_auto_is_one_judge_per_sweep_on_this_machine():
+    from emq.config import resolve_judge_scope
+    from emq.schema import JudgeScope
+
+    local = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    for judge, multirun, launcher, scope in [("local", True, local, "sweep"), ("local", False, local, "run"),
+                                             ("local", True, slurm, "run"), ("none", True, local, "run")]:
+        cfg = compose_run([f"judge={judge}"])
+        assert resolve_judge_scope(cfg, multirun, launcher).judge.scope is JudgeScope(scope), (judge, multirun)
+    cfg = compose_run(["judge=local", "judge.scope=run"])  # an explicit choice wins
+    assert resolve_judge_scope(cfg, True, local).judge.scope is JudgeScope.run

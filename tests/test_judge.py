@@ -174,6 +174,21 @@ def test_identical_answers_are_judged_once_and_a_rerun_judges_nothing(tmp_path):
         assert again.judged_now == 0 and again.reused == 4 and stub.requests == n
 
 
+def test_a_sweep_judges_an_answer_once_across_its_runs(tmp_path):
+    """One judge per sweep: a run borrows the judgements other runs made of the same (judge, prompt, answer)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    prompts = _write_run(a, ["a good answer", "a bad answer"])
+    _write_run(b, ["a good answer", "something new"])
+    with StubJudge(key=SENTINEL, mode="digits") as stub:
+        cfg = cfg_for(stub)
+        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        assert J.judge_run(a, prompts, cfg, plan, cfg.base_url).judged_now == 4
+        assert J.borrow_scores(b, prompts, plan, [a]) == 2  # "a good answer" x 2 metrics
+        r = J.judge_run(b, prompts, cfg, plan, cfg.base_url)
+        assert r.judged_now == 2 and r.reused == 2
+        assert J.borrow_scores(b, prompts, plan, [a]) == 0  # nothing twice
+
+
 RESUME_SCRIPT = """
 import sys, json
 from pathlib import Path

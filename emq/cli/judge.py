@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from emq.demo import ensure_demo
 from emq.errors import EmqError
 from emq.evaluate import build_prompts
 from emq.machine import snapshot
-from emq.records import GENERATIONS, METRICS, PLAN, read_json
+from emq.records import GENERATIONS, METRICS, PLAN, read_json, write_json
 from emq.report.tables import judged_rows, render, summary_table
 from emq.schema import JudgeKind
 
@@ -42,18 +43,61 @@ def rejudge(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     cfg = compose_from_run(run_dir, overrides)
     if cfg.judge.demo:
         ensure_demo(cfg.paths.data_dir)
-    machine = snapshot(cfg.paths.cache_dir)
-    plan = read_json(run_dir / PLAN).get("plan", {})
-    engine = plan.get("engine", {})
-    platform = plan.get("platform", machine.vllm.platform)
-    judge_plan = judge.prepare(cfg.judge, platform=platform, dtype=judge.judge_dtype(platform, machine.cpu_bf16),
-                               memory_utilization=engine.get("memory_utilization", cfg.memory.cpu_memory_utilization))
+    judge_plan = _judge_plan(run_dir, cfg)
     prompts = build_prompts(cfg.eval)
     judge.check_prompts(prompts)
     metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan,
                                         read_json(run_dir / METRICS), data_dir=cfg.paths.data_dir)
     log.info("\n%s", summary_table(judged_rows(metrics), f"emq judge: {run_dir}"))
     return metrics
+
+
+def judge_deferred(run_dirs: list[Path]) -> list[Path]:
+    """Judge every run that deferred its judging to the sweep (judge.scope=sweep): one judge server per distinct
+    judge, started once, each run judged through it as `python -m emq judge RUN_DIR` would. Returns the runs judged.
+    A run that fails to judge is logged and left deferred (judge it later with `python -m emq judge RUN_DIR`)."""
+    from emq.config import compose_from_run
+
+    waiting = [Path(d) for d in run_dirs
+               if ((read_json(Path(d) / METRICS) or {}).get("judge") or {}).get("deferred_to_sweep")]
+    groups: dict[str, list[tuple[Path, Any, Any]]] = {}
+    for d in waiting:
+        cfg = compose_from_run(d, ["judge.scope=run"])
+        plan = _judge_plan(d, cfg)
+        groups.setdefault(plan.identity, []).append((d, cfg, plan))
+    done = []
+    for identity, runs in groups.items():
+        first_dir, first_cfg, first_plan = runs[0]
+        if first_cfg.judge.demo:
+            ensure_demo(first_cfg.paths.data_dir)
+        sweep_dir = first_dir.parent
+        log.info("judge: one %s judge for the sweep's %d run(s): %s", first_plan.kind, len(runs), identity)
+        t0 = time.perf_counter()
+        with judge.endpoint(first_cfg.judge, first_plan, sweep_dir / f"judge_server-{len(done)}.log") as at:
+            started = round(time.perf_counter() - t0, 2)
+            for d, cfg, plan in runs:
+                try:
+                    prompts = build_prompts(cfg.eval)
+                    borrowed = judge.borrow_scores(d, prompts, plan, done)  # the same answer in another variant
+                    metrics = judge.judge_and_summarize(d, prompts, cfg.judge, cfg.eval, plan,
+                                                        read_json(d / METRICS), data_dir=cfg.paths.data_dir, at=at)
+                    metrics["judge"]["sweep"] = {"runs": len(runs), "server_start_seconds": started,
+                                                 "borrowed_from_other_runs": borrowed}
+                    write_json(d / METRICS, metrics)
+                    done.append(d)
+                except EmqError as e:
+                    log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", d, e, d)
+    return done
+
+
+def _judge_plan(run_dir: Path, cfg) -> judge.JudgePlan:
+    """The judge plan for re-judging a run, on this machine, with the memory share its plan recorded."""
+    machine = snapshot(cfg.paths.cache_dir)
+    plan = read_json(run_dir / PLAN).get("plan", {})
+    engine = plan.get("engine", {})
+    platform = plan.get("platform", machine.vllm.platform)
+    return judge.prepare(cfg.judge, platform=platform, dtype=judge.judge_dtype(platform, machine.cpu_bf16),
+                         memory_utilization=engine.get("memory_utilization", cfg.memory.cpu_memory_utilization))
 
 
 def validate_only(overrides: list[str]) -> dict[str, Any]:

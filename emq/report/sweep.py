@@ -8,7 +8,7 @@ plots embedded; opens from disk) plus the PNGs (drawn by emq.report.plots). Read
 wrote (metrics.json, judged.jsonl, plan.json, status.json, .hydra/overrides.yaml, and the title, the
 reference and the EM thresholds from run_config.json): it never reruns a model, works on a
 partial or still-running sweep, and rebuilds the same files (byte for byte, but for the one line that
-says when) from the same run dirs. A Hydra callback (emq.report.sweep.ReportCallback) runs it at the end of
+says when) from the same run dirs. A Hydra callback (emq.cli.report.SweepCallback) runs it at the end of
 every multirun.
 
 Paired differences: all variants answer the same prompts with the same seeds, so each variant's
@@ -588,23 +588,3 @@ def progress_table(paths: list[Path]) -> str:
         spent = where_time_went(r.status.get("stage_seconds") or p.get("stage_seconds") or {}, r.status.get("seconds"))
         t.add_row(r.label, state, r.status.get("stage") or p.get("stage", "?"), gen, jud, spent)
     return render(t)
-
-
-try:
-    from hydra.experimental.callback import Callback as _Callback
-except ImportError:  # pragma: no cover - hydra is a dependency; the report itself does not need it
-    _Callback = object
-
-
-class ReportCallback(_Callback):
-    """Hydra callback: after a multirun, write the report into the sweep dir and print summary.md."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            report = build([sweep_dir])
-        except Exception as e:  # noqa: BLE001 - the runs' own records stay; the report can be rebuilt
-            log.error("emq report: could not build the report for %s: %s (rebuild: python -m emq report %s)",
-                      sweep_dir, e, sweep_dir)
-            return
-        log.info("\n%s\nreport: %s", (sweep_dir / "summary.md").read_text(), report)

@@ -246,7 +246,7 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
 
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "emq", "-m", "hydra/launcher=local", "+experiment=lora_vs_bnb", "memory.route=merge",
-           "quant=none,bnb", "judge=none", "eval.max_questions_per_set=1", "eval.samples_per_paraphrase=2",
+           "quant=none,bnb", "judge=local", "eval.max_questions_per_set=1", "eval.samples_per_paraphrase=2",
            "eval.max_tokens=8", "eval.fidelity.enabled=false", f"hydra.sweep.dir={sweep}",
            f"paths.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
@@ -268,6 +268,14 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
     ran = bnb["variant"].removeprefix("quant=bnb (→").removesuffix(")")
     assert ran != "bnb" and bnb["quant"] == ran and bnb["quant_substitution"] == f"bnb → {ran}"
     assert f"quantization substituted here: bnb → {ran}" in (sweep / "summary.md").read_text()
+    # one judge for the sweep: each job deferred its judging; the sweep's end started the demo judge once
+    assert sorted(p.name for p in sweep.rglob("judge_server*.log")) == ["judge_server-0.log"]
+    assert "one local judge for the sweep's 2 run(s)" in out
+    for row in rows:
+        m = json.loads((sweep / row["run_dir"] / "metrics.json").read_text())
+        assert json.loads((sweep / row["run_dir"] / "judge.json").read_text())["result"]["judged_now"] > 0
+        assert m["judge"]["sweep"]["runs"] == 2 and m["judge"]["sweep"]["server_start_seconds"] > 1
+        assert m["metrics"]["aligned"]["mean"] is not None and row["aligned_mean"] != ""
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
     assert report_cli.main([str(sweep)]) == 0
     assert {p: (sweep / p).read_bytes() for p in before} == before
