@@ -121,6 +121,10 @@ def compose_from_run(run_dir: Path, overrides: list[str]) -> RunConfig:
     new_keys = {_key_of(o) for o in overrides}
     groups = {k for k in new_keys if "." not in k}
     kept = [o for o in old if _key_of(o) not in new_keys and _key_of(o).split(".")[0] not in groups]
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # called from a sweep's end callback, inside Hydra's own app
+        GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=kept + list(overrides))
     return to_run_config(cfg)

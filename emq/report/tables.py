@@ -56,7 +56,8 @@ def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, 
     t.add_row("engine", f"{plan.vllm} on {plan.platform}, {plan.engine.dtype}, memory share {plan.engine.memory_utilization}, "
               f"max_model_len {plan.engine.max_model_len}, eager={plan.engine.enforce_eager}"
               f"{', LoRA rank ≤ ' + str(plan.engine.max_lora_rank) if plan.engine.enable_lora else ''}")
-    t.add_row("estimates", ", ".join(f"{k} {v:.2f} GiB" for k, v in plan.estimates_gib.items()))
+    t.add_row("estimates", ", ".join(f"{k} {v:.0f} s" if k.startswith("quantize_seconds") else f"{k} {v:.2f} GiB"
+                                     for k, v in plan.estimates_gib.items()))
     if judge is not None:
         t.add_row("judge", "none" if judge.kind == "none" else
                   f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
