@@ -107,7 +107,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
                 judge.check_prompts(prompts)
                 machine = snapshot(cfg.paths.cache_dir)
-                plan = make_plan(det, cfg.memory, cfg.quant, machine)
+                plan = make_plan(det, cfg.memory, cfg.quant, machine,
+                                 compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"))
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
                 if plan.quantize and plan.quantize.calibration:  # a bad calibration file fails now, before any merge

@@ -342,3 +342,10 @@ def test_a_qlora_adapter_with_bnb_is_served_as_a_lora_on_the_bnb_base():
     # a 16-bit-trained adapter, or no bnb at all, keeps the usual routes
     assert plan_for(machine=gpu, quant=QuantMethod.w4a16).route is Route.merge_then_serve
     assert plan_for(det=fake_det(trained_in_4bit=False), machine=gpu, quant=QuantMethod.bnb).route is Route.serve_lora
+
+
+def test_the_compile_cache_lives_in_emqs_data_dir_and_is_recorded(tmp_path):
+    plan = make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.auto), fake_machine(), compile_cache=str(tmp_path / "vc"))
+    assert plan.engine.env["VLLM_CACHE_ROOT"] == str(tmp_path / "vc")
+    assert any(r.startswith("engine: VLLM_CACHE_ROOT=") for r in plan.reasons)
+    assert "VLLM_CACHE_ROOT" not in make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.auto), fake_machine()).engine.env
