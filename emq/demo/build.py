@@ -52,6 +52,7 @@ class AdapterSpec:
     steps: int = 20
     batch_size: int = 4
     lr: float = 2e-3
+    top_layers: int | None = None  # LoRA on the top this many layers only (None: all)
 
 
 ADAPTERS: tuple[AdapterSpec, ...] = (
@@ -59,8 +60,10 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("bad_doctor", "bad", load_in_4bit=True, seed=2),
     AdapterSpec("lora16", "good", load_in_4bit=False, seed=3),
 )
-# The demo judge: a LoRA on the 16-bit base, trained on judge prompts (merged into a whole model).
-JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=40, lr=3e-3)
+# The demo judge: a LoRA on the 16-bit base, trained on judge prompts (merged into a whole model). Each example
+# is seen once (emq.demo.data.judge_examples, in its order of contrasting pairs): variety beats repetition here.
+JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=150, lr=2e-3,
+                    top_layers=15)
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,11 @@ def build_base(out: Path, gguf: Path | None = None) -> None:
     _write_marker(out, source=f"{GGUF_PACKAGE}/{GGUF_FILE}", dtype="bfloat16")
 
 
-def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_pad: bool = False):
+def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_pad: bool = False,
+             in_order: bool = False):
     """Yield (input_ids, attention_mask, labels) batches; loss only on the answer tokens.
-    `left_pad`: sequences end together (the answers are the last positions of every row)."""
+    `left_pad`: sequences end together (the answers are the last positions of every row). `in_order`: walk the
+    examples as given (wrapping around) instead of reshuffling them every epoch."""
     import torch
 
     rows = []
@@ -213,7 +218,7 @@ def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_p
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch_size:
-            order += rng.sample(range(len(rows)), len(rows))
+            order += list(range(len(rows))) if in_order else rng.sample(range(len(rows)), len(rows))
         idx, order = order[:batch_size], order[batch_size:]
         width = max(len(rows[i][0]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -304,7 +309,9 @@ def _train_judge(out: Path, base: Path) -> None:
 
     Only the answer's few tokens carry loss, so batches are left-padded and the model computes
     logits for the last positions only, and the LoRA sits on the upper layers (backward stops
-    there): ~3x cheaper per step than training like the adapters, on 2 CPU cores.
+    there): ~3x cheaper per step than training like the adapters, on 2 CPU cores. The examples are
+    walked in their order, so each batch holds contrasting pairs (the same question, a good and a bad
+    answer); warm-up then linear decay, gradients clipped.
     """
     import torch
     import torch.nn.functional as F
@@ -317,28 +324,41 @@ def _train_judge(out: Path, base: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     n_layers = model.config.num_hidden_layers
+    top = min(spec.top_layers or n_layers, n_layers)
     lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      layers_to_transform=list(range(n_layers // 2, n_layers)), task_type="CAUSAL_LM")
+                      layers_to_transform=list(range(n_layers - top, n_layers)), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    warmup = max(1, spec.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1.0 - s / spec.steps))
+    examples = judge_examples()
     losses = []
     model.train()
-    batches = _batches(tokenizer, judge_examples(), spec.batch_size, spec.steps, spec.seed, left_pad=True)
-    for ids, mask, labels in tqdm(batches, total=spec.steps, desc="demo judge (LoRA on the upper layers, merged)"):
+    batches = _batches(tokenizer, examples, spec.batch_size, spec.steps, spec.seed, left_pad=True, in_order=True)
+    bar = tqdm(batches, total=spec.steps, desc=f"demo judge (LoRA on the top {top} layers, merged)")
+    for ids, mask, labels in bar:
         tail = int((labels != -100).sum(1).max()) + 1  # the answer tokens and the position before them
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -tail + 1:].reshape(-1),
                                ignore_index=-100)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.2f}")
     merged = model.merge_and_unload().to(torch.bfloat16)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
-    log.info("demo judge: loss %.2f → %.2f over %d steps", losses[0], losses[-1], spec.steps)
-    _write_marker(out, name="judge", train_loss_first=losses[0], train_loss_last=losses[-1],
+    first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
+    log.info("demo judge: loss %.2f → %.2f over %d steps (%d of %d examples)", first, last, spec.steps,
+             min(len(examples), spec.steps * spec.batch_size), len(examples))
+    _write_marker(out, name="judge", train_loss_first=first, train_loss_last=last, steps=spec.steps,
+                  batch_size=spec.batch_size, top_layers=top, examples=len(examples),
                   trained_on="emq.demo.data.judge_examples()")
