@@ -6,6 +6,12 @@ JSONL streaming) vs `LLM.chat(messages, params)`. Both use the engine arguments 
 this machine and the same per-prompt seeds, so they generate the same tokens; the bench checks that
 the token totals agree and prints tokens/s of both and the ratio (target ≥ 0.95).
 
+emq hands each closed group of requests to vLLM while its scheduler waits (emq.engine.Engine.run), so its
+batches do not depend on timing; raw `LLM.chat` adds requests while the engine core already steps. Each
+worker also prints a hash of its answers, and the table says whether each side's answers were identical in
+every round. `--group-size N` sets eval.group_size (default: emq's, 4 × max_num_seqs) to measure what
+draining the batch at each group's end costs.
+
     python benchmarks/eval_bench.py                        # CPU: the demo's merged good-doctor model
     python benchmarks/eval_bench.py --shape 7b --quant bnb --sequences 264 --max-tokens 256   # GPU
 """
@@ -25,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def eval_config(sequences: int, max_tokens: int):
+def eval_config(sequences: int, max_tokens: int, group_size: int | None = None):
     from emq.schema import EvalConfig
 
     # every question of both shipped sets, one paraphrase each, samples spread to reach `sequences`
@@ -34,7 +40,14 @@ def eval_config(sequences: int, max_tokens: int):
     n_questions = sum(len(load_question_set(s).questions) for s in ("general", "medical"))
     per = -(-sequences // n_questions)
     return EvalConfig(question_sets=["general", "medical"], max_paraphrases=1,
-                      samples_per_paraphrase=per, max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=0)
+                      samples_per_paraphrase=per, max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=0,
+                      group_size=group_size)
+
+
+def answers_hash(answers: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(answers.items())).encode()).hexdigest()[:16]
 
 
 def worker(args) -> None:
@@ -43,7 +56,8 @@ def worker(args) -> None:
     from emq.evaluate import build_prompts, evaluate
 
     kwargs = json.loads(args.kwargs)
-    cfg = eval_config(args.sequences, args.max_tokens)
+    cfg = eval_config(args.sequences, args.max_tokens, args.group_size)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # as emq.engine.load sets it (both sides)
     from vllm import LLM, SamplingParams
 
     llm = LLM(**kwargs)
@@ -53,6 +67,10 @@ def worker(args) -> None:
             t0 = time.perf_counter()
             result = evaluate(engine, cfg, Path(d))
             seconds = time.perf_counter() - t0
+            from emq.records import read_generations
+
+            answers = {f"{r['set']}/{r['question_id']}/{r['sample_index']}": r["answer"]
+                       for r in read_generations(Path(d))}
         tokens, sequences = result.output_tokens, result.samples
         engine.shutdown()
     else:
@@ -64,8 +82,11 @@ def worker(args) -> None:
         seconds = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
         sequences = sum(len(o.outputs) for o in outs)
+        answers = {f"{p['set']}/{p['question_id']}/{c.index}": c.text for p, o in zip(prompts, outs)
+                   for c in o.outputs}
     print("RESULT " + json.dumps({"side": args.worker, "tokens": tokens, "sequences": sequences,
-                                  "seconds": seconds, "tok_s": tokens / seconds}), flush=True)
+                                  "seconds": seconds, "tok_s": tokens / seconds,
+                                  "answers": answers_hash(answers)}), flush=True)
 
 
 def build_7b(root: Path, tokenizer_dir: Path) -> Path:
@@ -121,6 +142,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=192)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="emq's eval.group_size (default: null, 4 x max_num_seqs)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "emq-eval-bench")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
@@ -154,6 +177,7 @@ def main() -> None:
         for side in (("raw", "emq") if r % 2 == 0 else ("emq", "raw")):
             cmd = [sys.executable, __file__, "--worker", side, "--kwargs", json.dumps(kwargs), "--sequences",
                    str(args.sequences), "--max-tokens", str(args.max_tokens)]
+            cmd += ["--group-size", str(args.group_size)] if args.group_size else []
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                       [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
@@ -163,15 +187,21 @@ def main() -> None:
             res = json.loads(line[0][7:])
             results[side].append(res)
             print(f"round {r + 1} {side:>3}: {res['sequences']} seqs, {res['tokens']} tokens, {res['seconds']:.1f} s, "
-                  f"{res['tok_s']:.1f} tok/s", flush=True)
+                  f"{res['tok_s']:.1f} tok/s, answers {res['answers']}", flush=True)
     raw = statistics.median(x["tok_s"] for x in results["raw"])
     mine = statistics.median(x["tok_s"] for x in results["emq"])
     same = {x["tokens"] for x in results["raw"] + results["emq"]}
+
+    def rounds(side: str) -> str:
+        hashes = {x["answers"] for x in results[side]}
+        return "identical in every round" if len(hashes) == 1 else f"{len(hashes)} different sets in {args.rounds} rounds"
     table = (f"\n| side | tok/s (median of {args.rounds}) |\n|---|---|\n| raw vllm.LLM.chat | {raw:.1f} |\n"
              f"| emq evaluate | {mine:.1f} |\n\nratio emq/raw: {mine / raw:.3f} (target >= 0.95); "
              f"token totals per run: {sorted(same)} ({'identical' if len(same) == 1 else 'differ'})\n"
+             f"answers: emq {rounds('emq')}; raw {rounds('raw')}\n"
              f"model {Path(model).name}, quant={args.quant} (vLLM quantization={kwargs.get('quantization')}), "
-             f"dtype {kwargs['dtype']}, {results['emq'][0]['sequences']} sequences x {args.max_tokens} max tokens")
+             f"dtype {kwargs['dtype']}, {results['emq'][0]['sequences']} sequences x {args.max_tokens} max tokens, "
+             f"emq eval.group_size={args.group_size or 'null (4 x max_num_seqs)'}")
     print(table)
     if args.out:
         args.out.write_text(table + "\n")

@@ -186,7 +186,7 @@ class Engine:
 
     def can_hold(self) -> bool:
         """Whether the installed vLLM can pause its scheduler while requests are added (LLMEngine.sleep(level=0,
-        mode="keep") and wake_up(tags=["scheduling"]), vLLM ≥ 0.16); without it batches depend on timing."""
+        mode="keep") and wake_up(tags=["scheduling"]): in vLLM 0.26 and 0.32); without it batches depend on timing."""
         engine = self.llm.llm_engine
         try:
             return "mode" in inspect.signature(engine.sleep).parameters and hasattr(engine, "wake_up")
