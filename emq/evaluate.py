@@ -264,7 +264,8 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResul
                 out_tokens += len(c.token_ids)
                 if again:  # generated to keep the group's batches; the row written before stays
                     regenerated += 1
-                    differ += kept[SampleKey(*PromptKey.of(p), si)]["answer"] != c.text
+                    before = kept.get(SampleKey(*PromptKey.of(p), si))
+                    differ += before is None or before["answer"] != c.text
                     continue
                 row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
                 row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
