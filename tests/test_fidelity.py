@@ -102,15 +102,32 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
 
     common = ["eval.max_questions_per_set=1", "eval.samples_per_paraphrase=1", "eval.max_tokens=8", "judge=none"]
     variants = {"lora": ["memory.route=lora", "quant=none"], "merged": ["quant=none"],
-                "bf16": ["quant=none", "memory.dtype=bfloat16"], "w4a16": ["quant=w4a16"]}
-    fid = {}
+                "bf16": ["quant=none", "memory.dtype=bfloat16"], "w4a16": ["quant=w4a16"],
+                # GPTQ at RTN's group size, on a small calibration set (minutes on 2 cores at the default 40 x 512)
+                "gptq": ["quant=w4a16_gptq", "quant.group_size=64", "quant.calibration.samples=8",
+                         "quant.calibration.seq_len=256"],
+                # symmetric RTN g64 rounds the demo's small update away, as NF4 re-quantization does on a GPU
+                "rtn_sym": ["quant=w4a16", "quant.symmetric=true", "quant.group_size=64"]}
+    fid, kept, outs = {}, {}, {}
     for name, extra in variants.items():
-        proc, run_dir = emq(tmp_path / name, *common, *extra)
+        proc, run_dir = emq(tmp_path / name, *common, *extra, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         rec = records(run_dir, "fidelity.json")
         assert rec["reference"]["describe"].startswith("base in NF4") and rec["positions"] > 2000
-        fid[name] = rec["vs_reference"]
+        fid[name], kept[name], outs[name] = rec["vs_reference"], rec["retained"], proc.stdout + proc.stderr
         assert (run_dir / FIDELITY_LOGPROBS).is_file()
+    # fine-tune retained: the base without the adapter is 0 % by definition (measured once, shared by every run);
+    # the calibrated method keeps more than round-to-nearest at the same group size; merged is the trained function
+    base = kept["merged"]["kl_trained_vs_base"]
+    assert all(k["kl_trained_vs_base"] == base for k in kept.values()) and base > 0.3, kept
+    share = {n: k["retained"] for n, k in kept.items()}
+    assert 0 < share["w4a16"] < share["gptq"] < share["merged"], share
+    assert share["merged"] > 0.95 and share["bf16"] > 0.95, share
+    # a variant that serves mostly the base model is flagged, in fidelity.json and loudly in the run's output
+    flagged = {n for n, k in kept.items() if k["mostly_base"]}
+    assert flagged == {n for n, v in share.items() if v < 0.5} and "rtn_sym" in flagged, share
+    assert "serves mostly the base model" in outs["rtn_sym"]
+    assert "serves mostly the base model" not in outs["merged"]
     for name in ("merged", "bf16"):
         assert fid[name]["top1_agreement"] > 0.9 and fid[name]["kl_mean"] < 0.05, (name, fid[name])
     # the merged checkpoint (adapter on dequant(NF4(W))) is the trained function up to rounding;
