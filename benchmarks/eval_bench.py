@@ -10,7 +10,7 @@ emq hands each closed group of requests to vLLM while its scheduler waits (emq.e
 batches do not depend on timing; raw `LLM.chat` adds requests while the engine core already steps. Each
 worker also prints a hash of its answers, and the table says whether each side's answers were identical in
 every round. `--group-size N` sets eval.group_size (default: emq's, 4 × max_num_seqs) to measure what
-draining the batch at each group's end costs.
+draining the batch at each group's end costs; `--hold-ab PAIRS` measures holding alone, in one engine.
 
     python benchmarks/eval_bench.py                        # CPU: the demo's merged good-doctor model
     python benchmarks/eval_bench.py --shape 7b --quant bnb --sequences 264 --max-tokens 256   # GPU
@@ -89,6 +89,41 @@ def worker(args) -> None:
                                   "answers": answers_hash(answers)}), flush=True)
 
 
+def hold_ab(args, kwargs: dict) -> None:
+    """One engine; the same requests added held (scheduler paused while they are added, emq's way) and streamed
+    (added while the engine steps, raw vLLM's way) in alternation, after an untimed warm-up: what holding costs."""
+    from vllm import LLM, SamplingParams
+
+    from emq.engine import Engine, LoadRecord, Request
+    from emq.evaluate import build_prompts
+
+    engine = Engine(LLM(**kwargs), None, LoadRecord(kwargs["model"], None, kwargs, 0.0))
+    prompts = build_prompts(eval_config(args.sequences, args.max_tokens))
+    ids = [engine.chat_ids(p["messages"]) for p in prompts]
+
+    can_hold = engine.can_hold
+
+    def once(hold: bool) -> float:
+        engine.can_hold = can_hold if hold else (lambda: False)
+        reqs = [Request(str(j), ids[j], SamplingParams(n=p["n"], temperature=1.0, max_tokens=args.max_tokens,
+                                                       seed=p["seed"])) for j, p in enumerate(prompts)]
+        tokens = []
+        t0 = time.perf_counter()
+        engine.run(reqs, lambda r, out, _: tokens.append(sum(len(c.token_ids) for c in out.outputs)))
+        return sum(tokens) / (time.perf_counter() - t0)
+
+    once(True)
+    ratios = []
+    for i in range(args.hold_ab):
+        order = (True, False) if i % 2 == 0 else (False, True)
+        res = {hold: once(hold) for hold in order}
+        ratios.append(res[True] / res[False])
+        print(f"pair {i + 1}: held {res[True]:.1f} tok/s, streamed {res[False]:.1f} tok/s", flush=True)
+    print(f"held/streamed: median {statistics.median(ratios):.3f} over {len(ratios)} pairs "
+          f"({min(ratios):.2f}-{max(ratios):.2f})")
+    engine.shutdown()
+
+
 def build_7b(root: Path, tokenizer_dir: Path) -> Path:
     """A Llama-2-7B-shaped model with random bf16 weights and the demo's tokenizer (vocab 49152)."""
     import shutil
@@ -144,6 +179,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=None,
                         help="emq's eval.group_size (default: null, 4 x max_num_seqs)")
+    parser.add_argument("--hold-ab", type=int, default=0, metavar="PAIRS",
+                        help="instead: in one engine, PAIRS alternating held/streamed runs of emq's engine loop")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "emq-eval-bench")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
@@ -170,6 +207,8 @@ def main() -> None:
     det = detect(ModelConfig(name="bench", base=model))
     plan = make_plan(det, MemoryConfig(), QuantConfig(method=QuantMethod(args.quant)), snapshot(data))
     kwargs = engine_kwargs(model, plan.engine, lora=False, seed=0)
+    if args.hold_ab:
+        return hold_ab(args, kwargs)
     print(f"model {model}\nengine {kwargs}\n{args.sequences}+ sequences x {args.max_tokens} tokens, "
           f"{args.rounds} rounds", flush=True)
     results: dict[str, list[dict]] = {"raw": [], "emq": []}
