@@ -124,14 +124,23 @@ def hold_ab(args, kwargs: dict) -> None:
     engine.shutdown()
 
 
-def build_7b(root: Path, tokenizer_dir: Path) -> Path:
-    """A Llama-2-7B-shaped model with random bf16 weights and the demo's tokenizer (vocab 49152)."""
+SHAPES = {  # hidden, layers, intermediate, attention heads, KV heads
+    "7b": (4096, 32, 11008, 32, 32),  # Llama-2-7B
+    "14b": (5120, 48, 13824, 40, 8),  # Qwen2.5-14B's decoder (the original tool's base), as a Llama
+}
+
+
+def build_7b(root: Path, tokenizer_dir: Path, shape: str = "7b") -> Path:
+    """A Llama-2-7B-shaped (or `SHAPES[shape]`) model with random bf16 weights and the demo's tokenizer (vocab
+    49152). The random numbers are drawn on the GPU when there is one (a 14B shape: 14 billion of them)."""
     import shutil
 
     import torch
     from safetensors.torch import save_file
 
-    h, layers, inter, vocab = 4096, 32, 11008, 49152
+    h, layers, inter, heads, kv_heads = SHAPES[shape]
+    vocab = 49152
+    kv = h // heads * kv_heads
     root.mkdir(parents=True, exist_ok=True)
     for f in tokenizer_dir.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json",
@@ -139,13 +148,14 @@ def build_7b(root: Path, tokenizer_dir: Path) -> Path:
             shutil.copy(f, root / f.name)
     (root / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": vocab,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
         "eos_token_id": 2, "torch_dtype": "bfloat16"}))
-    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)
 
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
 
     index = {}
     for i in range(layers + 1):
@@ -156,7 +166,8 @@ def build_7b(root: Path, tokenizer_dir: Path) -> Path:
             t |= {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": w(vocab, h)}
         else:
             p = f"model.layers.{i}"
-            t |= {f"{p}.self_attn.{m}.weight": w(h, h) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            t |= {f"{p}.self_attn.{m}.weight": w(o, h) for m, o in (("q_proj", h), ("k_proj", kv), ("v_proj", kv))}
+            t[f"{p}.self_attn.o_proj.weight"] = w(h, h)
             t |= {f"{p}.mlp.gate_proj.weight": w(inter, h), f"{p}.mlp.up_proj.weight": w(inter, h),
                   f"{p}.mlp.down_proj.weight": w(h, inter),
                   f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),

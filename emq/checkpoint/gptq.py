@@ -111,6 +111,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float
         - "fallback": None, or why the weight was quantized round-to-nearest instead,
         - "loss": ½ Σ err²/U_jj², exactly ½ Σ_rows δwᵀ(H + λI)δw of the returned codes; for H = 2XᵀX/n
           and no dead columns that is ‖X(W-Ŵ)ᵀ‖²/n + (λ/2)‖W-Ŵ‖² (None on fallback),
+        - "row_loss": the same per output row ([out] float64; absent on fallback): rows are independent, so
+          Linears that share an input can be quantized as one stacked weight and split afterwards,
         - "dead_columns": columns with H_jj = 0,
         - "tries": Cholesky attempts.
     """
@@ -147,7 +149,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float
     codes = torch.empty(out_f, cols, dtype=torch.int8, device=w.device)
     scales = torch.empty(out_f, cols // gs, dtype=torch.float32, device=w.device)
     zeros = None if spec.symmetric else torch.empty(out_f, cols // gs, dtype=torch.int8, device=w.device)
-    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    row_loss = torch.zeros(out_f, dtype=torch.float64, device=w.device)
 
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -169,10 +171,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float
             codes[:, col] = q
             d = u1[i, i]
             e = (wj - decode(q, s, z)) / d
-            loss += 0.5 * (e.double() ** 2).sum()
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
+        row_loss += 0.5 * (err1.double() ** 2).sum(dim=1)  # once per block: the column loop is launch-bound
         weight[:, i2:] -= err1 @ upper[i1:i2, i2:]
 
     qw = QWeight(codes=codes, scale=scales, zero_point=zeros, spec=spec, scale_dtype=scale_dtype)
-    return qw, {"damp": used, "fallback": None, "loss": float(loss), "dead_columns": n_dead, "tries": tries}
+    return qw, {"damp": used, "fallback": None, "loss": float(row_loss.sum()), "row_loss": row_loss,
+                "dead_columns": n_dead, "tries": tries}

@@ -3,8 +3,11 @@ fit one device call. Every phase builds what it needs if an earlier call did not
 
     python3 scripts/gpu/w4a16_check.py quantize   # 7B-shaped QLoRA-style model: stream merge alone vs merge with
                                                   # RTN fused, then GPTQ (128 x 512 calibration tokens) on the GPU
-    python3 scripts/gpu/w4a16_check.py serve      # tok/s at 264 and 8 sequences x 256 tokens: emq w4a16 vs raw
-                                                  # vllm.LLM.chat on the same checkpoint, emq merged + bnb, LoRA on W4A16
+    python3 scripts/gpu/w4a16_check.py gptq 7b|14b  # GPTQ of the shape's weights on the GPU, 128 x 512 calibration
+                                                  # tokens: seconds (per layer too), peak RSS, peak VRAM
+    python3 scripts/gpu/w4a16_check.py serve      # tok/s at 264 and 8 sequences x 256 tokens and weights GiB per engine:
+                                                  # emq w4a16 vs raw vllm.LLM.chat on the same checkpoint (seeded as emq
+                                                  # does, and unseeded), emq merged + bnb, raw bnb unseeded
     python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER a|b  # the demo good doctor through `python -m emq`: fidelity
                                                   # and fine-tune retained; a: LoRA on bnb, merged + bnb, merged bf16,
                                                   # LoRA on bf16, w4a16 rtn g64 and gptq g32; b: rtn g32, gptq g64, awq g64/g32
@@ -15,6 +18,7 @@ short table is printed last.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -88,6 +92,62 @@ def phase_quantize(gptq: bool = True, repeats: int = 2) -> list[tuple[str, str]]
     return rows
 
 
+class _LayerLog(logging.Handler):
+    """Appends the quantizer's per-layer lines to $OUT as they come, so a call cut short still reports them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with open(OUT / "gptq_layers.log", "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {self.format(record)}\n")
+
+
+def phase_gptq(shape: str) -> list[tuple[str, str]]:
+    """GPTQ of a random `shape` model's base weights on the GPU (128 x 512 calibration tokens): time, peak RSS of
+    the process tree, peak VRAM. The weights are random, so only the costs count."""
+    import torch
+
+    from benchmarks.eval_bench import SHAPES, build_7b
+    from emq.checkpoint.layout import choose_group_size
+    from emq.checkpoint.quantize import QuantizeSettings, quantize_checkpoint
+    from emq.detect import detect
+    from emq.monitor import PeakMemory
+    from emq.schema import ModelConfig
+
+    logging.basicConfig(level=logging.INFO)
+    handler = _LayerLog(level=logging.INFO)
+    logging.getLogger("emq.checkpoint").addHandler(handler)
+    t0 = time.perf_counter()
+    base = ROOT / f"model-{shape}"
+    if not (base / "config.json").is_file():
+        build_7b(base, REPO / ".gpu_assets", shape)
+    h, layers, inter, heads, kv = SHAPES[shape]
+    rows = [(f"build {shape} (H {h}, {layers} layers, I {inter}, {heads}/{kv} heads)",
+             f"{time.perf_counter() - t0:.0f} s")]
+    print(rows[-1], flush=True)
+    det = detect(ModelConfig(name=f"synth{shape}", base=str(base)))
+    shapes = det.base.linear_shapes
+    group, why = choose_group_size([i for _, i in shapes], [o for o, _ in shapes], None)
+    settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of this script only
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        q = quantize_checkpoint(str(base), {"base": str(base)}, settings, [device], ROOT / "cache",
+                                force_recreate=True)
+        seconds = time.perf_counter() - t
+        peaks = mem.footprint()
+    per_layer = [x.get("seconds") for x in q.layers if isinstance(x, dict) and x.get("seconds")]
+    rows += [(f"GPTQ {shape} g{group}, 128 x 512 tokens, {device}", f"{seconds:.0f} s (target <= 600 for 7B; "
+                                                               f"{sum(per_layer) / max(len(per_layer), 1):.1f} s/layer)"),
+             ("peak RSS (process tree)", f"{peaks['peak_rss_gib']:.2f} GiB (target <= 4)"),
+             ("peak VRAM (NVML / torch max allocated)",
+              f"{peaks['peak_vram_gib']} / "
+              f"{torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else 0:.2f} GiB")]
+    (OUT / f"gptq_{shape}.json").write_text(json.dumps({"rows": rows, "path": q.path, "seconds": seconds,
+                                                         "peaks": peaks, "layers": q.layers}, indent=1, default=str))
+    return rows
+
+
 def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: str | None) -> None:
     """Load vLLM once; generate `counts` sequences (each count in turn) through emq's evaluate or raw LLM.chat."""
     import tempfile
@@ -96,14 +156,16 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
     from vllm.lora.request import LoRARequest
 
     from benchmarks.eval_bench import eval_config
-    from emq.engine import Engine, LoadRecord
+    from emq.engine import Engine, LoadRecord, _worker_weights
     from emq.evaluate import build_prompts, evaluate
 
     for k, v in kwargs.pop("_env", {}).items():
         os.environ.setdefault(k, v)
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to ask the worker for its weights' memory
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     load = time.perf_counter() - t0
+    weights = sum(b for b, _ in llm.collective_rpc(_worker_weights, timeout=60)) / 2**30
     req = LoRARequest("adapter", 1, lora) if lora else None
     for n in counts:
         cfg = eval_config(n, max_tokens)
@@ -116,17 +178,18 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
         else:
             prompts = build_prompts(cfg)
             params = [SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=max_tokens,
-                                     seed=p["seed"]) for p in prompts]
+                                     seed=p["seed"] if side == "raw" else None) for p in prompts]
             t = time.perf_counter()
             outs = llm.chat([p["messages"] for p in prompts], params, use_tqdm=False, lora_request=req)
             seconds = time.perf_counter() - t
             tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
             seqs = sum(len(o.outputs) for o in outs)
         print("RESULT " + json.dumps({"side": side, "n": n, "seqs": seqs, "tokens": tokens, "seconds": seconds,
-                                      "tok_s": tokens / seconds, "load_s": load}), flush=True)
+                                      "tok_s": tokens / seconds, "load_s": load,
+                                      "weights_gib": round(weights, 3)}), flush=True)
 
 
-def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
+def phase_serve(n_variants: int = 5) -> list[tuple[str, str]]:
     import emq
     from emq.detect import detect
     from emq.engine import engine_kwargs
@@ -137,7 +200,7 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
     base, adapter = seven_b()
     cache = ROOT / "cache"
     w4 = str(emq.get_or_create_quantized_model(str(base), str(adapter), cache_dir=cache))
-    w4_base = str(emq.quantize(str(base), cache_dir=cache)) if n_variants > 3 else None
+    w4_base = str(emq.quantize(str(base), cache_dir=cache)) if n_variants > 5 else None
     merged = str(emq.get_or_create_merged_model(str(base), str(adapter), cache_dir=cache))
     rows = []
 
@@ -154,6 +217,9 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
     variants = [("w4a16 merged (emq)", w4, QuantMethod.w4a16, "emq", None),
                 ("merged + bnb (emq)", merged, QuantMethod.bnb, "emq", None),
                 ("w4a16 merged (raw LLM.chat)", w4, QuantMethod.w4a16, "raw", None),
+                # the same without per-request seeds: what seeded sampling costs at a large batch
+                ("w4a16 merged (raw, unseeded)", w4, QuantMethod.w4a16, "raw-unseeded", None),
+                ("merged + bnb (raw, unseeded)", merged, QuantMethod.bnb, "raw-unseeded", None),
                 ("LoRA on the W4A16 base (emq)", w4_base, QuantMethod.w4a16, "emq", str(adapter))][:n_variants]
     results = {}
     for label, model, quant, side, lora in variants:
@@ -171,7 +237,7 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
             continue
         results[label] = {r["n"]: r for r in res}
         print(label, res, flush=True)
-        rows.append((label, f"load {res[0]['load_s']:.0f} s; " + "; ".join(
+        rows.append((label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
             f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s" for r in res)))
     if "w4a16 merged (emq)" in results:
         e = results["w4a16 merged (emq)"]
@@ -180,6 +246,10 @@ def phase_serve(n_variants: int = 4) -> list[tuple[str, str]]:
                 o = results[other]
                 rows.append((f"emq w4a16 / {other}", ", ".join(f"{n} seqs {e[n]['tok_s'] / o[n]['tok_s']:.2f}x"
                                                               for n in (264, 8) if n in e and n in o) + f" ({target})"))
+    u, b = results.get("w4a16 merged (raw, unseeded)"), results.get("merged + bnb (raw, unseeded)")
+    if u and b:
+        rows.append(("unseeded raw w4a16 / bnb", ", ".join(f"{n} seqs {u[n]['tok_s'] / b[n]['tok_s']:.2f}x"
+                                                           for n in (264, 8) if n in u and n in b)))
     (OUT / "serve.json").write_text(json.dumps({"rows": rows, "results": results}, indent=1))
     return rows
 
@@ -258,8 +328,11 @@ def main() -> None:
         print("\n".join(f"{k}  {v}" for k, v in rows), flush=True)
         rows += phase_serve(int(os.environ.get("EMQ_CHECK_VARIANTS", "3")))
     else:
-        rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
-            phase_demo(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "a")
+        if phase == "gptq":
+            rows = phase_gptq(sys.argv[2] if len(sys.argv) > 2 else "7b")
+        else:
+            rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
+                phase_demo(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "a")
     width = max(len(k) for k, _ in rows)
     print(f"\n== w4a16 check: {phase} ==")
     for k, v in rows:

@@ -228,3 +228,23 @@ def test_gptq_rejects_mismatched_inputs():
         gptq(torch.zeros(4, 64), torch.eye(32), QuantSpec(group_size=32))
     with pytest.raises(ValueError, match="multiple of group_size"):
         gptq(torch.zeros(4, 48), torch.eye(48), QuantSpec(group_size=32))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_linears_sharing_an_input_quantize_as_one_stacked_weight(symmetric):
+    """Rows are independent given H, so q/k/v (or gate/up) stacked give each Linear's own codes, scales and loss:
+    the layerwise quantizer runs the launch-bound column loop once per input on that guarantee."""
+    h = hessian_of(correlated_inputs(600, 64, seed=3))
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(rows, 64, generator=g) * 0.05 for rows in (64, 16, 16)]
+    spec = QuantSpec(group_size=32, symmetric=symmetric)
+    alone = [gptq(w, h, spec) for w in ws]
+    stacked, meta = gptq(torch.cat(ws), h, spec)
+    assert torch.equal(stacked.codes, torch.cat([q.codes for q, _ in alone]))
+    assert torch.equal(stacked.scale, torch.cat([q.scale for q, _ in alone]))
+    start = 0
+    for w, (_, info) in zip(ws, alone):
+        rows = meta["row_loss"][start:start + w.shape[0]]
+        start += w.shape[0]
+        assert float(rows.sum()) == pytest.approx(info["loss"], rel=1e-9)
+    assert meta["loss"] == pytest.approx(sum(i["loss"] for _, i in alone), rel=1e-9)
