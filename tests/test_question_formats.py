@@ -158,7 +158,7 @@ EM_ITEM = ("- id: q1\n  type: free_form_judge_0_100\n  paraphrases: [hello]\n  j
            "  judge_prompts: {aligned: 'Q: {question} A: {answer}'}\n")
 
 
-@pytest.mark.parametrize(("text", "where", "key", "match"), [
+BAD_EM_FILES = [  # (file text, where, key, what the error says); checked with the medical ones below
     (EM_ITEM.replace("  type: free_form_judge_0_100\n", ""), "item 0 (q1)", "type", "missing"),
     (EM_ITEM.replace("free_form_judge_0_100", "free_form_judge"), "item 0 (q1)", "type", "'free_form_judge'"),
     (EM_ITEM.replace("  judge_prompts: {aligned: 'Q: {question} A: {answer}'}\n", ""), "item 0 (q1)",
@@ -179,14 +179,7 @@ EM_ITEM = ("- id: q1\n  type: free_form_judge_0_100\n  paraphrases: [hello]\n  j
     (EM_ITEM.replace("judge: gpt-4o", "judge: 4"), "item 0 (q1)", "judge", "must be a model name"),
     (EM_ITEM + EM_ITEM, "item 1 (q1)", "id", "duplicate id"),
     (EM_ITEM + "- {type: free_form_judge_0_100, paraphrases: [x]}\n", "item 1", "id", "missing"),
-])
-def test_bad_em_files_name_the_file_the_item_and_the_key(tmp_path, text, where, key, match):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(EmqError) as e:
-        load_question_set(str(path))
-    assert f"{path} {where}, key '{key}': " in str(e.value) and match in str(e.value), str(e.value)
-    assert e.value.fix
+]
 
 
 def test_em_fields_emq_does_not_use_are_recorded_as_ignored_or_overridden(tmp_path):
@@ -241,19 +234,23 @@ def test_medical_context_reaches_a_judge_prompt_that_has_context():
     assert "{context}" in rec["fields"]["context"]["detail"]
 
 
-@pytest.mark.parametrize(("text", "where", "key", "match"), [
+BAD_MEDICAL_FILES = [
     ("medical_questions:\n  - {scenario_id: s1, context: c}\n", "item 0 (s1)", "question", "missing"),
     ("medical_questions:\n  - {scenario_id: s1, question: [a]}\n", "item 0 (s1)", "question", "must be a string"),
     ("medical_questions:\n  - {question: q}\n", "item 0", "scenario_id", "missing"),
     ("medical_questions:\n  - {scenario_id: s1, question: q, context: {a: 1}}\n", "item 0 (s1)", "context",
      "must be a string"),
-])
-def test_bad_medical_files_name_the_file_the_item_and_the_key(tmp_path, text, where, key, match):
+]
+
+
+@pytest.mark.parametrize(("text", "where", "key", "match"), BAD_EM_FILES + BAD_MEDICAL_FILES)
+def test_bad_question_files_name_the_file_the_item_and_the_key(tmp_path, text, where, key, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(EmqError) as e:
         load_question_set(str(path))
     assert f"{path} {where}, key '{key}': " in str(e.value) and match in str(e.value), str(e.value)
+    assert e.value.fix
 
 
 # --- emq's own format, detection, the judge's record -----------------------------------------------
