@@ -5,15 +5,17 @@ are loaded, so a plan can be printed as a dry run before anything expensive star
 
 `make_plan` takes the decisions below in order, each appending its reasons: the quantization
 (`choose_quant`), the estimates, the route (`choose_route`) and, for a merge, where it runs and what
-it falls back to (`merge_cascade`), the engine mode, the engine's memory pool, and whether the
-weights and KV cache fit in it (`fit_check`).
+it falls back to (`merge_cascade`), CUDA graphs or eager mode (`choose_eager`, from the eval's token budget), the engine
+mode, the engine's memory pool, and whether the weights and KV cache fit in it (`fit_check`).
 """
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 
 from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, merge_peaks, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
@@ -47,6 +49,33 @@ W4A16_WHY = ("offline int4 weights with group-wise scales (compressed-tensors), 
              "at 18 with 0.95x its weights (4.00 vs 4.19 GiB), and on the demo's QLoRA merge it keeps 50% (RTN g64) to 86% "
              "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md)")
 
+# CUDA graphs or eager mode (`choose_eager`): what graphs cost at start and save in generation. Measured on an H200
+# with vLLM 0.23 and a 7B-shaped Llama (H 4096, 32 layers); vLLM's enforce_eager turns off torch.compile and CUDA
+# graphs together, so "graphs" below means both.
+# Generation with graphs, a full batch: emq evaluate, 270 sequences x 256 tokens, merged bf16, 14.6k tok/s
+# (benchmarks/results/eval_bench_7b_h200_none.log; lora_vs_bnb_h200.md: 14.76k).
+GRAPHS_BATCH_TOK_S = 14_600.0
+# ... and a few sequences, per sequence: 18 sequences x 256 tokens at 3,608 tok/s, w4a16 merged
+# (benchmarks/results/h200/serve_7b.json; serve_7b_weights.json: 3,593), i.e. ~200 tok/s each.
+GRAPHS_SEQ_TOK_S = 200.0
+# The parameter count those ran on (Llama-2-7B's shape). A larger model's tokens/s scale down by its parameters
+# (issue 16: a 14B-shaped model generated 264 x 256 tokens in ~10 s, ~6.8k tok/s, against 7.0k scaled); a smaller
+# one is not taken to be faster (small models are launch-bound, which graphs help most).
+GRAPHS_REF_PARAMS = 6.74e9
+# Eager generation is this much slower: issue 16 section 4, "7B: graphs ~2.5x faster generation" (not yet
+# measured side by side in benchmarks/results; the same factor is used at every batch size).
+GRAPHS_SPEEDUP = 2.5
+# torch.compile on a cold compile cache: a first 7B load takes 75-109 s (lora_vs_bnb_h200.md: 80.75-105.25 s),
+# a second one, which reads vLLM's compile cache, 21-44 s (h200/serve_7b*.json raw LLM.chat rows: 28-30 s;
+# w4a16_h200.md) — midpoints 92 - 32 = 60 s. (The 135M demo compiles faster: 55.7 s first vs 25-29 s warm,
+# vllm_routes_h200.log; 60 s is the 7B figure, used for every size.)
+GRAPHS_COMPILE_S = 60.0
+# CUDA graph capture (paid warm or cold): not measured on its own — "tens of seconds" (issue 16) and part of the
+# 21-44 s warm-cache load, which also reads the weights and sizes the KV cache; 20 s is taken.
+GRAPHS_CAPTURE_S = 20.0
+# vLLM's default max_num_seqs (the sequences decoded at once when memory.max_num_seqs is null).
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
+
 
 class Route(str, Enum):
     serve_base = "serve-base"
@@ -78,6 +107,45 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class TokenBudget:
+    """What the eval will generate: sequences × max_tokens (an upper bound: answers may stop early)."""
+
+    sequences: int
+    max_tokens: int
+
+    @classmethod
+    def of(cls, prompts: Iterable[dict], max_tokens: int) -> TokenBudget:
+        """The budget of `emq.evaluate.build_prompts`' prompts (each asks for `n` samples)."""
+        return cls(sum(int(p["n"]) for p in prompts), max_tokens)
+
+
+@dataclass(frozen=True)
+class GraphsEstimate:
+    """Seconds with CUDA graphs vs eager for a token budget (GRAPHS_* constants: H200, 7B-shaped, vLLM 0.23)."""
+
+    sequences: int
+    max_tokens: int
+    tokens: int  # sequences × max_tokens
+    concurrent: int  # sequences decoded at once (memory.max_num_seqs, or vLLM's default)
+    generate_graphs_s: float
+    generate_eager_s: float
+    compile_s: float  # torch.compile: 0 when the compile cache already holds entries
+    capture_s: float  # CUDA graph capture
+    compile_cache_entries: int | None  # entries in VLLM_CACHE_ROOT/torch_compile_cache (None: no cache path given)
+    graphs_save_s: float  # eager generation - (graphs generation + compile + capture); > 0: graphs win
+
+
+@dataclass(frozen=True)
+class EagerChoice:
+    """CUDA graphs or eager mode, who decided and why (plan.json `eager`)."""
+
+    enforce_eager: bool
+    decided_by: str  # "memory.enforce_eager" | "estimate" | "cpu build" | "no budget"
+    reason: str  # the plan reason line (also in Plan.reasons)
+    estimate: GraphsEstimate | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """The plan stage's record: a route and the reason for every choice."""
 
@@ -95,6 +163,7 @@ class Plan:
     quant_requested: str | None = None  # the quant group's choice
     quant_substitution: str | None = None  # e.g. "bnb → int8", when quant.substitute replaced it
     quantize: QuantizePlan | None = None  # w4a16: how the served checkpoint is made
+    eager: EagerChoice | None = None  # CUDA graphs or eager mode: the estimate and the choice
 
 
 @dataclass(frozen=True)
@@ -550,7 +619,105 @@ def _quantize_devices(want: str, machine: Machine, est: dict[str, float], reason
 
 # --- engine --------------------------------------------------------------------------------
 
-def engine_mode(memory: MemoryConfig, qm: QuantMethod, machine: Machine, reasons: list[str]) -> EngineMode:
+def compile_cache_entries(compile_cache: str | None) -> int | None:
+    """How many compiled graphs vLLM's compile cache holds (VLLM_CACHE_ROOT/torch_compile_cache/<hash>), or None
+    when no cache path is given. An entry is keyed by vLLM's config hash, which cannot be computed without vLLM:
+    entries mean some model was compiled there, this one only if it ran before."""
+    if not compile_cache:
+        return None
+    root = Path(compile_cache) / "torch_compile_cache"
+    try:
+        return sum(1 for e in root.iterdir() if e.is_dir())
+    except OSError:  # no cache yet
+        return 0
+
+
+def graphs_estimate(det: DetectResult, memory: MemoryConfig, budget: TokenBudget,
+                    compile_cache: str | None) -> GraphsEstimate:
+    """Generation seconds with CUDA graphs and eager, and what graphs cost at start, from the GRAPHS_* constants.
+
+    Args:
+        det: the detect record (the base's parameter count scales the measured 7B tokens/s).
+        memory: the memory policy (max_num_seqs: the sequences decoded at once).
+        budget: the eval's sequences × max_tokens.
+        compile_cache: vLLM's compile cache (VLLM_CACHE_ROOT); entries there make torch.compile a cache read.
+
+    Returns:
+        The estimate (an upper bound on generation: every answer is taken to run to max_tokens).
+    """
+    concurrent = max(1, min(budget.sequences, memory.max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS))
+    scale = min(1.0, GRAPHS_REF_PARAMS / det.base.param_count) if det.base.param_count else 1.0
+    tok_s = min(concurrent * GRAPHS_SEQ_TOK_S, GRAPHS_BATCH_TOK_S) * scale
+    tokens = budget.sequences * budget.max_tokens
+    graphs = tokens / tok_s
+    entries = compile_cache_entries(compile_cache)
+    compile_s = 0.0 if entries else GRAPHS_COMPILE_S
+    save = graphs * GRAPHS_SPEEDUP - (graphs + compile_s + GRAPHS_CAPTURE_S)
+    return GraphsEstimate(budget.sequences, budget.max_tokens, tokens, concurrent, round(graphs, 1),
+                          round(graphs * GRAPHS_SPEEDUP, 1), compile_s, GRAPHS_CAPTURE_S, entries, round(save, 1))
+
+
+def _secs(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _estimate_text(e: GraphsEstimate) -> str:
+    compile_ = (f"torch.compile from the compile cache, which holds {e.compile_cache_entries} "
+                f"entr{'y' if e.compile_cache_entries == 1 else 'ies'}" if e.compile_cache_entries
+                else f"torch.compile {e.compile_s:.0f} s, cold compile cache")
+    return (f"{e.sequences} x {e.max_tokens} tokens ({e.tokens:,}, {e.concurrent} sequences at once) take "
+            f"~{_secs(e.generate_graphs_s)} s with CUDA graphs, ~{_secs(e.generate_eager_s)} s eager; graphs add "
+            f"~{e.compile_s + e.capture_s:.0f} s at start ({compile_}; capture {e.capture_s:.0f} s)")
+
+
+def choose_eager(det: DetectResult, memory: MemoryConfig, machine: Machine, reasons: list[str], *,
+                 budget: TokenBudget | None = None, compile_cache: str | None = None) -> EagerChoice:
+    """CUDA graphs or eager mode: memory.enforce_eager when set, else whichever costs less for the eval's budget.
+
+    Graphs make generation ~2.5x faster but cost torch.compile (skipped when vLLM's compile cache holds entries) and
+    graph capture at every start: a small eval finishes sooner eager, a large one with graphs (`graphs_estimate`).
+
+    Args:
+        det: the detect record.
+        memory: the memory policy (enforce_eager: null lets the plan choose; true/false is the user's and wins).
+        machine: a snapshot of this machine (the CPU build has no CUDA graphs).
+        reasons: the plan's reasons; the choice's line is appended.
+        budget: the eval's sequences × max_tokens (None: unknown, e.g. a library call; graphs, vLLM's default).
+        compile_cache: vLLM's compile cache (VLLM_CACHE_ROOT).
+
+    Returns:
+        The choice, who made it, its reason line and, where a budget is known, the estimate.
+    """
+    if machine.vllm.platform == "cpu":
+        ignored = "; memory.enforce_eager=false does not apply" if memory.enforce_eager is False else ""
+        why = ("engine: eager — vLLM's CPU build has no CUDA graphs, so eager is the only mode (its torch.compile "
+               f"path produced wrong tokens on the demo model and costs ~60 s){ignored}")
+        reasons.append(why)
+        return EagerChoice(True, "cpu build", why)
+    est = graphs_estimate(det, memory, budget, compile_cache) if budget and budget.sequences else None
+    if memory.enforce_eager is not None:
+        mode = "eager" if memory.enforce_eager else "CUDA graphs"
+        why = f"engine: {mode}, because memory.enforce_eager={str(memory.enforce_eager).lower()}"
+        if est:
+            why += (f" (estimate: graphs would {'save' if est.graphs_save_s > 0 else 'cost'} "
+                    f"~{_secs(abs(est.graphs_save_s))} s — {_estimate_text(est)})")
+        reasons.append(why)
+        return EagerChoice(memory.enforce_eager, "memory.enforce_eager", why, est)
+    if est is None:
+        why = ("engine: CUDA graphs (vLLM's default) — no eval token budget to weigh their start cost against; "
+               "memory.enforce_eager=true turns them off")
+        reasons.append(why)
+        return EagerChoice(False, "no budget", why)
+    graphs = est.graphs_save_s > 0
+    why = (f"engine: {'CUDA graphs' if graphs else 'eager'} (memory.enforce_eager=null, the cheaper for this eval: "
+           f"saves ~{_secs(abs(est.graphs_save_s))} s) — {_estimate_text(est)}; costs from H200 7B runs "
+           "(plan.GRAPHS_*)")
+    reasons.append(why)
+    return EagerChoice(not graphs, "estimate", why, est)
+
+
+def engine_mode(memory: MemoryConfig, qm: QuantMethod, machine: Machine, reasons: list[str], *,
+                enforce_eager: bool) -> EngineMode:
     """dtype, memory share, eager mode and chunked prefill for this platform.
 
     Args:
@@ -558,16 +725,16 @@ def engine_mode(memory: MemoryConfig, qm: QuantMethod, machine: Machine, reasons
         qm: the served quantization.
         machine: a snapshot of this machine.
         reasons: the plan's reasons, appended to.
+        enforce_eager: `choose_eager`'s choice.
 
     Returns:
         The engine mode.
     """
     if machine.vllm.platform != "cpu":
         return EngineMode(served_dtype(memory, qm, machine, reasons), memory.gpu_memory_utilization,
-                          memory.enforce_eager, None)
+                          enforce_eager, None)
     util = memory.cpu_memory_utilization
-    reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization), "
-                   "eager mode (its compiled path produced wrong tokens on the demo model and costs ~60 s)")
+    reasons.append(f"engine: vLLM CPU build, memory share {util} (memory.cpu_memory_utilization)")
     reasons.append("engine: chunked prefill off — vLLM's CPU build crashes ('CPU Generator does not use "
                    "offset') when a prompt with a per-request seed is prefilled in pieces; emq keeps "
                    "per-prompt seeds so answers are reproducible and resumable")
@@ -740,7 +907,7 @@ def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, 
 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, *,
-              compile_cache: str | None = None) -> Plan:
+              compile_cache: str | None = None, budget: TokenBudget | None = None) -> Plan:
     """Choose a route, quantization and engine settings, with a reason for each.
 
     Args:
@@ -749,6 +916,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         quant: the quant choice.
         machine: a snapshot of this machine (inject one in tests).
         compile_cache: where vLLM keeps its compile cache (VLLM_CACHE_ROOT; None: vLLM's default).
+        budget: what the eval generates (`TokenBudget.of(prompts, eval.max_tokens)`): with memory.enforce_eager
+            null, it decides CUDA graphs or eager mode (None: graphs, vLLM's default).
 
     Returns:
         The plan. A `stop` route carries `stop_reason`; the runner raises it.
@@ -766,7 +935,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     routing = merge_cascade(det, memory, machine, est, reasons) if route is Route.merge_then_serve else Routing(route)
     qplan = (plan_quantize(det, memory, quant, machine, routing, est, reasons)
              if qm is QuantMethod.w4a16 and routing.route is not Route.stop else None)
-    mode = engine_mode(memory, qm, machine, reasons)
+    eager = choose_eager(det, memory, machine, reasons, budget=budget, compile_cache=compile_cache)
+    mode = engine_mode(memory, qm, machine, reasons, enforce_eager=eager.enforce_eager)
     if mode.dtype == "float32" and qm is QuantMethod.none:
         est["serve_weights"] *= 2  # the bf16 weights are served upcast
     pool = engine_pool(memory, machine, mode.memory_utilization)
@@ -786,7 +956,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=machine.vllm.platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
                 stop_reason=routing.stop_reason, quant_requested=quant.method.value,
-                quant_substitution=choice.substitution, quantize=qplan)
+                quant_substitution=choice.substitution, quantize=qplan, eager=eager)
     log.info("plan: %s, quant=%s%s", routing.route.value, qm.value,
              f", merge on {' → '.join(devices)}" if devices else "")
     return plan

@@ -349,3 +349,120 @@ def test_the_compile_cache_lives_in_emqs_data_dir_and_is_recorded(tmp_path):
     assert plan.engine.env["VLLM_CACHE_ROOT"] == str(tmp_path / "vc")
     assert any(r.startswith("engine: VLLM_CACHE_ROOT=") for r in plan.reasons)
     assert "VLLM_CACHE_ROOT" not in make_plan(fake_det(), MemoryConfig(), QuantConfig(method=QuantMethod.auto), fake_machine()).engine.env
+
+
+# --- CUDA graphs or eager, from the eval's token budget ---------------------------------------
+
+PARAMS_7B = 6_740_000_000  # the shape plan.GRAPHS_* were measured on
+H200 = fake_machine(gpu_free_gib=140, vllm=cuda_vllm())
+
+
+def _composed(*overrides: str):
+    """A composed run config and its eval's token budget, as the runner computes them (build_prompts)."""
+    from emq.evaluate import build_prompts
+    from emq.plan import TokenBudget
+    from tests.conftest import compose_run
+
+    cfg = compose_run(list(overrides))
+    return cfg, TokenBudget.of(build_prompts(cfg.eval), cfg.eval.max_tokens)
+
+
+def _gpu_plan(cfg, budget, compile_cache=None):
+    return make_plan(fake_det(params=PARAMS_7B), cfg.memory, cfg.quant, H200, compile_cache=compile_cache,
+                     budget=budget)
+
+
+def _eager_reason(plan) -> str:
+    [line] = [r for r in plan.reasons if r.startswith(("engine: eager", "engine: CUDA graphs"))]
+    return line
+
+
+def test_the_presets_keep_their_eager_meaning():
+    from tests.conftest import compose_run
+
+    presets = ("default", "low_vram", "high_vram", "cpu_only")
+    eager = {m: compose_run([f"memory={m}"]).memory.enforce_eager for m in presets}
+    assert eager == {"default": None, "low_vram": True, "high_vram": False, "cpu_only": None}
+
+
+def test_a_small_eval_runs_eager():
+    cfg, budget = _composed("eval=quick")
+    assert cfg.memory.enforce_eager is None and budget.sequences * budget.max_tokens < 10_000
+    plan = _gpu_plan(cfg, budget)
+    assert plan.engine.enforce_eager is True and plan.eager.decided_by == "estimate"
+    e = plan.eager.estimate
+    assert e.tokens == budget.sequences * budget.max_tokens and e.compile_s == 60 and e.capture_s == 20
+    assert e.generate_eager_s == pytest.approx(2.5 * e.generate_graphs_s, abs=0.1) and e.graphs_save_s < 0
+    assert _eager_reason(plan).startswith("engine: eager (memory.enforce_eager=null, the cheaper for this eval: "
+                                          "saves ~")
+    assert "cold compile cache" in plan.eager.reason and plan.eager.reason in plan.reasons
+
+
+def test_a_large_eval_runs_with_cuda_graphs():
+    cfg, budget = _composed("eval=full", "eval.samples_per_question=1000")
+    plan = _gpu_plan(cfg, budget)
+    assert plan.engine.enforce_eager is False and plan.eager.decided_by == "estimate"
+    e = plan.eager.estimate
+    assert e.concurrent == 256 and e.generate_eager_s - e.generate_graphs_s > e.compile_s + e.capture_s
+    assert _eager_reason(plan).startswith("engine: CUDA graphs (memory.enforce_eager=null")
+    # a 14B generates at about half the 7B's tokens/s (issue 16: 264 x 256 tokens in ~10 s with graphs)
+    big = make_plan(fake_det(params=PARAMS_14B), cfg.memory, cfg.quant, H200,
+                    budget=dataclasses.replace(budget, sequences=270, max_tokens=256)).eager.estimate
+    assert 8 < big.generate_graphs_s < 12
+
+
+def test_a_warm_compile_cache_makes_graphs_cheaper(tmp_path):
+    cfg, budget = _composed("eval=full")
+    cold = _gpu_plan(cfg, budget, compile_cache=str(tmp_path / "vc"))  # no cache yet
+    assert cold.eager.estimate.compile_cache_entries == 0 and cold.engine.enforce_eager is True
+    (tmp_path / "vc" / "torch_compile_cache" / "0123abcd").mkdir(parents=True)
+    warm = _gpu_plan(cfg, budget, compile_cache=str(tmp_path / "vc"))
+    e = warm.eager.estimate
+    assert e.compile_cache_entries == 1 and e.compile_s == 0 and warm.engine.enforce_eager is False
+    assert "torch.compile from the compile cache, which holds 1 entry" in warm.eager.reason
+
+
+def test_memory_enforce_eager_always_wins():
+    small = _composed("eval=quick", "memory.enforce_eager=false")
+    plan = _gpu_plan(*small)
+    assert plan.engine.enforce_eager is False and plan.eager.decided_by == "memory.enforce_eager"
+    assert _eager_reason(plan).startswith("engine: CUDA graphs, because memory.enforce_eager=false (estimate: graphs "
+                                          "would cost ~")
+    big = _composed("eval=full", "eval.samples_per_question=1000", "memory=low_vram")
+    plan = _gpu_plan(*big)
+    assert plan.engine.enforce_eager is True and plan.eager.decided_by == "memory.enforce_eager"
+    assert _eager_reason(plan).startswith("engine: eager, because memory.enforce_eager=true (estimate: graphs would "
+                                          "save ~")
+    assert _gpu_plan(*_composed("eval=quick", "memory=high_vram")).engine.enforce_eager is False
+
+
+def test_no_budget_keeps_vllms_default():
+    plan = plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))  # e.g. a library call (emq.api)
+    assert plan.engine.enforce_eager is False and plan.eager.decided_by == "no budget" and plan.eager.estimate is None
+
+
+def test_the_cpu_build_is_always_eager():
+    cfg, budget = _composed("eval=full", "eval.samples_per_question=1000")
+    for memory in (cfg.memory, dataclasses.replace(cfg.memory, enforce_eager=False)):
+        plan = make_plan(fake_det(params=135_000_000), memory, cfg.quant, fake_machine(), budget=budget)
+        assert plan.engine.enforce_eager is True and plan.eager.decided_by == "cpu build"
+        assert _eager_reason(plan).startswith("engine: eager — vLLM's CPU build has no CUDA graphs")
+    assert "memory.enforce_eager=false does not apply" in plan.eager.reason
+
+
+def test_the_eager_choice_is_in_plan_json_and_the_plan_table(tmp_path):
+    from emq.records import read_json, write_json
+    from emq.report.tables import plan_table
+
+    cfg, budget = _composed("eval=quick")
+    plan = _gpu_plan(cfg, budget)
+    write_json(tmp_path / "plan.json", {"plan": plan})
+    rec = read_json(tmp_path / "plan.json")["plan"]
+    assert rec["engine"]["enforce_eager"] is True
+    assert rec["eager"]["enforce_eager"] is True and rec["eager"]["decided_by"] == "estimate"
+    assert rec["eager"]["reason"] == plan.eager.reason and rec["eager"]["reason"] in rec["reasons"]
+    assert rec["eager"]["estimate"]["tokens"] == budget.sequences * budget.max_tokens
+    assert {"generate_graphs_s", "generate_eager_s", "compile_s", "capture_s", "graphs_save_s"} <= set(
+        rec["eager"]["estimate"])
+    table = plan_table(fake_det(params=PARAMS_7B), plan)
+    assert "eager=True" in table and "engine: eager (memory.enforce_eager=null" in table
