@@ -25,7 +25,7 @@ from emq.evaluate import build_prompts, evaluate, questions_record
 from emq.machine import GIB, snapshot
 from emq.metrics import run_metrics
 from emq.monitor import PeakMemory
-from emq.plan import Route, make_plan, weights_missing
+from emq.plan import Route, TokenBudget, make_plan, weights_missing
 from emq.records import (DETECT, INPUTS, LOAD, MERGE, METRICS, PLAN, QUANTIZE, RUN_CONFIG, STATUS, VERSIONS,
                          Progress, versions, write_json)
 from emq.report.tables import plan_table, run_summary
@@ -108,7 +108,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 judge.check_prompts(prompts)
                 machine = snapshot(cfg.paths.cache_dir)
                 plan = make_plan(det, cfg.memory, cfg.quant, machine,
-                                 compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"))
+                                 compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
+                                 budget=TokenBudget.of(prompts, cfg.eval.max_tokens))  # graphs or eager
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
                 if plan.quantize and plan.quantize.calibration:  # a bad calibration file fails now, before any merge

@@ -37,3 +37,20 @@ def test_a_stage_part_is_split_out_in_order():
     status.split("judge", "judge start", None)  # an endpoint judge: nothing to split
     assert status.stage_seconds["judge"] == 7.5
     assert where_time_went(status.stage_seconds, 45.0) == "generate 10.0 · judge start 22.5 · judge 7.5 · other 5.0 s"
+
+
+def test_the_runner_hands_the_plan_the_evals_token_budget(demo, tmp_path, monkeypatch):
+    """CUDA graphs or eager is chosen from what the eval will generate: the runner passes build_prompts' budget
+    (a GPU machine is faked: nothing loads in a dry run)."""
+    import emq.runner
+    from emq.evaluate import build_prompts
+    from tests.plans import cuda_vllm, fake_machine
+
+    monkeypatch.setattr(emq.runner, "snapshot", lambda *a, **k: fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))
+    cfg = compose_run(["stage=plan", "eval=quick", f"paths.data_dir={demo.root.parent}",
+                       f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert run(cfg, tmp_path / "run").status == "ok"
+    eager = json.loads((tmp_path / "run" / "plan.json").read_text())["plan"]["eager"]
+    sequences = sum(p["n"] for p in build_prompts(cfg.eval))
+    assert eager["decided_by"] == "estimate" and eager["estimate"]["sequences"] == sequences
+    assert eager["estimate"]["max_tokens"] == cfg.eval.max_tokens
