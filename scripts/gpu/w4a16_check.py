@@ -45,13 +45,9 @@ def seven_b() -> tuple[Path, Path]:
 
 
 def phase_quantize(gptq: bool = True, repeats: int = 2) -> list[tuple[str, str]]:
-    import torch
-
     from emq.checkpoint.layout import choose_group_size
     from emq.checkpoint.merge import MergeSettings, RtnSettings, merge_adapter
-    from emq.checkpoint.quantize import QuantizeSettings, quantize_checkpoint
     from emq.detect import detect
-    from emq.monitor import PeakMemory
     from emq.schema import ModelConfig
 
     t0 = time.perf_counter()
@@ -77,19 +73,36 @@ def phase_quantize(gptq: bool = True, repeats: int = 2) -> list[tuple[str, str]]
     (OUT / "quantize.json").write_text(json.dumps({"rows": rows}, indent=1))
     if not gptq:
         return rows
-    settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
-    torch.cuda.reset_peak_memory_stats()
-    with PeakMemory() as mem:
-        t = time.perf_counter()
-        q = quantize_checkpoint(merged.path, {"merged_key": merged.key}, settings, ["cuda"], cache, force_recreate=True)
-        gptq_s = time.perf_counter() - t
-        peaks = mem.footprint()
-    rows += [("GPTQ 7B, 128 x 512 tokens, cuda", f"{gptq_s:.0f} s (target <= 600)"),
-             ("GPTQ peak RSS (process tree)", f"{peaks['peak_rss_gib']:.2f} GiB (target <= 4)"),
-             ("GPTQ peak VRAM (NVML / torch max allocated)",
-              f"{peaks['peak_vram_gib']} / {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
+    q, _, _, gptq_rows = _timed_gptq(merged.path, {"merged_key": merged.key}, group, cache, "7B")
+    rows += gptq_rows
     (OUT / "quantize.json").write_text(json.dumps({"rows": rows, "gptq_path": q.path, "layers": q.layers[:3]}, indent=1))
     return rows
+
+
+def _timed_gptq(src: str, identity: dict, group: int, cache: Path, label: str):
+    """GPTQ g`group` asymmetric, 128 x 512 calibration tokens, on the GPU (the CPU: a smoke test of this script):
+    (result, seconds, peaks, table rows with time per layer, peak RSS of the process tree and peak VRAM)."""
+    import torch
+
+    from emq.checkpoint.quantize import QuantizeSettings, quantize_checkpoint
+    from emq.monitor import PeakMemory
+
+    settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        q = quantize_checkpoint(src, identity, settings, [device], cache, force_recreate=True)
+        seconds = time.perf_counter() - t
+        peaks = mem.footprint()
+    per_layer = [x.get("seconds") for x in q.layers if isinstance(x, dict) and x.get("seconds")]
+    allocated = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0
+    return q, seconds, peaks, [
+        (f"GPTQ {label} g{group}, 128 x 512 tokens, {device}",
+         f"{seconds:.0f} s (target <= 600 for 7B; {sum(per_layer) / max(len(per_layer), 1):.1f} s/layer)"),
+        ("peak RSS (process tree)", f"{peaks['peak_rss_gib']:.2f} GiB (target <= 4)"),
+        ("peak VRAM (NVML / torch max allocated)", f"{peaks['peak_vram_gib']} / {allocated:.2f} GiB")]
 
 
 class _LayerLog(logging.Handler):
@@ -103,13 +116,9 @@ class _LayerLog(logging.Handler):
 def phase_gptq(shape: str) -> list[tuple[str, str]]:
     """GPTQ of a random `shape` model's base weights on the GPU (128 x 512 calibration tokens): time, peak RSS of
     the process tree, peak VRAM. The weights are random, so only the costs count."""
-    import torch
-
     from benchmarks.eval_bench import SHAPES, build_7b
     from emq.checkpoint.layout import choose_group_size
-    from emq.checkpoint.quantize import QuantizeSettings, quantize_checkpoint
     from emq.detect import detect
-    from emq.monitor import PeakMemory
     from emq.schema import ModelConfig
 
     logging.basicConfig(level=logging.INFO)
@@ -126,23 +135,8 @@ def phase_gptq(shape: str) -> list[tuple[str, str]]:
     det = detect(ModelConfig(name=f"synth{shape}", base=str(base)))
     shapes = det.base.linear_shapes
     group, why = choose_group_size([i for _, i in shapes], [o for o, _ in shapes], None)
-    settings = QuantizeSettings("gptq", group, False, ("lm_head",), "default", 128, 512)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of this script only
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with PeakMemory() as mem:
-        t = time.perf_counter()
-        q = quantize_checkpoint(str(base), {"base": str(base)}, settings, [device], ROOT / "cache",
-                                force_recreate=True)
-        seconds = time.perf_counter() - t
-        peaks = mem.footprint()
-    per_layer = [x.get("seconds") for x in q.layers if isinstance(x, dict) and x.get("seconds")]
-    rows += [(f"GPTQ {shape} g{group}, 128 x 512 tokens, {device}", f"{seconds:.0f} s (target <= 600 for 7B; "
-                                                               f"{sum(per_layer) / max(len(per_layer), 1):.1f} s/layer)"),
-             ("peak RSS (process tree)", f"{peaks['peak_rss_gib']:.2f} GiB (target <= 4)"),
-             ("peak VRAM (NVML / torch max allocated)",
-              f"{peaks['peak_vram_gib']} / "
-              f"{torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else 0:.2f} GiB")]
+    q, seconds, peaks, gptq_rows = _timed_gptq(str(base), {"base": str(base)}, group, ROOT / "cache", shape)
+    rows += gptq_rows
     (OUT / f"gptq_{shape}.json").write_text(json.dumps({"rows": rows, "path": q.path, "seconds": seconds,
                                                          "peaks": peaks, "layers": q.layers}, indent=1, default=str))
     return rows
