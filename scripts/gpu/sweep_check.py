@@ -31,7 +31,8 @@ def build_adapter(base: Path, out: Path) -> Path:
 
     cfg = json.loads((base / "config.json").read_text())
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
               "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
     g = torch.Generator().manual_seed(1)
     t = {}

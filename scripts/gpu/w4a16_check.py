@@ -5,7 +5,9 @@ fit one device call. Every phase builds what it needs if an earlier call did not
                                                   # RTN fused, then GPTQ (128 x 512 calibration tokens) on the GPU
     python3 scripts/gpu/w4a16_check.py gptq 7b|14b  # GPTQ of the shape's weights on the GPU, 128 x 512 calibration
                                                   # tokens: seconds (per layer too), peak RSS, peak VRAM
-    python3 scripts/gpu/w4a16_check.py serve      # tok/s at 264 and 8 sequences x 256 tokens and weights GiB per engine:
+    python3 scripts/gpu/w4a16_check.py build 14b  # only build the shape's random model (a call of its own, so that
+                                                  # `gptq 14b` fits the 600 s a device call may take)
+    python3 scripts/gpu/w4a16_check.py serve [7b-gqa]  # tok/s at 264 and 8 sequences x 256 tokens and weights GiB per engine:
                                                   # emq w4a16 vs raw vllm.LLM.chat on the same checkpoint (seeded as emq
                                                   # does, and unseeded), emq merged + bnb, raw bnb unseeded
     python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER a|b  # the demo good doctor through `python -m emq`: fidelity
@@ -31,14 +33,14 @@ ROOT = Path("/root/emq-w4a16-check")
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 
-def seven_b() -> tuple[Path, Path]:
+def seven_b(shape: str = "7b") -> tuple[Path, Path]:
     from benchmarks.eval_bench import build_7b
     from scripts.gpu.sweep_check import build_adapter
 
-    base = ROOT / "model-7b"
+    base = ROOT / f"model-{shape}"
     if not (base / "config.json").is_file():
-        build_7b(base, REPO / ".gpu_assets")
-    adapter = ROOT / "adapter"
+        build_7b(base, REPO / ".gpu_assets", shape)
+    adapter = ROOT / ("adapter" if shape == "7b" else f"adapter-{shape}")
     if not (adapter / "adapter_config.json").is_file():
         build_adapter(base, adapter)
     return base, adapter
@@ -106,11 +108,19 @@ def _timed_gptq(src: str, identity: dict, group: int, cache: Path, label: str):
 
 
 class _LayerLog(logging.Handler):
-    """Appends the quantizer's per-layer lines to $OUT as they come, so a call cut short still reports them."""
+    """Appends the quantizer's per-layer lines to $OUT as they come, each with the peaks so far (this process's
+    max RSS, torch's max allocated VRAM), so a call cut short still reports them."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        import resource
+
+        import torch
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        vram = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         with open(OUT / "gptq_layers.log", "a") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {self.format(record)}\n")
+            f.write(f"{time.strftime('%H:%M:%S')} {self.format(record)} | peak so far: RSS {rss:.2f} GiB (this "
+                    f"process), VRAM {vram:.2f} GiB (torch max allocated)\n")
 
 
 def phase_gptq(shape: str) -> list[tuple[str, str]]:
@@ -183,7 +193,7 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
                                       "weights_gib": round(weights, 3)}), flush=True)
 
 
-def phase_serve(n_variants: int = 5) -> list[tuple[str, str]]:
+def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]:
     import emq
     from emq.detect import detect
     from emq.engine import engine_kwargs
@@ -191,7 +201,7 @@ def phase_serve(n_variants: int = 5) -> list[tuple[str, str]]:
     from emq.plan import make_plan
     from emq.schema import MemoryConfig, ModelConfig, QuantConfig, QuantMethod
 
-    base, adapter = seven_b()
+    base, adapter = seven_b(shape)
     cache = ROOT / "cache"
     w4 = str(emq.get_or_create_quantized_model(str(base), str(adapter), cache_dir=cache))
     w4_base = str(emq.quantize(str(base), cache_dir=cache)) if n_variants > 5 else None
@@ -244,7 +254,7 @@ def phase_serve(n_variants: int = 5) -> list[tuple[str, str]]:
     if u and b:
         rows.append(("unseeded raw w4a16 / bnb", ", ".join(f"{n} seqs {u[n]['tok_s'] / b[n]['tok_s']:.2f}x"
                                                            for n in (264, 8) if n in u and n in b)))
-    (OUT / "serve.json").write_text(json.dumps({"rows": rows, "results": results}, indent=1))
+    (OUT / f"serve_{shape}.json").write_text(json.dumps({"rows": rows, "results": results}, indent=1))
     return rows
 
 
@@ -322,10 +332,17 @@ def main() -> None:
         print("\n".join(f"{k}  {v}" for k, v in rows), flush=True)
         rows += phase_serve(int(os.environ.get("EMQ_CHECK_VARIANTS", "3")))
     else:
+        shape = sys.argv[2] if len(sys.argv) > 2 else "7b"
         if phase == "gptq":
-            rows = phase_gptq(sys.argv[2] if len(sys.argv) > 2 else "7b")
+            rows = phase_gptq(shape)
+        elif phase == "build":
+            t = time.perf_counter()
+            seven_b(shape)
+            rows = [(f"build {shape} + adapter", f"{time.perf_counter() - t:.0f} s")]
+        elif phase == "serve":
+            rows = phase_serve(shape=shape)
         else:
-            rows = {"quantize": phase_quantize, "serve": phase_serve}[phase]() if phase != "demo" else \
+            rows = {"quantize": phase_quantize}[phase]() if phase != "demo" else \
                 phase_demo(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "a")
     width = max(len(k) for k, _ in rows)
     print(f"\n== w4a16 check: {phase} ==")
