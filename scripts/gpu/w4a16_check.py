@@ -225,10 +225,16 @@ def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]
                 ("w4a16 merged (raw, unseeded)", w4, QuantMethod.w4a16, "raw-unseeded", None),
                 ("merged + bnb (raw, unseeded)", merged, QuantMethod.bnb, "raw-unseeded", None),
                 ("LoRA on the W4A16 base (emq)", w4_base, QuantMethod.w4a16, "emq", str(adapter))][:n_variants]
+    only = os.environ.get("EMQ_CHECK_ONLY")  # e.g. "0,1,3": these rows only
+    if only:
+        variants = [variants[int(i)] for i in only.split(",")]
+    # each count generated in turn on the same engine, repeats included; a ~4 s batch varies by ~10 %, so the
+    # median of the repeats is what a row reports
+    counts = os.environ.get("EMQ_CHECK_COUNTS", "264,8")
     results = {}
     for label, model, quant, side, lora in variants:
         kw = kwargs_for(model, quant, lora is not None)
-        cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, "264,8", "256", lora or ""]
+        cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, counts, "256", lora or ""]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=170, env={
                 **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
@@ -239,10 +245,15 @@ def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]
         if not res:
             rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
             continue
-        results[label] = {r["n"]: r for r in res}
+        by_n: dict[int, list[dict]] = {}
+        for r in res:
+            by_n.setdefault(r["n"], []).append(r)
+        results[label] = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
+                              "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
         print(label, res, flush=True)
         rows.append((label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
-            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s" for r in res)))
+            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})"
+            for r in results[label].values())))
     if "w4a16 merged (emq)" in results:
         e = results["w4a16 merged (emq)"]
         for other, target in (("w4a16 merged (raw LLM.chat)", "≥ 0.95 vs raw"), ("merged + bnb (emq)", "vs bnb")):
