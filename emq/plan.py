@@ -45,8 +45,9 @@ MIN_CONFIDENCE = 0.5
 LEANEST_FIRST = (QuantMethod.w4a16, QuantMethod.bnb, QuantMethod.int8, QuantMethod.fp8)
 # Why quant=auto takes w4a16 (plan reasons cite the numbers).
 W4A16_WHY = ("offline int4 weights with group-wise scales (compressed-tensors), served natively by every vLLM; "
-             "measured through emq on an H200 (7B-shaped, 8 KV heads) at 1.21x merged + bnb's tokens/s at 270 sequences "
-             "and 2.7x at 18 with 0.95x its weights (3.60 vs 3.77 GiB), and on the demo's QLoRA merge it keeps 50% (RTN g64) to 86% "
+             "measured through emq on an H200 (7B-shaped, 8 KV heads) at 1.21x merged + bnb's tokens/s at 270 "
+             "sequences and 2.7x at 18 with 0.95x its weights (3.60 vs 3.77 GiB), and on the demo's QLoRA merge it "
+             "keeps 50% (RTN g64) to 86% "
              "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md)")
 
 # CUDA graphs or eager mode (`choose_eager`): what graphs cost at start and save in generation. Measured on an H200
