@@ -38,6 +38,7 @@ class LoadRecord:
     weights_gib: float | None = None  # the model's memory in the engine, as vLLM's worker measured it
     weights_source: str | None = None  # how weights_gib was measured
     kernels: dict[str, Any] | None = None  # what the workers run: linear/attention kernels, threads, device
+    loras: dict[str, str] | None = None  # model.adapters: name → adapter, every one served by this engine
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Request:
     id: str
     prompt_token_ids: list[int]
     params: Any  # vllm.SamplingParams
+    lora: Any = None  # a LoRARequest for this request alone (model.adapters); None: the engine's own
 
 
 def _worker_weights(worker) -> tuple[int, str]:
@@ -162,11 +164,19 @@ def check_engine_extra(extra: dict[str, Any]) -> None:
 class Engine:
     """A started vLLM engine plus the LoRARequest to send with every request (or None)."""
 
-    def __init__(self, llm: Any, lora_request: Any, record: LoadRecord):
+    def __init__(self, llm: Any, lora_request: Any, record: LoadRecord, lora_requests: dict[str, Any] | None = None):
         self.llm = llm
         self.lora_request = lora_request
         self.record = record
+        self.lora_requests = lora_requests or {}  # model.adapters: name → its LoRARequest
         self._ids = itertools.count()
+
+    def for_adapter(self, name: str) -> Engine:
+        """This engine, with `name`'s LoRARequest sent with every request (model.adapters): for the stages that
+        serve one adapter at a time (fidelity). Shares the started vLLM engine; shut the original down."""
+        view = Engine(self.llm, self.lora_requests[name], self.record, self.lora_requests)
+        view._ids = self._ids  # request ids stay unique in the one engine
+        return view
 
     @property
     def tokenizer(self):
@@ -231,7 +241,7 @@ class Engine:
                     rid = f"emq-{next(self._ids)}"
                     pending[rid] = (r, time.perf_counter())
                     engine.add_request(rid, {"prompt_token_ids": r.prompt_token_ids}, r.params,
-                                       lora_request=self.lora_request)
+                                       lora_request=r.lora if r.lora is not None else self.lora_request)
                     total += unit_of(r)
             finally:
                 if hold:
@@ -269,7 +279,8 @@ class Engine:
         return {
             "dtype": str(getattr(model, "dtype", kwargs.get("dtype"))).removeprefix("torch."),
             "quantization": getattr(model, "quantization", kwargs.get("quantization")),
-            "lora": self.lora_request is not None,
+            "lora": self.lora_request is not None or bool(self.lora_requests),
+            **({"loras": sorted(self.lora_requests), "max_loras": kwargs.get("max_loras")} if self.lora_requests else {}),
             "max_num_seqs": getattr(sched, "max_num_seqs", kwargs.get("max_num_seqs")),
             "max_num_batched_tokens": getattr(sched, "max_num_batched_tokens", None),
             "chunked_prefill": getattr(sched, "enable_chunked_prefill", kwargs.get("enable_chunked_prefill")),
@@ -342,13 +353,13 @@ def engine_kwargs(model_path: str, settings: EngineSettings, *, lora: bool, seed
     if settings.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = settings.enable_chunked_prefill
     if lora:
-        kwargs.update(enable_lora=True, max_lora_rank=settings.max_lora_rank, max_loras=1)
+        kwargs.update(enable_lora=True, max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras)
     kwargs.update(settings.extra)
     return kwargs
 
 
 def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, seed: int,
-         max_logprobs: int = 20) -> Engine:
+         max_logprobs: int = 20, loras: dict[str, str] | None = None) -> Engine:
     """Start vLLM on `model_path` with the plan's settings.
 
     Args:
@@ -357,11 +368,16 @@ def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, se
         lora_path: adapter to serve through vLLM's LoRA path, or None.
         seed: engine seed.
         max_logprobs: the most logprobs a request will ask for (fidelity's top-k).
+        loras: model.adapters, name → adapter path: one LoRARequest each (`Engine.lora_requests`, sent per request);
+            instead of `lora_path`.
     """
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    kwargs = engine_kwargs(model_path, settings, lora=lora_path is not None, seed=seed, max_logprobs=max_logprobs)
+    if loras and lora_path:
+        raise ValueError("load: pass lora_path (one adapter) or loras (model.adapters), not both")
+    kwargs = engine_kwargs(model_path, settings, lora=lora_path is not None or bool(loras), seed=seed,
+                           max_logprobs=max_logprobs)
     log.info("load: starting vLLM on %s (quantization=%s, dtype=%s%s)", model_path, settings.quantization,
              settings.dtype, f", LoRA {lora_path}" if lora_path else "")
     # emq asks each worker for its weights' memory with a function (collective_rpc), which vLLM
@@ -385,4 +401,6 @@ def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, se
     if kernels:
         log.info("load: kernels %s", {k: kernels.get(k) for k in ("linear", "attention", "model_dtype")})
     lora = LoRARequest("adapter", 1, lora_path) if lora_path else None
-    return Engine(llm, lora, LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source, kernels))
+    many = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate((loras or {}).items(), start=1)}
+    record = LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source, kernels, loras=loras or None)
+    return Engine(llm, lora, record, many)

@@ -224,6 +224,47 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResul
         out_dir: the run directory (versions.json gets the `determinism` record).
         progress: an `emq.records.Progress` to report counts to (optional).
     """
+    return evaluate_many(engine, cfg, [Target(Path(out_dir), progress=progress)])[0]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one adapter's answers go when one engine serves several (model.adapters): its record dir and the
+    LoRARequest its requests carry."""
+
+    out_dir: Path
+    lora: Any = None  # vLLM LoRARequest; None: the engine's own
+    name: str = ""
+    progress: Any = None  # an emq.records.Progress (optional)
+
+
+@dataclass
+class _Tally:
+    """One target's state while generating: what its file holds, what this call wrote."""
+
+    target: Target
+    path: Path
+    complete: set
+    kept: dict
+    total: int
+    resumed: int
+    out_tokens: int = 0
+    generated: int = 0
+    regenerated: int = 0
+    differ: int = 0
+    latencies: list[float] | None = None
+
+
+def evaluate_many(engine, cfg: EvalConfig, targets: list[Target]) -> list[EvalResult]:
+    """`evaluate` for several targets served by one engine (model.adapters: one LoRA each): every target answers
+    the same prompts with the same seeds, and group by group the requests of all targets go to the engine as one
+    closed batch, prompt by prompt interleaved (each carrying its target's LoRARequest), so the adapters share
+    every batch. A group is generated again whole, for every target, when any target lacks one of its prompts
+    (the resume rule of `evaluate`, across targets). Each target gets its own generations.jsonl and result; the
+    generation seconds are the shared wall time.
+    """
+    from contextlib import ExitStack
+
     from vllm import SamplingParams
 
     from emq.engine import Request
@@ -232,70 +273,86 @@ def evaluate(engine, cfg: EvalConfig, out_dir: Path, progress=None) -> EvalResul
     group_size, size_source = resolve_group_size(cfg, engine.max_num_seqs)
     groups = group_prompts(prompts, group_size)
     conditions = determinism_record(engine, cfg, group_size, size_source, len(groups))
+    if len(targets) > 1:
+        conditions["schedule"]["adapters"] = (f"{len(targets)} adapters in one engine: each group holds every "
+                                              "adapter's requests, interleaved prompt by prompt")
     stamp = fingerprint(conditions)
-    update_json(out_dir / VERSIONS, determinism={**conditions, "fingerprint": stamp})
-    path = out_dir / GENERATIONS
-    complete = _keep_complete(path, prompts)
-    kept = {SampleKey.of(r): r for r in read_generations(out_dir)}
-    other = sorted({r.get("conditions") for r in kept.values()} - {stamp}, key=str)
-    if other:
-        log.warning("evaluate: %d kept answers were generated under other conditions (fingerprint %s, now %s: see "
-                    "versions.json `determinism`); they may differ from what this run would generate — delete %s "
-                    "to generate them all again", sum(r.get("conditions") != stamp for r in kept.values()),
-                    ", ".join(map(str, other)), stamp, path)
-    todo = [g for g in groups if any(PromptKey.of(p) not in complete for p in g)]
     total = sum(p["n"] for p in prompts)
-    to_write = sum(p["n"] for g in todo for p in g if PromptKey.of(p) not in complete)
-    log.info("evaluate: %d prompts (%d samples) in %d groups of at most %d samples (%s); %d groups to generate, "
-             "%d samples to write, %d kept", len(prompts), total, len(groups), group_size, size_source, len(todo),
-             to_write, total - to_write)
-    out_tokens = generated = regenerated = differ = 0
-    latencies: list[float] = []
-    resumed = total - to_write
-    if progress is not None:
-        progress.update(force=True, generated=resumed, to_generate=total)
+    tallies: list[_Tally] = []
+    for t in targets:
+        update_json(t.out_dir / VERSIONS, determinism={**conditions, "fingerprint": stamp})
+        path = t.out_dir / GENERATIONS
+        complete = _keep_complete(path, prompts)
+        kept = {SampleKey.of(r): r for r in read_generations(t.out_dir)}
+        other = sorted({r.get("conditions") for r in kept.values()} - {stamp}, key=str)
+        if other:
+            log.warning("evaluate: %d kept answers were generated under other conditions (fingerprint %s, now %s: "
+                        "see versions.json `determinism`); they may differ from what this run would generate — "
+                        "delete %s to generate them all again", sum(r.get("conditions") != stamp for r in kept.values()),
+                        ", ".join(map(str, other)), stamp, path)
+        resumed = sum(p["n"] for p in prompts if PromptKey.of(p) in complete)
+        tallies.append(_Tally(t, path, complete, kept, total, resumed, latencies=[]))
+    todo = [g for g in groups if any(PromptKey.of(p) not in t.complete for t in tallies for p in g)]
+    to_write = sum(total - t.resumed for t in tallies)
+    log.info("evaluate: %d prompts (%d samples)%s in %d groups of at most %d samples (%s); %d groups to generate, "
+             "%d samples to write, %d kept", len(prompts), total,
+             f" × {len(targets)} adapters" if len(targets) > 1 else "", len(groups), group_size, size_source,
+             len(todo), to_write, total * len(targets) - to_write)
+    for t in tallies:
+        if t.target.progress is not None:
+            t.target.progress.update(force=True, generated=t.resumed, to_generate=total)
 
-    with JsonlWriter(path) as writer:
+    with ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(t.path)) for t in tallies]
+
         def done(req, out, latency_s: float) -> None:
-            nonlocal out_tokens, generated, regenerated, differ
-            p = by_id[req.id]
-            again = PromptKey.of(p) in complete
+            ti, p = by_id[req.id]
+            t, writer = tallies[ti], writers[ti]
+            again = PromptKey.of(p) in t.complete
             for si, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
-                out_tokens += len(c.token_ids)
+                t.out_tokens += len(c.token_ids)
                 if again:  # generated to keep the group's batches; the row written before stays
-                    regenerated += 1
-                    before = kept.get(SampleKey(*PromptKey.of(p), si))
-                    differ += before is None or before["answer"] != c.text
+                    t.regenerated += 1
+                    before = t.kept.get(SampleKey(*PromptKey.of(p), si))
+                    t.differ += before is None or before["answer"] != c.text
                     continue
                 row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
                 row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
                            finish_reason=c.finish_reason, conditions=stamp)
                 writer.write(row)
-                generated += 1
-            latencies.append(latency_s)
-            if progress is not None:
-                progress.update(generated=resumed + generated)
+                t.generated += 1
+            t.latencies.append(latency_s)
+            if t.target.progress is not None:
+                t.target.progress.update(generated=t.resumed + t.generated)
 
         t0 = time.perf_counter()
         for gi, group in enumerate(todo):
-            by_id: dict[str, dict[str, Any]] = {}
+            by_id: dict[str, tuple[int, dict[str, Any]]] = {}
             requests = []
             for p in group:
-                rid = f"{p['set']}/{p['question_id']}/{p['paraphrase_index']}"
-                by_id[rid] = p
-                params = SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
-                                        max_tokens=cfg.max_tokens, seed=p["seed"])
-                requests.append(Request(rid, engine.chat_ids(p["messages"]), params))
+                ids = engine.chat_ids(p["messages"])
+                for ti, t in enumerate(tallies):
+                    rid = f"{p['set']}/{p['question_id']}/{p['paraphrase_index']}"
+                    rid = f"{t.target.name}|{rid}" if len(tallies) > 1 else rid
+                    by_id[rid] = (ti, p)
+                    params = SamplingParams(n=p["n"], temperature=cfg.temperature, top_p=cfg.top_p,
+                                            max_tokens=cfg.max_tokens, seed=p["seed"])
+                    requests.append(Request(rid, ids, params, lora=t.target.lora))
             engine.run(requests, done, desc="generate" if len(todo) == 1 else f"generate {gi + 1}/{len(todo)}")
         seconds = time.perf_counter() - t0
-    if regenerated:
-        (log.warning if differ else log.info)(
-            "evaluate: resumed: %d samples of partly written groups generated again to keep their batches; %d of "
-            "them differ from the answers written before%s", regenerated, differ,
-            " (the conditions changed between the attempts: compare versions.json `determinism`)" if differ else "")
-    rows = read_generations(out_dir)
-    mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
-    return EvalResult(str(path), len(prompts), len(rows), generated, out_tokens, round(mean, 2),
-                      round(seconds, 3), round(out_tokens / seconds, 2) if out_tokens and seconds else 0.0,
-                      _percentile(latencies, 0.5), _percentile(latencies, 0.95), len(groups), len(todo),
-                      regenerated, differ)
+    results = []
+    for t in tallies:
+        if t.regenerated:
+            (log.warning if t.differ else log.info)(
+                "evaluate: %sresumed: %d samples of partly written groups generated again to keep their batches; %d "
+                "of them differ from the answers written before%s", f"{t.target.name}: " if t.target.name else "",
+                t.regenerated, t.differ,
+                " (the conditions changed between the attempts: compare versions.json `determinism`)" if t.differ
+                else "")
+        rows = read_generations(t.target.out_dir)
+        mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
+        results.append(EvalResult(
+            str(t.path), len(prompts), len(rows), t.generated, t.out_tokens, round(mean, 2), round(seconds, 3),
+            round(t.out_tokens / seconds, 2) if t.out_tokens and seconds else 0.0, _percentile(t.latencies, 0.5),
+            _percentile(t.latencies, 0.95), len(groups), len(todo), t.regenerated, t.differ))
+    return results

@@ -14,6 +14,8 @@ A run dir holds (each written by the stage named):
     fidelity.json fidelity_logprobs.npz   fidelity vs the trained function; this run's top-k logprobs
     scores.jsonl judged.jsonl judge.json  judge: one row per judgement; per answer; the judge's record
     metrics.json status.json progress.json judge_server.log
+    adapters.json adapters/<name>/  model.adapters: the index, and one run dir per adapter (each with the files
+                                    above that concern it; the shared engine's in both)
 """
 from __future__ import annotations
 
@@ -48,6 +50,17 @@ METRICS = "metrics.json"
 STATUS = "status.json"
 PROGRESS = "progress.json"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+# model.adapters: one run dir per adapter under <run dir>/adapters/<name>/ (the sweep report's variants), and the
+# run's index of them
+ADAPTERS_DIR = "adapters"
+ADAPTERS = "adapters.json"
+
+
+def adapter_dirs(run_dir: Path) -> list[Path]:
+    """The per-adapter run dirs of a model.adapters run (in its adapters.json order), [] for any other run."""
+    index = read_json(Path(run_dir) / ADAPTERS)
+    names = index.get("names", []) if isinstance(index, dict) else []
+    return [d for n in names if ((d := Path(run_dir) / ADAPTERS_DIR / n) / HYDRA_OVERRIDES).is_file()]
 
 
 class PromptKey(NamedTuple):

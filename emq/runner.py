@@ -9,8 +9,10 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import yaml
 
 from emq import fidelity, judge
 from emq.calibration import load_chats
@@ -21,13 +23,37 @@ from emq.demo import demo_built, ensure_demo
 from emq.detect import detect
 from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
-from emq.evaluate import build_prompts, evaluate, questions_record
+from emq.evaluate import (
+    Target,
+    build_prompts,
+    evaluate,
+    evaluate_many,
+    questions_record,
+)
 from emq.machine import GIB, snapshot
 from emq.metrics import run_metrics
 from emq.monitor import PeakMemory
-from emq.plan import Route, TokenBudget, make_plan, weights_missing
-from emq.records import (DETECT, INPUTS, LOAD, MERGE, METRICS, PLAN, QUANTIZE, RUN_CONFIG, STATUS, VERSIONS,
-                         Progress, versions, write_json)
+from emq.plan import Route, TokenBudget, make_plan, plan_adapters, weights_missing
+from emq.records import (
+    ADAPTERS,
+    ADAPTERS_DIR,
+    DETECT,
+    HYDRA_OVERRIDES,
+    INPUTS,
+    JUDGE_SERVER_LOG,
+    LOAD,
+    MERGE,
+    METRICS,
+    PLAN,
+    QUANTIZE,
+    RUN_CONFIG,
+    STATUS,
+    VERSIONS,
+    Progress,
+    versions,
+    write_json,
+    write_text_atomic,
+)
 from emq.report.tables import plan_table, run_summary
 from emq.schema import JudgeKind, JudgeScope, RunConfig, Stage
 
@@ -52,6 +78,8 @@ class RunStatus:
     run_dir: str = ""
     started_unix: float = 0.0  # when the run began and ended (epoch seconds): a sweep's wall from its runs
     finished_unix: float = 0.0
+    # model.adapters, an adapter's status: the stages its adapters shared, whose seconds are split evenly between them
+    shared_stages: dict | None = None
 
     @contextmanager
     def enter(self, stage: str, progress: Progress, mem: PeakMemory) -> Iterator[None]:
@@ -84,6 +112,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     Returns:
         The final status (also written to run_dir/status.json).
     """
+    if cfg.model.adapters:
+        return run_adapters(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
     engine: Engine | None = None
@@ -206,3 +236,229 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / STATUS, status)
             log.info("\n%s", run_summary(status, metrics))
     return status
+
+
+# --- model.adapters: many adapters of one base, one engine --------------------------------------------------
+
+def _adapter_overrides(run_dir: Path, name: str, path: str) -> list[str]:
+    """An adapter's own .hydra/overrides.yaml: the run's overrides, with the model set to that adapter alone on the
+    LoRA route — what it ran as, and what `python -m emq judge|rerun` and the sweep report compose and label."""
+    import re
+
+    saved = run_dir / HYDRA_OVERRIDES
+    old = list(yaml.safe_load(saved.read_text()) or []) if saved.is_file() else []
+    mine = ("model.name", "model.adapter", "model.adapters", "memory.route")
+    kept = [o for o in old if not any(o.lstrip("+~").startswith(k + "=") or o.lstrip("+~").startswith(k + ".")
+                                      for k in mine)]
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
+    quoted = path if re.fullmatch(r"[\w./:+-]+", path) else "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return kept + [f"model.name={name}", f"model.adapter={quoted}", "model.adapters=null", "memory.route=lora"]
+
+
+def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
+    """model.adapters: every adapter of the one base served by one vLLM engine (multi-LoRA), each with its own
+    record in run_dir/adapters/<name>/ (a run dir the sweep report reads as one variant).
+
+    The same stages as `run`, in the same order: detect (each adapter), plan (one engine: `plan_adapters`; an
+    impossible one fails here), quantize (the shared base, for w4a16), reference (each adapter's trained function),
+    load (one engine), generate (every adapter's requests interleaved in each batch: `evaluate_many`), fidelity (each
+    adapter vs its own trained function), judge (one judge for all adapters, or deferred to the sweep's). The
+    adapters' status.json split the shared stages' seconds evenly between them (`shared_stages` says so).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
+    named = cfg.model.adapter_map()
+    dirs = {n: run_dir / ADAPTERS_DIR / n for n in named}
+    cfgs = {n: replace(cfg, model=replace(cfg.model, name=n, adapter=a, adapters=None)) for n, a in named.items()}
+    own: dict[str, dict[str, float]] = {n: {} for n in named}  # each adapter's own stages (the rest are shared)
+    engine: Engine | None = None
+    quantized = None
+    metrics: dict[str, dict] = {}
+    t0, status.started_unix = time.perf_counter(), round(time.time(), 2)
+
+    def timed(name: str, stage: str, since: float) -> None:
+        own[name][stage] = round(own[name].get(stage, 0.0) + time.perf_counter() - since, 2)
+
+    with PeakMemory() as mem:
+        try:
+            write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
+            write_json(run_dir / RUN_CONFIG, cfg)
+            write_json(run_dir / ADAPTERS, {"names": list(named), "adapters": named, "dir": ADAPTERS_DIR})
+            for n, d in dirs.items():
+                (d / ".hydra").mkdir(parents=True, exist_ok=True)
+                write_text_atomic(d / HYDRA_OVERRIDES, yaml.safe_dump(_adapter_overrides(run_dir, n, named[n])))
+                write_json(d / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed,
+                                          "one_engine_with": list(named)})
+                write_json(d / RUN_CONFIG, cfgs[n])
+
+            with status.enter("detect", progress, mem):
+                if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
+                    ensure_demo(cfg.paths.data_dir)
+                    mem.reset()
+                dets = {}
+                for n in named:
+                    s0 = time.perf_counter()
+                    dets[n] = detect(cfgs[n].model)
+                    write_json(dirs[n] / DETECT, dets[n])
+                    timed(n, "detect", s0)
+
+            with status.enter("plan", progress, mem):
+                prompts = build_prompts(cfg.eval)
+                judge.check_prompts(prompts)
+                machine = snapshot(cfg.paths.cache_dir)
+                plan = plan_adapters(dets, cfg.memory, cfg.quant, machine,
+                                     compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
+                                     budget=TokenBudget.of(prompts, cfg.eval.max_tokens))
+                if plan.route.needs_engine:
+                    check_engine_extra(plan.engine.extra)
+                if plan.quantize and plan.quantize.calibration:
+                    load_chats(plan.quantize.calibration["corpus"])
+                judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
+                                              memory_utilization=plan.engine.memory_utilization,
+                                              demo_built=demo_built(cfg.paths.data_dir))
+                record = {"plan": plan, "judge": judge_plan, "machine": machine,
+                          "questions": questions_record(cfg.eval, cfg.judge)}
+                for d in [run_dir, *dirs.values()]:
+                    write_json(d / PLAN, record)
+                first = next(iter(dets.values()))
+                outlook = judge.validation_outlook(cfg.judge, judge_plan, cfg.paths.data_dir)
+                log.info("plan:\n%s", plan_table(first, plan, judge_plan, outlook))
+                status.route = plan.route.value
+                if plan.route is Route.stop:
+                    raise PlanStop(f"plan stopped: {plan.stop_reason}", "see plan.json for the estimates and reasons")
+            if cfg.stage is Stage.plan:
+                status.status = "ok"
+                return status
+
+            with status.enter("quantize", progress, mem):  # w4a16: the shared base, once
+                for n, det in dets.items():
+                    if weights_missing(det, plan.route, fidelity=cfg.eval.fidelity.enabled):
+                        dets[n] = detect(cfgs[n].model, fetch_weights=True)
+                        write_json(dirs[n] / DETECT, dets[n])
+                first = next(iter(dets.values()))
+                quantized = quantize_for_plan(first, plan.quantize, None, cfg.paths.cache_dir,
+                                              force_recreate=cfg.memory.force_recreate)
+                model_path = quantized.path if quantized else first.base.ref
+                for n, det in dets.items():
+                    if quantized is not None:
+                        write_json(dirs[n] / QUANTIZE, quantized)
+                    write_json(dirs[n] / INPUTS, inputs_record(det, quantized))
+
+            with status.enter("reference", progress, mem):  # each adapter's trained function, cached
+                fids = {}
+                for n, det in dets.items():
+                    s0 = time.perf_counter()
+                    fids[n] = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
+                    timed(n, "reference", s0)
+                mem.reset()
+
+            with status.enter("load", progress, mem):
+                engine = load(model_path, plan.engine, lora_path=None, seed=cfg.seed,
+                              max_logprobs=cfg.eval.fidelity.top_k,
+                              loras={n: det.adapter.path for n, det in dets.items()})
+                for d in [run_dir, *dirs.values()]:
+                    write_json(d / LOAD, engine.record)
+
+            with status.enter("generate", progress, mem):
+                targets = [Target(dirs[n], engine.lora_requests[n], n, Progress(dirs[n])) for n in named]
+                results = dict(zip(named, evaluate_many(engine, cfg.eval, targets)))
+
+            with status.enter("fidelity", progress, mem):
+                fid_out = {}
+                for n in named:
+                    s0 = time.perf_counter()
+                    fid_out[n] = (fidelity.score_run(engine.for_adapter(n), fids[n], cfg.eval.fidelity, dirs[n])
+                                  if fids[n] else None)
+                    timed(n, "fidelity", s0)
+                loaded = engine.record
+                engine.shutdown()
+                engine = None
+                for n in named:
+                    metrics[n] = run_metrics(model=n, route=plan.route.value, plan=plan, result=results[n],
+                                             loaded=loaded, merged=None, quantized=quantized,
+                                             footprint=mem.footprint(), fidelity=fid_out[n])
+                    metrics[n]["one_engine"] = {"adapters": list(named), "generation_seconds_shared": True}
+                    write_json(dirs[n] / METRICS, metrics[n])
+                mem.reset()
+
+            with status.enter("judge", progress, mem):
+                metrics = _judge_adapters(cfg, judge_plan, prompts, dirs, metrics, run_dir, own)
+            starts = [(m.get("judge") or {}).get("start_seconds") for m in metrics.values()]
+            status.split("judge", "judge start", next((x for x in starts if x), None))
+            status.status = "ok"
+        except EmqError as e:
+            status.error = str(e)
+            log.error("emq stopped at %s: %s", status.stage, e)
+        except BaseException as e:
+            status.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if engine is not None:
+                engine.shutdown()
+            if quantized is not None and cfg.memory.cleanup_after_eval:
+                shutil.rmtree(quantized.path, ignore_errors=True)
+            progress.update(force=True, stage=status.stage, status=status.status)
+            status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
+            status.peak_rss_gib = round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
+            write_json(run_dir / STATUS, status)
+            for n, d in dirs.items():
+                if d.is_dir():
+                    write_json(d / STATUS, _adapter_status(status, own[n], len(named), d))
+                    Progress(d).update(force=True, stage=status.stage, status=status.status)
+            for n, m in metrics.items():
+                log.info("\n%s", run_summary(_adapter_status(status, own[n], len(named), dirs[n]), m))
+    if status.status == "ok" and cfg.stage is Stage.all and not (
+            cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value):
+        _report(run_dir)  # in a sweep the sweep's report (after its one judge) covers these adapters
+    return status
+
+
+def _report(run_dir: Path) -> None:
+    """The adapters compared as a sweep's variants: summary.md / report.html in the run dir."""
+    from emq.report.sweep import build
+
+    try:
+        log.info("report: %s\n%s", build([run_dir]), (run_dir / "summary.md").read_text())
+    except Exception as e:  # noqa: BLE001 - the adapters' own records stay; the report can be rebuilt
+        log.error("emq report: could not build the adapters' report: %s (rebuild: python -m emq report %s)", e,
+                  run_dir)
+
+
+def _judge_adapters(cfg: RunConfig, judge_plan, prompts: list[dict], dirs: dict[str, Path],
+                    metrics: dict[str, dict], run_dir: Path, own: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Every adapter's answers through one judge: deferred to the sweep's (judge.scope=sweep), or one server started
+    here for all of them (identical answers judged once across adapters)."""
+    from contextlib import nullcontext
+
+    if cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value:
+        return {n: judge.defer_to_sweep(dirs[n], judge_plan, m) for n, m in metrics.items()}
+    t0 = time.perf_counter()
+    opened = (judge.endpoint(cfg.judge, judge_plan, run_dir / JUDGE_SERVER_LOG)
+              if judge_plan.kind != JudgeKind.none.value else nullcontext(None))
+    out, done = {}, []
+    with opened as at:
+        started = round(time.perf_counter() - t0, 2) if at is not None else None
+        for n, m in metrics.items():
+            s0 = time.perf_counter()
+            borrowed = judge.borrow_scores(dirs[n], prompts, judge_plan, done) if at is not None else 0
+            out[n] = judge.judge_and_summarize(dirs[n], prompts, cfg.judge, cfg.eval, judge_plan, m,
+                                               data_dir=cfg.paths.data_dir, at=at)
+            if at is not None:
+                out[n]["judge"].update(start_seconds=started, one_engine={"adapters": list(dirs),
+                                                                          "borrowed_from_other_adapters": borrowed})
+                write_json(dirs[n] / METRICS, out[n])
+            done.append(dirs[n])
+            own[n]["judge"] = round(time.perf_counter() - s0, 2)
+    return out
+
+
+def _adapter_status(status: RunStatus, own: dict[str, float], adapters: int, run_dir: Path) -> RunStatus:
+    """An adapter's status.json: the run's outcome, its own stages' seconds, and the shared stages' (plan, quantize,
+    load, generate, judge start) split evenly between the adapters, so a report's sum over variants is the run's."""
+    seconds = {}
+    for stage, total in status.stage_seconds.items():
+        seconds[stage] = own[stage] if stage in own else round(total / adapters, 2)
+    return replace(status, stage_seconds=seconds, run_dir=str(run_dir), seconds=round(status.seconds / adapters, 2),
+                   stage_peak_rss_gib=dict(status.stage_peak_rss_gib),
+                   shared_stages={"adapters": adapters, "split": "evenly",
+                                  "stages": [s for s in seconds if s not in own]})

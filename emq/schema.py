@@ -99,6 +99,19 @@ class ModelConfig:
     training_config: str | None = None  # explicit training config of this adapter
     trained_in_4bit: bool | None = None  # null → detect; true/false overrides detection
     demo: bool = False  # base/adapter live in the embedded demo: build it if missing
+    # Many adapters of this one base, served by one vLLM engine (multi-LoRA), each with its own record under
+    # <run dir>/adapters/<name>/: a list of adapter paths/hub ids (named by their last path part) or a mapping
+    # name → adapter. Set model.adapter=null with it. LoRA route only (emq.plan.plan_adapters says why).
+    adapters: Any = None
+
+    def adapter_map(self) -> dict[str, str]:
+        """model.adapters as name → adapter ({} when unset); a list is named by each entry's last path part."""
+        a = self.adapters
+        if not a:
+            return {}
+        if isinstance(a, dict):
+            return {str(k): str(v) for k, v in a.items()}
+        return {str(v).rstrip("/").rsplit("/", 1)[-1]: str(v) for v in a}
 
 
 @dataclass
@@ -330,6 +343,28 @@ def _range_problem(cfg: Any, key: str, low: float, high: float, low_open: bool, 
             f"{key}={example:g}")
 
 
+def _adapters_problems(model: ModelConfig) -> list[tuple[str, str]]:
+    """model.adapters: a non-empty list or mapping of adapters with distinct names, and no model.adapter beside it."""
+    a = model.adapters
+    if a is None:
+        return []
+    if not isinstance(a, (list, dict)) or not a:
+        return [(f"model.adapters={a!r} is not a non-empty list or mapping of adapters",
+                 "model.adapters=[PATH1,PATH2] or model.adapters={name1:PATH1,name2:PATH2}, or model.adapters=null")]
+    problems = []
+    if isinstance(a, list) and len(model.adapter_map()) < len(a):
+        problems.append((f"model.adapters: two adapters share a name (the last part of their path): {a}",
+                         "name them: model.adapters={name1:PATH1,name2:PATH2}"))
+    bad = [n for n in model.adapter_map() if not n or "/" in n or n.startswith(".")]
+    if bad:
+        problems.append((f"model.adapters: names {bad} cannot be directory names", "use plain names"))
+    if model.adapter is not None:
+        problems.append((f"model.adapters and model.adapter={model.adapter} are both set (a run serves one adapter, "
+                         "or several of one base in one engine)",
+                         "model.adapter=null next to model.adapters (or drop model.adapters for one adapter)"))
+    return problems
+
+
 def check_values(cfg: RunConfig) -> None:
     """Reject values no run can use, naming the key, the allowed range and an example (called when the config
     is composed).
@@ -354,6 +389,12 @@ def check_values(cfg: RunConfig) -> None:
     if e.fidelity.reference_device not in ("auto", "cuda", "cpu"):
         problems.append((f"eval.fidelity.reference_device={e.fidelity.reference_device!r} is not auto, cuda or cpu",
                          "eval.fidelity.reference_device=auto"))
+    problems += _adapters_problems(cfg.model)
+    if cfg.model.adapters and cfg.memory.route is RoutePolicy.merge:
+        problems.append(("model.adapters serves every adapter as a LoRA in one engine, but memory.route=merge makes "
+                         "a merged checkpoint per adapter, and each merged checkpoint needs its own engine",
+                         "memory.route=lora (or auto) for one engine, or drop model.adapters and sweep one engine "
+                         "per merged adapter: python -m emq -m model=A,B,C memory.route=merge"))
     if j.kind is not JudgeKind.none and not j.model:
         problems.append((f"judge.model is not set (judge={j.kind.value} needs a model to ask)",
                          "judge.model=<model name or path>, or judge=none"))

@@ -49,6 +49,7 @@ from emq.records import (
     RUN_CONFIG,
     STATUS,
     SampleKey,
+    adapter_dirs,
     read_json,
     read_jsonl,
     write_text_atomic,
@@ -96,19 +97,20 @@ class Run:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run dirs in `paths`: a path with .hydra/ is a run; otherwise its subdirs that are runs."""
+    """Run dirs in `paths`: a path with .hydra/ is a run; otherwise its subdirs that are runs. A model.adapters run
+    stands for its adapters' run dirs (adapters/<name>/, each one variant)."""
     out: list[Path] = []
     for p in paths:
         p = Path(p)
         if (p / ".hydra").is_dir():
-            out.append(p)
+            out += adapter_dirs(p) or [p]
             continue
         subs = [d for d in p.iterdir() if d.is_dir() and (d / ".hydra").is_dir()] if p.is_dir() else []
 
         def order(d: Path) -> tuple:
             head = d.name.split("_", 1)[0]
             return (int(head), d.name) if head.isdigit() else (1 << 30, d.name)
-        out += sorted(subs, key=order)
+        out += [a for d in sorted(subs, key=order) for a in (adapter_dirs(d) or [d])]
     return out
 
 
@@ -136,6 +138,8 @@ def label_runs(runs: list[Run]) -> None:
             k, _, v = o.lstrip("+~").partition("=")
             keys[k].add(v)
     varying = [k for k, vs in keys.items() if len(vs) > 1 or any(r.value(k) is None for r in runs)]
+    if "model.name" in varying and "model.adapter" in varying:  # model.adapters' runs: the name says which adapter
+        varying.remove("model.adapter")
     for r in runs:
         ran = (r.plan.get("quant_substitution") or "").split("→")[-1].strip()  # "bnb → int8": say what ran
         parts = [f"{k}={r.value(k)}" + (f" (→{ran})" if k == "quant" and ran and ran != r.value(k) else "")
