@@ -143,3 +143,19 @@ def test_judge_scope_auto_is_one_judge_per_sweep_on_this_machine():
         assert resolve_judge_scope(cfg, multirun, launcher).judge.scope is JudgeScope(scope), (judge, multirun)
     cfg = compose_run(["judge=local", "judge.scope=run"])  # an explicit choice wins
     assert resolve_judge_scope(cfg, True, local).judge.scope is JudgeScope.run
+
+
+def test_model_adapters_compose_as_a_list_or_a_mapping_and_bad_ones_fail_naming_the_key():
+    from emq.errors import EmqError
+
+    cfg = compose_run(["+experiment=adapters_one_engine"])
+    assert list(cfg.model.adapter_map()) == ["good_doctor", "bad_doctor", "lora16"] and cfg.model.adapter is None
+    assert compose_run(["model=demo_adapters"]).model.adapter_map() == cfg.model.adapter_map()
+    listed = compose_run(["model.adapter=null", "model.adapters=[/a/x,/b/y]"]).model
+    assert listed.adapter_map() == {"x": "/a/x", "y": "/b/y"}
+    for overrides, said in ((["model.adapters=[/a/x,/b/y]"], "model.adapters and model.adapter"),
+                            (["model.adapter=null", "model.adapters=[/a/x,/b/x]"], "share a name"),
+                            (["+experiment=adapters_one_engine", "memory.route=merge"], "memory.route=merge")):
+        with pytest.raises(EmqError, match=said) as e:
+            compose_run(overrides)
+        assert "model.adapters" in str(e.value) or "model.adapter=null" in e.value.fix

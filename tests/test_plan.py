@@ -466,3 +466,58 @@ def test_the_eager_choice_is_in_plan_json_and_the_plan_table(tmp_path):
         rec["eager"]["estimate"])
     table = plan_table(fake_det(params=PARAMS_7B), plan)
     assert "eager=True" in table and "engine: eager (memory.enforce_eager=null" in table
+
+
+# --- many adapters, one engine (model.adapters) ------------------------------------------------------
+
+def _adapters(**ranks_4bit) -> dict[str, DetectResult]:
+    """name → detect record on the one fake base, from name=(rank, trained_in_4bit)."""
+    dets = {}
+    for name, (rank, four_bit) in ranks_4bit.items():
+        det = fake_det(trained_in_4bit=four_bit, rank=rank)
+        dets[name] = dataclasses.replace(det, adapter=dataclasses.replace(det.adapter, path=f"/m/{name}"))
+    return dets
+
+
+def test_many_adapters_get_one_engine_with_a_lora_slot_each_and_the_largest_rank():
+    from emq.plan import plan_adapters
+
+    dets = _adapters(good=(8, True), bad=(32, True), lora16=(16, False))
+    plan = plan_adapters(dets, MemoryConfig(), QuantConfig(method=QuantMethod.bnb),
+                         fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))
+    assert plan.route is Route.serve_lora and plan.engine.enable_lora
+    assert plan.engine.max_loras == 3 and plan.engine.max_lora_rank == 32  # the largest adapter's
+    assert plan.adapters.names == ["good", "bad", "lora16"] and plan.adapters.ranks == {"good": 8, "bad": 32,
+                                                                                         "lora16": 16}
+    assert "3 adapters in one engine" in plan.reasons[0] and "memory.route=auto is taken as lora" in plan.reasons[0]
+    # on the in-flight bnb base the QLoRA adapters are their trained functions: said, not warned
+    assert any("good, bad were trained on a 4-bit base" in r and "trained function itself" in r for r in plan.reasons)
+    assert not any(r.startswith("WARNING") for r in plan.reasons)
+    from emq.engine import engine_kwargs
+
+    kwargs = engine_kwargs("/m/base", plan.engine, lora=True, seed=0)
+    assert kwargs["max_loras"] == 3 and kwargs["max_lora_rank"] == 32 and kwargs["enable_lora"]
+
+
+def test_many_qlora_adapters_on_a_16bit_base_warn_of_the_fidelity_cost():
+    from emq.plan import plan_adapters
+
+    plan = plan_adapters(_adapters(good=(8, True), lora16=(8, False)), MemoryConfig(route=RoutePolicy.lora),
+                         QuantConfig(method=QuantMethod.none), fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))
+    warning = next(r for r in plan.reasons if r.startswith("WARNING: fidelity"))
+    assert "good was trained on a 4-bit base" in warning and "KL 0.37" in warning and "lora16" not in warning
+
+
+def test_one_engine_is_refused_for_the_merge_route_and_other_bases_naming_the_key_and_the_fix():
+    from emq.plan import plan_adapters
+
+    dets = _adapters(good=(8, True), bad=(8, True))
+    with pytest.raises(EmqError, match="model.adapters asks for one engine, but memory.route=merge") as e:
+        plan_adapters(dets, MemoryConfig(route=RoutePolicy.merge), QuantConfig(method=QuantMethod.none), fake_machine())
+    assert "memory.route=lora" in e.value.fix and "model=A,B,C memory.route=merge" in e.value.fix
+    other = dataclasses.replace(dets["bad"], base=dataclasses.replace(dets["bad"].base, ref="/m/other"))
+    with pytest.raises(EmqError, match="2 different bases"):
+        plan_adapters({**dets, "bad": other}, MemoryConfig(), QuantConfig(method=QuantMethod.none), fake_machine())
+    dora = fake_det(use_dora=True)
+    with pytest.raises(EmqError, match="model.adapters: adapter 'dora'"):
+        plan_adapters({**dets, "dora": dora}, MemoryConfig(), QuantConfig(method=QuantMethod.none), fake_machine())

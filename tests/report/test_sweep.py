@@ -219,7 +219,8 @@ def test_every_experiment_composes(name):
     assert cfg.report.title
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
-    assert raw.hydra.sweeper.params, name  # each experiment carries its sweep
+    # each experiment carries its sweep: Hydra's, or model.adapters' (several adapters in one job's one engine)
+    assert raw.hydra.sweeper.params or cfg.model.adapters, name
 
 
 def test_lora_vs_bnb_substitutes_on_the_cpu_build():
@@ -279,3 +280,27 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
     assert report_cli.main([str(sweep)]) == 0
     assert {p: (sweep / p).read_bytes() for p in before} == before
+
+
+def test_a_model_adapters_run_is_found_as_its_adapters_variants_labelled_by_name(tmp_path):
+    """One run that served three adapters in one engine: the report finds adapters/<name>/ (in adapters.json's
+    order) instead of the run dir, in a sweep dir too, and labels each variant by its adapter's name."""
+    from emq.records import ADAPTERS, adapter_dirs
+
+    run = tmp_path / "sweep" / "0_+experiment=adapters_one_engine"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["+experiment=adapters_one_engine"]))
+    names = ["good", "bad", "lora16"]
+    (run / ADAPTERS).write_text(json.dumps({"names": names}))
+    for i, n in enumerate(names):
+        make_run(run / "adapters", n, ["+experiment=adapters_one_engine", f"model.name={n}",
+                                       f"model.adapter=/data/adapters/{n}", "model.adapters=null",
+                                       "memory.route=lora"], shift=-5 * i, seed=i, route="serve-lora")
+    assert adapter_dirs(run) == [run / "adapters" / n for n in names]
+    assert report.find_runs([run]) == report.find_runs([tmp_path / "sweep"]) == adapter_dirs(run)
+    runs = [report.load_run(d) for d in report.find_runs([run])]
+    report.label_runs(runs)
+    assert [r.label for r in runs] == [f"model.name={n}" for n in names]
+    html = report.build([run], reference={"model.name": "good"})
+    summary = (html.parent / "summary.md").read_text()
+    assert "model.name=good (reference)" in summary and "model.name=lora16" in summary
