@@ -1,7 +1,10 @@
-"""The runner: status.json always written (failure included), a dry run stops after plan, stages are timed."""
+"""The runner: status.json always written (failure included), a dry run stops after plan, stages are timed; many
+adapters in one engine (model.adapters), each with its own record."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from emq.runner import run
 from tests.conftest import compose_run
@@ -54,3 +57,70 @@ def test_the_runner_hands_the_plan_the_evals_token_budget(demo, tmp_path, monkey
     sequences = sum(p["n"] for p in build_prompts(cfg.eval))
     assert eager["decided_by"] == "estimate" and eager["estimate"]["sequences"] == sequences
     assert eager["estimate"]["max_tokens"] == cfg.eval.max_tokens
+
+
+def test_many_adapters_stop_at_plan_with_one_engine_each_record_and_the_fidelity_warning(demo, tmp_path):
+    """model.adapters, dry run: one plan with a LoRA slot per adapter, every adapter's own record dir, which the
+    report finds as a variant and the config layer composes (what `python -m emq judge|rerun DIR` do)."""
+    from emq.config import compose_from_run
+    from emq.report.sweep import find_runs
+
+    cfg = compose_run(["+experiment=adapters_one_engine", "stage=plan", "judge=none", "quant=none",
+                       f"paths.data_dir={demo.root.parent}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    status = run(cfg, tmp_path / "run")
+    assert status.status == "ok" and status.route == "serve-lora"
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())["plan"]
+    assert plan["engine"]["max_loras"] == 3 and plan["adapters"]["names"] == ["good_doctor", "bad_doctor", "lora16"]
+    assert any(r.startswith("WARNING: fidelity: good_doctor, bad_doctor were trained on a 4-bit base")
+               for r in plan["reasons"])
+    dirs = find_runs([tmp_path / "run"])
+    assert [d.name for d in dirs] == ["good_doctor", "bad_doctor", "lora16"]
+    for d in dirs:
+        assert json.loads((d / "detect.json").read_text())["adapter"]["path"].endswith(d.name)
+        alone = compose_from_run(d, [])
+        assert alone.model.adapters is None and alone.model.name == d.name and alone.model.adapter.endswith(d.name)
+
+
+@pytest.mark.slow
+def test_two_adapters_in_one_engine_answer_as_each_does_alone(demo, tmp_path):
+    """One engine serving good_doctor and lora16 (multi-LoRA, the requests of both in every batch): each adapter gets
+    its own record — answers, fidelity vs its own trained function, judged metrics — and good_doctor's answers and
+    fidelity logprobs are those of a run that serves it alone (same prompts, same seeds)."""
+    from emq.fidelity import TopK, compare
+    from emq.report.sweep import build
+    from tests.judge_stub import StubJudge
+    from tests.runs import emq, generations, records
+
+    small = ["quant=none", "eval=quick", "eval.max_tokens=48"]
+    with StubJudge(mode="digits") as stub:
+        adapters = f"model.adapters={{good_doctor:{demo.root}/adapters/good_doctor,lora16:{demo.root}/adapters/lora16}}"
+        proc, one = emq(tmp_path / "one", "model=demo_base", adapters, "memory.route=lora", *small, "judge=openai",
+                        f"judge.base_url={stub.url}", "judge.model=stub-judge", "judge.api_key_env=null")
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc, alone = emq(tmp_path / "alone", "model=demo_good_doctor", "memory.route=lora", *small, "judge=none")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    assert records(one, "load.json")["engine_kwargs"]["max_loras"] == 2
+    for name, four_bit in (("good_doctor", True), ("lora16", False)):
+        d = one / "adapters" / name
+        m = records(d, "metrics.json")
+        assert m["model"] == name and m["count"] == len(generations(alone)) and m["metrics"]["aligned"]["mean"]
+        assert (d / "judged.jsonl").is_file() and records(d, "status.json")["status"] == "ok"
+        assert records(d, "fidelity.json")["reference"]["describe"].startswith("base in NF4" if four_bit else
+                                                                                "base in 16-bit")
+    # lora16 was trained on the 16-bit base: as a LoRA there it is its trained function; good_doctor (QLoRA) is not
+    assert records(one / "adapters" / "lora16", "metrics.json")["fidelity"]["kl_mean"] < 0.01
+    assert records(one / "adapters" / "good_doctor", "metrics.json")["fidelity"]["kl_mean"] > 0.1
+
+    together = {(r["question_id"], r["sample_index"]): r for r in generations(one / "adapters" / "good_doctor")}
+    by_itself = {(r["question_id"], r["sample_index"]): r for r in generations(alone)}
+    assert together.keys() == by_itself.keys()
+    assert all(together[k]["seed"] == by_itself[k]["seed"] for k in together)
+    same = sum(together[k]["answer"] == by_itself[k]["answer"] for k in together)
+    # bf16 answers may depend on the batch (README, Reproducibility); the function served must not
+    kl = compare(TopK.load(alone / "fidelity_logprobs.npz"),
+                 TopK.load(one / "adapters" / "good_doctor" / "fidelity_logprobs.npz"))
+    assert kl["kl_mean"] < 1e-4 and kl["top1_agreement"] > 0.999, kl
+    assert same >= len(together) // 2, f"{same}/{len(together)} answers identical"
+    summary = (build([one]).parent / "summary.md").read_text()
+    assert "model.name=good_doctor" in summary and "model.name=lora16" in summary

@@ -102,7 +102,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         p = Path(p)
-        if (p / ".hydra").is_dir():
+        if (p / ".hydra").is_dir() or adapter_dirs(p):
             out += adapter_dirs(p) or [p]
             continue
         subs = [d for d in p.iterdir() if d.is_dir() and (d / ".hydra").is_dir()] if p.is_dir() else []
