@@ -41,6 +41,11 @@ def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, 
             says = {True: "4-bit", False: "not 4-bit", None: "ignored"}[e.says]
             t.add_row("  evidence", f"[w={e.weight}] {e.source} :: {e.key}={e.value!r} → {says}"
                       f"{' (' + e.note + ')' if e.note else ''}")
+    if plan.adapters:  # model.adapters: the rows above are the first adapter's
+        a = plan.adapters
+        t.add_row("adapters", f"{len(a.names)} in one engine: " + ", ".join(
+            f"{n} (r={a.ranks[n]}, trained in 4-bit: {({True: 'yes', False: 'no', None: 'unknown'})[a.trained_in_4bit[n]]})"
+            for n in a.names) + f"; max_loras {a.max_loras}")
     t.add_row("route", plan.route.value + (f"  (STOP: {plan.stop_reason})" if plan.stop_reason else ""))
     if plan.merge_devices:
         t.add_row("merge", f"{plan.merge_method} on {' → '.join(plan.merge_devices)}; if every attempt fails: "

@@ -34,3 +34,18 @@ def test_summary_of_a_failed_run_names_the_error_and_nothing_judged():
 def test_long_values_fold_instead_of_vanishing():
     text = summary_table([("error", "x" * 300)], "t")
     assert text.count("x") == 300
+
+
+def test_the_plan_table_lists_every_adapter_of_a_one_engine_plan():
+    import dataclasses
+
+    from emq.plan import plan_adapters
+    from emq.report.tables import plan_table
+    from emq.schema import MemoryConfig, QuantConfig, QuantMethod
+    from tests.plans import fake_det, fake_machine
+
+    det = fake_det()
+    plan = plan_adapters({"good": det, "lora16": dataclasses.replace(det, trained_in_4bit=False)}, MemoryConfig(),
+                         QuantConfig(method=QuantMethod.none), fake_machine())
+    text = plan_table(det, plan)
+    assert "2 in one engine: good (r=32, trained in 4-bit: yes), lora16 (r=32, trained in 4-bit: no)" in text
