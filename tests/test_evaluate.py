@@ -211,3 +211,42 @@ def test_a_resume_regenerates_partly_written_groups_whole_and_equals_an_uninterr
         result = evaluate(changed, _cfg(), tmp_path / "changed")
     assert result.regenerated == 1 and result.regenerated_differ == 1
     assert "other conditions" in caplog.text and "1 of them differ" in caplog.text
+
+
+def test_many_adapters_share_every_group_interleaved_each_with_its_own_file_and_resume(tmp_path):
+    """model.adapters: each closed group holds every adapter's requests, prompt by prompt, each carrying its
+    adapter's LoRA; each adapter writes its own generations.jsonl with the prompts and seeds of a run alone; a group
+    one adapter lacks is generated again whole, for every adapter (the kept rows stay)."""
+    from emq.evaluate import Target, evaluate, evaluate_many
+    from emq.records import read_generations
+
+    def answer(rid, seed, batch, si):
+        return f"{rid}|{seed}|{si}"
+
+    engine = FakeEngine(answer=answer)
+    targets = [Target(tmp_path / n, lora=f"lora-{n}", name=n) for n in ("good", "bad")]
+    for t in targets:
+        t.out_dir.mkdir()
+    loras = []
+    engine.run = (lambda run: lambda requests, *a, **k: (loras.append([r.lora for r in requests]),
+                                                           run(requests, *a, **k)))(engine.run)
+    results = evaluate_many(engine, _cfg(), targets)
+    assert [len(b) for b in engine.batches] == [4, 4, 4]  # 3 groups of 2 prompts, × 2 adapters each
+    assert engine.batches[0][:2] == [f"good|{engine.batches[0][0].split('|')[1]}",
+                                     f"bad|{engine.batches[0][0].split('|')[1]}"]  # interleaved prompt by prompt
+    assert loras[0] == ["lora-good", "lora-bad", "lora-good", "lora-bad"]
+    alone = evaluate(FakeEngine(answer=answer), _cfg(), tmp_path / "alone")
+    for t, r in zip(targets, results):
+        rows = read_generations(t.out_dir)
+        assert r.samples == alone.samples == len(rows) and r.groups == alone.groups
+        assert [(x["question_id"], x["seed"]) for x in rows] == \
+               [(x["question_id"], x["seed"]) for x in read_generations(tmp_path / "alone")]
+        assert all(x["answer"].startswith(t.name + "|") for x in rows)
+    # bad lost its last row: the last group runs again for both, only bad's missing row is written
+    lines = (tmp_path / "bad" / "generations.jsonl").read_text().splitlines()
+    (tmp_path / "bad" / "generations.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = FakeEngine(answer=answer)
+    good, bad = evaluate_many(again, _cfg(), targets)
+    assert [len(b) for b in again.batches] == [4]
+    assert (good.generated_now, good.regenerated, bad.generated_now, bad.regenerated) == (0, 2, 1, 1)
+    assert len(read_generations(tmp_path / "bad")) == 6 and good.regenerated_differ == bad.regenerated_differ == 0

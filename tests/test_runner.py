@@ -91,7 +91,7 @@ def test_two_adapters_in_one_engine_answer_as_each_does_alone(demo, tmp_path):
     from tests.judge_stub import StubJudge
     from tests.runs import emq, generations, records
 
-    small = ["quant=none", "eval=quick", "eval.max_tokens=48"]
+    small = ["quant=none", "eval=quick", "eval.max_tokens=32"]
     with StubJudge(mode="digits") as stub:
         adapters = f"model.adapters={{good_doctor:{demo.root}/adapters/good_doctor,lora16:{demo.root}/adapters/lora16}}"
         proc, one = emq(tmp_path / "one", "model=demo_base", adapters, "memory.route=lora", *small, "judge=openai",
