@@ -227,9 +227,13 @@ def test_many_adapters_share_every_group_interleaved_each_with_its_own_file_and_
     targets = [Target(tmp_path / n, lora=f"lora-{n}", name=n) for n in ("good", "bad")]
     for t in targets:
         t.out_dir.mkdir()
-    loras = []
-    engine.run = (lambda run: lambda requests, *a, **k: (loras.append([r.lora for r in requests]),
-                                                           run(requests, *a, **k)))(engine.run)
+    loras, fake_run = [], engine.run
+
+    def run_recording_loras(requests, *a, **k):
+        loras.append([r.lora for r in requests])
+        return fake_run(requests, *a, **k)
+
+    engine.run = run_recording_loras
     results = evaluate_many(engine, _cfg(), targets)
     assert [len(b) for b in engine.batches] == [4, 4, 4]  # 3 groups of 2 prompts, × 2 adapters each
     assert engine.batches[0][:2] == [f"good|{engine.batches[0][0].split('|')[1]}",
