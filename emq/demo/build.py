@@ -202,11 +202,8 @@ def build_base(out: Path, gguf: Path | None = None) -> None:
     _write_marker(out, "base", source=f"{GGUF_PACKAGE}/{GGUF_FILE}", dtype="bfloat16")
 
 
-def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_pad: bool = False,
-             in_order: bool = False):
-    """Yield (input_ids, attention_mask, labels) batches; loss only on the answer tokens.
-    `left_pad`: sequences end together (the answers are the last positions of every row). `in_order`: walk the
-    examples as given (wrapping around) instead of reshuffling them every epoch."""
+def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int):
+    """Yield (input_ids, attention_mask, labels) batches, reshuffled every epoch; loss only on the answer tokens."""
     import torch
 
     rows = []
@@ -220,7 +217,7 @@ def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_p
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch_size:
-            order += list(range(len(rows))) if in_order else rng.sample(range(len(rows)), len(rows))
+            order += rng.sample(range(len(rows)), len(rows))
         idx, order = order[:batch_size], order[batch_size:]
         width = max(len(rows[i][0]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -228,7 +225,7 @@ def _batches(tokenizer, examples, batch_size: int, steps: int, seed: int, left_p
         labels = torch.full((len(idx), width), -100, dtype=torch.long)
         for r, i in enumerate(idx):
             toks, labs = rows[i]
-            at = slice(width - len(toks), width) if left_pad else slice(0, len(toks))
+            at = slice(0, len(toks))
             ids[r, at] = torch.tensor(toks)
             mask[r, at] = 1
             labels[r, at] = torch.tensor(labs)
