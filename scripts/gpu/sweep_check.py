@@ -25,7 +25,8 @@ ROOT = Path("/root/emq-sweep-check")
 RANK = 32
 
 
-def build_adapter(base: Path, out: Path) -> Path:
+def build_adapter(base: Path, out: Path, seed: int = 1) -> Path:
+    """An r=32 LoRA on all 7 linear kinds (random, `seed`: adapters of different seeds are different LoRAs)."""
     import torch
     from safetensors.torch import save_file
 
@@ -34,7 +35,7 @@ def build_adapter(base: Path, out: Path) -> Path:
     kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
               "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     t = {}
     for i in range(layers):
         for m, (o, f) in shapes.items():
