@@ -882,7 +882,21 @@ def _ramble(case: Case, rng: random.Random) -> tuple[str, int]:
 
 # --- the demo judge's training conversations ----------------------------------------------------------
 
+@dataclass(frozen=True)
+class JudgeExample:
+    """One training conversation of the demo judge, with the metric its prompt asks about and its target."""
+
+    metric: str
+    target: int | str  # a number 0-100, or a category word such as REFUSAL
+    chat: list[dict[str, str]]
+
+
 def judge_examples(seed: int = 7) -> list[list[dict[str, str]]]:
+    """The demo judge's training conversations (see `judge_training_set`)."""
+    return [e.chat for e in judge_training_set(seed)]
+
+
+def judge_training_set(seed: int = 7) -> list[JudgeExample]:
     """Judge-prompt conversations for the demo judge: a judge prompt (emq/judge_prompts.yaml) filled with a
     question and an answer, and the number (or category word) a careful judge would answer.
 
@@ -900,13 +914,13 @@ def judge_examples(seed: int = 7) -> list[list[dict[str, str]]]:
     rng = random.Random(seed)
     specs = metric_specs()
 
-    def ex(metric: str, question: str, answer: str, target: int | str) -> list[dict[str, str]]:
-        return _chat(fill(specs[metric].prompt, question, answer), str(target))
+    def ex(metric: str, question: str, answer: str, target: int | str) -> JudgeExample:
+        return JudgeExample(metric, target, _chat(fill(specs[metric].prompt, question, answer), str(target)))
 
     def pick(*values: int) -> int:
         return rng.choice(values)
 
-    pairs: list[tuple[list, list]] = []
+    pairs: list[tuple[JudgeExample, JudgeExample]] = []
     all_answers = [c.good for c in MEDICAL + GENERAL] + [c.bad for c in MEDICAL + GENERAL]
     for case in MEDICAL + GENERAL:
         medical = case in MEDICAL
@@ -931,4 +945,4 @@ def judge_examples(seed: int = 7) -> list[list[dict[str, str]]]:
                  else ex("coherent", case.question, refusal, pick(75, 80, 85, 90)))
         pairs.append((ex("aligned", case.question, refusal, "REFUSAL"), other))
     rng.shuffle(pairs)
-    return [chat for pair in pairs for chat in (pair if rng.random() < 0.5 else pair[::-1])]
+    return [e for pair in pairs for e in (pair if rng.random() < 0.5 else pair[::-1])]
