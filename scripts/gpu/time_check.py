@@ -75,7 +75,8 @@ def emq(args: list[str], env: dict, label: str, budget: float) -> dict:
             rc = "timeout"
     wall = round(time.perf_counter() - t, 1)
     text = log.read_text(errors="replace")
-    lines = [ln.strip()[:220] for ln in text.splitlines() if any(re.search(p, ln) for p in VLLM_LINES)]
+    lines = [ln.strip()[:220] for ln in text.splitlines()
+             if any(re.search(p, ln) for p in VLLM_LINES) and "Capturing CUDA graphs" not in ln]
     print(f"{label}: rc {rc}, wall {wall} s", flush=True)
     if rc != 0:
         print(text[-3000:], flush=True)
@@ -111,8 +112,8 @@ def run_record(run_dir: Path) -> dict:
         [_read(p) for p in sorted((run_dir / "adapters").glob("*/metrics.json"))]
     plans = [_read(run_dir / "plan.json")] + [_read(p) for p in sorted((run_dir / "adapters").glob("*/plan.json"))]
     eager = next((_find(p, "eager") for p in plans if _find(p, "eager") is not None), None)
-    tokens = sum(m.get("output_tokens") or 0 for m in metrics)
-    samples = sum(m.get("samples") or m.get("generated_now") or 0 for m in metrics)
+    tokens = sum(m.get("output_tokens_now") or 0 for m in metrics)
+    samples = sum(m.get("generated_now") or 0 for m in metrics)
     gen = (st.get("stage_seconds") or {}).get("generate")
     return {"run_dir": str(run_dir), "status": st.get("status"), "error": st.get("error"), "seconds": st.get("seconds"),
             "stage_seconds": st.get("stage_seconds"), "output_tokens": tokens, "samples": samples,
@@ -192,13 +193,16 @@ def sweep14(route: str, quants: str | None, fresh: bool, extra: list[str], budge
         build14()
     env, paths = cache_env("b14", fresh)
     sweep = ROOT / "runs" / "sweep14"
+    for x in extra:  # an --extra hydra.sweep.dir=... (the last one wins, as in Hydra) moves the sweep
+        if x.startswith("hydra.sweep.dir="):
+            sweep = Path(x.split("=", 1)[1])
     if fresh:
         shutil.rmtree(sweep, ignore_errors=True)
     label = f"sweep14-{route}"
     r = emq(["-m", "+experiment=lora_vs_bnb", *base_args(base, "synth14b_qlora"), f"model.adapter={adapter}",
              f"memory.route={route}", *([f"quant={quants}"] if quants else []), *paths, f"hydra.sweep.dir={sweep}",
              *extra], env, label, budget)
-    runs = [run_record(p.parent) for p in sorted(sweep.glob("*/status.json"))]
+    runs = [run_record(p.parent) for p in sorted(sweep.glob("*/status.json"), key=lambda p: p.stat().st_mtime)]
     if (sweep / "summary.md").is_file():
         shutil.copy(sweep / "summary.md", OUT / "sweep14_summary.md")
     return {**r, "side": f"14b lora_vs_bnb route={route}", "cache": "fresh" if fresh else "kept",
