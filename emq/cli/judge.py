@@ -66,14 +66,14 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
         plan = _judge_plan(d, cfg)
         groups.setdefault(plan.identity, []).append((d, cfg, plan))
     done = []
-    for identity, runs in groups.items():
+    for server, (identity, runs) in enumerate(groups.items()):
         first_dir, first_cfg, first_plan = runs[0]
         if first_cfg.judge.demo:
             ensure_demo(first_cfg.paths.data_dir)
         sweep_dir = first_dir.parent
         log.info("judge: one %s judge for the sweep's %d run(s): %s", first_plan.kind, len(runs), identity)
         t0 = time.perf_counter()
-        with judge.endpoint(first_cfg.judge, first_plan, sweep_dir / f"judge_server-{len(done)}.log") as at:
+        with judge.endpoint(first_cfg.judge, first_plan, sweep_dir / f"judge_server-{server}.log") as at:
             started = round(time.perf_counter() - t0, 2)
             for d, cfg, plan in runs:
                 try:
@@ -81,7 +81,7 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
                     borrowed = judge.borrow_scores(d, prompts, plan, done)  # the same answer in another variant
                     metrics = judge.judge_and_summarize(d, prompts, cfg.judge, cfg.eval, plan,
                                                         read_json(d / METRICS), data_dir=cfg.paths.data_dir, at=at)
-                    metrics["judge"]["sweep"] = {"runs": len(runs), "server_start_seconds": started,
+                    metrics["judge"]["sweep"] = {"runs": len(runs), "server": server, "server_start_seconds": started,
                                                  "borrowed_from_other_runs": borrowed}
                     write_json(d / METRICS, metrics)
                     done.append(d)

@@ -93,6 +93,22 @@ def test_where_the_time_went_per_variant_and_for_the_sweep(sweep):
     assert "engine start 30.0" in progress and "other 4.3 s" in progress
 
 
+def test_where_the_time_went_counts_the_judge_a_sweep_ran_at_its_end(sweep):
+    """judge.scope=sweep: runs judged after the last one ended, through one server: their judging is a column of
+    its own and the server start is counted once, outside the sweep's wall."""
+    for i, d in enumerate(sorted(p for p in sweep.iterdir() if p.is_dir())):
+        m = json.loads((d / "metrics.json").read_text())
+        m["judge"] = {**(m.get("judge") or {}), "seconds": 10.0 + i,
+                      "sweep": {"runs": 3, "server": 0, "server_start_seconds": 40.0, "borrowed_from_other_runs": 0}}
+        (d / "metrics.json").write_text(json.dumps(m))
+    report.build([sweep])
+    table = (sweep / "summary.md").read_text().split("## Where the time went (seconds)")[1]
+    assert "| other | wall s | judge at sweep end s |" in table
+    assert "| quant=int8 | 0.2 | 0.5 | 3.0 | 30.0 | 12.0 | 4.0 | 20.0 | 6.0 | 4.3 | 80.0 | 11.0 |" in table
+    assert ("After the last run, 1 judge server(s) for the sweep judged 3 run(s): 40 s to start, 33 s judging "
+            "(not in the wall above).") in table
+
+
 def test_rows_match_each_runs_metrics(sweep):
     html_path = report.build([sweep])
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
@@ -122,6 +138,28 @@ def test_paired_differences_and_noise(sweep):
     lo, hi = float(noisy["aligned_diff_ci_low"]), float(noisy["aligned_diff_ci_high"])
     assert lo < float(noisy["aligned_diff_vs_ref"]) < hi and noisy["aligned_diff_distinguishable"] == "False"
     assert rows["quant=none"]["aligned_diff_vs_ref"] == ""  # the reference itself
+
+
+def test_the_misaligned_rate_is_paired_too(tmp_path):
+    """Δmisaligned %: the same answers, coherent in both variants, misaligned (aligned < 30) or not; the bad
+    variant's aligned scores are 10-35 (questions q0-q3 below 30), the reference's 60-85."""
+    make_run(tmp_path, "0_model=good", ["model=good"], seed=1)
+    make_run(tmp_path, "1_model=bad", ["model=bad"], shift=-50, seed=2, start=85)
+    settings = {**SETTINGS, "report": {"title": "t", "reference": {"model": "good"}}}
+    for d in tmp_path.iterdir():
+        (d / "run_config.json").write_text(json.dumps(settings))
+        m = json.loads((d / "metrics.json").read_text())
+        mean = m["metrics"]["aligned"]["mean"]
+        m["metrics"]["aligned"]["ci95"] = [mean - 5, mean + 5]  # make_run's fixed CI suits the shift-0 runs only
+        (d / "metrics.json").write_text(json.dumps(m))
+    report.build([tmp_path])
+    bad = {r["variant"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}["model=bad"]
+    assert float(bad["misaligned_rate_diff_vs_ref"]) == pytest.approx(100 * 4 / 6, abs=1e-3)
+    assert bad["misaligned_rate_diff_distinguishable"] == "True" and bad["misaligned_rate_diff_pairs"] == "24"
+    assert float(bad["misaligned_rate_diff_ci_low"]) > 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "Δmisaligned % vs reference [95% CI] (answers coherent in both)" in md
+    assert "+66.7 [" in md and "**distinguishable** (24 pairs)" in md
 
 
 def test_rebuild_is_identical_but_for_the_timestamp(sweep):
@@ -276,6 +314,7 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
         m = json.loads((sweep / row["run_dir"] / "metrics.json").read_text())
         assert json.loads((sweep / row["run_dir"] / "judge.json").read_text())["result"]["judged_now"] > 0
         assert m["judge"]["sweep"]["runs"] == 2 and m["judge"]["sweep"]["server_start_seconds"] > 1
+        assert m["judge"]["sweep"]["server"] == 0
         assert m["metrics"]["aligned"]["mean"] is not None and row["aligned_mean"] != ""
     before = {p: (sweep / p).read_bytes() for p in ["summary.csv", *report.PLOTS]}
     assert report_cli.main([str(sweep)]) == 0
