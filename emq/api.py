@@ -137,7 +137,7 @@ def prepare_model_for_vllm(lora: str | None = None, *, base: str | None = None, 
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_root()
     det = detect(model)
     plan = make_plan(det, memory, QuantConfig(method=QuantMethod(quant), algorithm=QuantAlgorithm(algorithm)),
-                     snapshot(cache_root))
+                     snapshot(cache_root), cache_dir=str(cache_root))
     if plan.route is Route.stop:
         raise EmqError(f"plan stopped: {plan.stop_reason}", "see the plan's reasons (emq.plan.make_plan)")
     model_path, lora_path, merged, result = det.base.ref, None, False, None
@@ -169,7 +169,7 @@ def _w4a16_plan(model: ModelConfig, *, algorithm: str, group_size: int | None, s
                         calibration=CalibrationConfig(corpus=calibration, samples=samples, seq_len=seq_len))
     memory = MemoryConfig(route=RoutePolicy.merge if model.adapter else RoutePolicy.auto)
     det = detect(model, fetch_weights=True)
-    plan = make_plan(det, memory, quant, snapshot(cache_root))
+    plan = make_plan(det, memory, quant, snapshot(cache_root), cache_dir=str(cache_root))
     if plan.route is Route.stop:
         raise EmqError(f"plan stopped: {plan.stop_reason}", "see the plan's reasons (emq.plan.make_plan)")
     return det, plan, memory

@@ -553,11 +553,32 @@ def merge_cascade(det: DetectResult, memory: MemoryConfig, machine: Machine, est
             f"({gpu_free:.1f} free), CPU merge ~{est['merge_peak_cpu_ram']:.1f} GiB RAM "
             f"({ram:.1f} available); set memory.stop_on_failure=false to serve the LoRA, "
             "or free memory"))
-    if machine.disk_free_bytes < est["merged_disk"] * GIB:
-        return Routing(Route.stop, devices, fallback, stop_reason=(
-            f"the merged checkpoint needs ~{est['merged_disk']:.1f} GiB at paths.cache_dir, "
-            f"only {machine.disk_free_bytes / GIB:.1f} GiB free; free disk or move EMQ_CACHE"))
     return Routing(Route.merge_then_serve, devices, fallback)
+
+
+def merge_disk(det: DetectResult, memory: MemoryConfig, qplan: QuantizePlan | None, machine: Machine,
+               est: dict[str, float], cache_dir: str | None, reasons: list[str]) -> str | None:
+    """Whether what the merge writes fits the disk at the cache: the merged checkpoint, or with RTN fused into the
+    merge the W4A16 checkpoint alone (est["merged_disk"] is set to it). Returns the stop reason, or None when it
+    fits or the cache already holds it (checked by its key when `cache_dir` is given and the weights are local)."""
+    fused = qplan is not None and qplan.fused
+    if fused:
+        est["merged_disk"] = w4a16_bytes(det, qplan.group_size, qplan.symmetric) / GIB
+    what = "the W4A16 checkpoint (merged and quantized in one pass)" if fused else "the merged checkpoint"
+    need, free = est["merged_disk"], machine.disk_free_bytes / GIB
+    if free >= need:
+        return None
+    if cache_dir is not None:
+        from emq.checkpoint.merge import MergeSettings, merge_cached
+        from emq.checkpoint.quantize import rtn_settings
+
+        settings = MergeSettings(memory.merge_method, memory.merge_base, rtn=rtn_settings(qplan))
+        if merge_cached(det, settings, cache_dir):
+            reasons.append(f"disk: {what} is already in the cache, so its ~{need:.1f} GiB are not needed "
+                           f"({free:.1f} GiB free)")
+            return None
+    return (f"{what} needs ~{need:.1f} GiB at paths.cache_dir, only {free:.1f} GiB free; free disk or move "
+            "EMQ_CACHE")
 
 
 # --- w4a16 --------------------------------------------------------------------------------
@@ -921,7 +942,8 @@ def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, 
 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, *,
-              compile_cache: str | None = None, budget: TokenBudget | None = None) -> Plan:
+              compile_cache: str | None = None, budget: TokenBudget | None = None,
+              cache_dir: str | None = None) -> Plan:
     """Choose a route, quantization and engine settings, with a reason for each.
 
     Args:
@@ -932,6 +954,7 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         compile_cache: where vLLM keeps its compile cache (VLLM_CACHE_ROOT; None: vLLM's default).
         budget: what the eval generates (`TokenBudget.of(prompts, eval.max_tokens)`): with memory.enforce_eager
             null, it decides CUDA graphs or eager mode (None: graphs, vLLM's default).
+        cache_dir: the merge cache (paths.cache_dir): a merge it already holds needs no disk (None: not checked).
 
     Returns:
         The plan. A `stop` route carries `stop_reason`; the runner raises it.
@@ -949,6 +972,10 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     routing = merge_cascade(det, memory, machine, est, reasons) if route is Route.merge_then_serve else Routing(route)
     qplan = (plan_quantize(det, memory, quant, machine, routing, est, reasons)
              if qm is QuantMethod.w4a16 and routing.route is not Route.stop else None)
+    if routing.route is Route.merge_then_serve:
+        disk_stop = merge_disk(det, memory, qplan, machine, est, cache_dir, reasons)
+        if disk_stop is not None:
+            routing = replace(routing, route=Route.stop, stop_reason=disk_stop)
     eager = choose_eager(det, memory, machine, reasons, budget=budget, compile_cache=compile_cache)
     mode = engine_mode(memory, qm, machine, reasons, enforce_eager=eager.enforce_eager)
     if mode.dtype == "float32" and qm is QuantMethod.none:

@@ -139,7 +139,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 machine = snapshot(cfg.paths.cache_dir)
                 plan = make_plan(det, cfg.memory, cfg.quant, machine,
                                  compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
-                                 budget=TokenBudget.of(prompts, cfg.eval.max_tokens))  # graphs or eager
+                                 budget=TokenBudget.of(prompts, cfg.eval.max_tokens),  # graphs or eager
+                                 cache_dir=cfg.paths.cache_dir)  # a merge already cached needs no disk
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
                 if plan.quantize and plan.quantize.calibration:  # a bad calibration file fails now, before any merge

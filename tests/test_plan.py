@@ -56,6 +56,18 @@ def test_full_disk_stops():
     assert plan.route is Route.stop and "cache_dir" in plan.stop_reason
 
 
+def test_rtn_fused_into_the_merge_needs_the_w4a16_checkpoints_disk_not_bf16s():
+    """With RTN in the merge pass only the W4A16 checkpoint is written (14B: ~9 GiB, not bf16's ~27)."""
+    det = fake_det()
+    fits = plan_for(det, machine=fake_machine(disk_gib=12), quant=QuantMethod.w4a16, route=RoutePolicy.merge)
+    assert fits.route is Route.merge_then_serve and fits.quantize.fused
+    assert fits.estimates_gib["merged_disk"] == pytest.approx(fits.estimates_gib["serve_weights_w4a16"], rel=1e-3)
+    assert fits.estimates_gib["merged_disk"] < 12 < fits.estimates_gib["base_bf16"]
+    tight = plan_for(det, machine=fake_machine(disk_gib=5), quant=QuantMethod.w4a16, route=RoutePolicy.merge)
+    assert tight.route is Route.stop
+    assert tight.stop_reason.startswith("the W4A16 checkpoint (merged and quantized in one pass) needs ~")
+
+
 def test_bnb_on_cpu_vllm_fails_with_the_fix():
     with pytest.raises(EmqError) as e:
         plan_for(quant=QuantMethod.bnb)

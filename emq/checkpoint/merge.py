@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emq.checkpoint import cache
+from emq.checkpoint.costs import w4a16_bytes
 from emq.checkpoint.devices import DevicesFailed, try_devices
 from emq.checkpoint.identity import adapter_identity, base_identity
 from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip, nf4_settings
@@ -148,6 +149,19 @@ def _peft_merge(det: DetectResult, inputs: dict, device: str, out: Path) -> dict
 _KERNELS = {MergeMethod.stream: stream_merge, MergeMethod.peft: _peft_merge}
 
 
+def merge_key(inputs: dict) -> str:
+    """The merge cache's key of `merge_inputs(...)`."""
+    return cache.key_of({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
+                         "settings": inputs["settings"]})
+
+
+def merge_cached(det: DetectResult, settings: MergeSettings, cache_dir: str | Path) -> bool:
+    """Whether the merge cache already holds this merge, complete (False when the weights are not local yet)."""
+    if not Path(det.base.path).is_dir() or (det.adapter is not None and not Path(det.adapter.path).is_dir()):
+        return False
+    return cache.is_complete(Path(cache_dir) / merge_key(merge_inputs(det, settings)))
+
+
 def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, *,
                   settings: MergeSettings | None = None, force_recreate: bool = False) -> MergeResult:
     """Return a merged checkpoint for the detected base + adapter, building it if needed.
@@ -166,8 +180,7 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
     settings = settings or MergeSettings()
     t0 = time.perf_counter()
     inputs = merge_inputs(det, settings)
-    key = cache.key_of({"base": inputs["base"]["files"], "adapter": inputs["adapter"]["files"],
-                        "settings": inputs["settings"]})
+    key = merge_key(inputs)
     s = inputs["settings"]
     attempts: list[dict] = []
 
@@ -183,9 +196,13 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
                            failed=MergeFailed, fix="free memory, allow CPU merging (memory.allow_cpu_merge=true) "
                                                "or serve the LoRA (memory.stop_on_failure=false)")
 
-    width = 4 if s["out_dtype"] == "float32" else 2
-    needed = int(det.base.param_count * width * 1.05) + 64 * 1024**2 if det.base.param_count else None
     quantized = "w4a16" in s
+    if not det.base.param_count:
+        needed = None
+    elif quantized:  # RTN in the same pass: the merge writes the W4A16 checkpoint only
+        needed = int(w4a16_bytes(det, s["w4a16"]["group_size"], s["w4a16"]["symmetric"]) * 1.05) + 64 * 1024**2
+    else:
+        needed = int(det.base.param_count * (4 if s["out_dtype"] == "float32" else 2) * 1.05) + 64 * 1024**2
     built = cache.get_or_build(Path(cache_dir), key, inputs=inputs, build=build, needed_bytes=needed,
                                force=force_recreate, kind="w4a16" if quantized else "merge",
                                what="the W4A16 checkpoint" if quantized else "the merged checkpoint")

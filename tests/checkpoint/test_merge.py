@@ -152,6 +152,25 @@ def test_dequantized_base_is_what_the_qlora_adapter_saw(det, tmp_path):
         torch.testing.assert_close(out(ids).logits, ref(ids).logits, atol=2e-3, rtol=0)
 
 
+def test_a_cached_merge_needs_no_disk_at_plan(det, merged):
+    """The plan's disk check asks the cache by key first: a merge it holds is served without the disk a new one
+    needs (an H200 sweep stopped at plan for a merge-then-bnb variant whose checkpoint was already cached)."""
+    from emq.checkpoint.merge import merge_cached
+    from emq.plan import Route, make_plan
+    from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
+    from tests.plans import fake_machine
+
+    result, cache = merged
+    assert merge_cached(det, ORIGINAL, cache) and not merge_cached(det, ORIGINAL, cache / "elsewhere")
+    memory = MemoryConfig(route=RoutePolicy.merge, merge_method=MergeMethod.stream, merge_base=MergeBase.original)
+    tiny_disk = fake_machine(disk_gib=0.001)
+    stopped = make_plan(det, memory, QuantConfig(method=QuantMethod.none), tiny_disk)
+    assert stopped.route is Route.stop and "the merged checkpoint needs" in stopped.stop_reason
+    plan = make_plan(det, memory, QuantConfig(method=QuantMethod.none), tiny_disk, cache_dir=str(cache))
+    assert plan.route is Route.merge_then_serve
+    assert any(r.startswith("disk: the merged checkpoint is already in the cache") for r in plan.reasons)
+
+
 def test_not_enough_disk_publishes_nothing(det, tmp_path, monkeypatch):
     import shutil as sh
 
