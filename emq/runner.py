@@ -71,7 +71,8 @@ class RunStatus:
     merge_attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     # wall time of each stage entered, in order: detect, plan, merge, quantize, reference, load (the engine start),
-    # generate, fidelity, judge start (a local judge server), judge; what no stage covers is `seconds` minus their sum
+    # generate, fidelity, engine stop, judge start (a local judge server), judge; what no stage covers is `seconds`
+    # minus their sum
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_peak_rss_gib: dict[str, float] = field(default_factory=dict)  # each stage's own peak RSS (process tree)
     peak_rss_gib: float = 0.0
@@ -202,6 +203,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
 
             with status.enter("fidelity", progress, mem):
                 fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
+
+            with status.enter("engine stop", progress, mem):  # seconds of their own (vLLM takes 3-6 s to stop)
                 loaded = engine.record
                 engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
                 engine = None
@@ -371,6 +374,8 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
                     fid_out[n] = (fidelity.score_run(engine.for_adapter(n), fids[n], cfg.eval.fidelity, dirs[n])
                                   if fids[n] else None)
                     timed(n, "fidelity", s0)
+
+            with status.enter("engine stop", progress, mem):  # seconds of their own (vLLM takes 3-6 s to stop)
                 loaded = engine.record
                 engine.shutdown()
                 engine = None

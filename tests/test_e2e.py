@@ -64,7 +64,7 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
     assert status["status"] == "ok"
     # where every second went: each stage in order (the local judge's server start apart), the rest is small
     assert list(status["stage_seconds"]) == ["detect", "plan", "merge", "quantize", "reference", "load", "generate",
-                                             "fidelity", "judge start", "judge"], status["stage_seconds"]
+                                             "fidelity", "engine stop", "judge start", "judge"], status["stage_seconds"]
     assert status["stage_seconds"]["judge start"] > 1 and "engine start" in out and "judge start" in out
     assert 0 <= status["seconds"] - sum(status["stage_seconds"].values()) < 0.1 * status["seconds"], status
     assert records(run_dir, "detect.json")["trained_in_4bit"] is True
