@@ -63,17 +63,18 @@ GRAPHS_SEQ_TOK_S = 200.0
 # (issue 16: a 14B-shaped model generated 264 x 256 tokens in ~10 s, ~6.8k tok/s, against 7.0k scaled); a smaller
 # one is not taken to be faster (small models are launch-bound, which graphs help most).
 GRAPHS_REF_PARAMS = 6.74e9
-# Eager generation is this much slower: issue 16 section 4, "7B: graphs ~2.5x faster generation" (not yet
-# measured side by side in benchmarks/results; the same factor is used at every batch size).
-GRAPHS_SPEEDUP = 2.5
-# torch.compile on a cold compile cache: a first 7B load takes 75-109 s (lora_vs_bnb_h200.md: 80.75-105.25 s),
-# a second one, which reads vLLM's compile cache, 21-44 s (h200/serve_7b*.json raw LLM.chat rows: 28-30 s;
-# w4a16_h200.md) — midpoints 92 - 32 = 60 s. (The 135M demo compiles faster: 55.7 s first vs 25-29 s warm,
-# vllm_routes_h200.log; 60 s is the 7B figure, used for every size.)
-GRAPHS_COMPILE_S = 60.0
-# CUDA graph capture (paid warm or cold): not measured on its own — "tens of seconds" (issue 16) and part of the
-# 21-44 s warm-cache load, which also reads the weights and sizes the KV cache; 20 s is taken.
-GRAPHS_CAPTURE_S = 20.0
+# Eager generation is this much slower, by route (benchmarks/results/h200/time_to_answer_h200.md, side by side):
+# a LoRA (vLLM's punica kernels, launch-bound) 2.75x — 7B-shaped, 4 LoRAs on a W4A16 base, 11,434 vs 4,154 tok/s;
+# a merged dense checkpoint 1.12x — 14B-shaped merged bf16 at 270 sequences, 13,306 vs 11,859 tok/s.
+GRAPHS_SPEEDUP_LORA = 2.75
+GRAPHS_SPEEDUP_MERGED = 1.12
+# torch.compile on a cold compile cache: the merged 14B's engine start took 88.5 s cold vs 53.6 s from the
+# compile cache (35 s); the 7B multi-LoRA's cold start took 56.5 s longer with graphs than eager (compile +
+# capture: 44.5 s after the capture below) — 40 s is taken (time_to_answer_h200.md).
+GRAPHS_COMPILE_S = 40.0
+# CUDA graph capture, paid at every start: the merged 14B's warm-cache start with graphs took 53.6 s vs 41.6 s
+# eager (12 s; vLLM captured 2 x 51 graphs).
+GRAPHS_CAPTURE_S = 12.0
 # vLLM's default max_num_seqs (the sequences decoded at once when memory.max_num_seqs is null).
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
@@ -135,6 +136,7 @@ class GraphsEstimate:
     capture_s: float  # CUDA graph capture
     compile_cache_entries: int | None  # entries in VLLM_CACHE_ROOT/torch_compile_cache (None: no cache path given)
     graphs_save_s: float  # eager generation - (graphs generation + compile + capture); > 0: graphs win
+    speedup: float = GRAPHS_SPEEDUP_MERGED  # eager / graphs generation seconds for this route
 
 
 @dataclass(frozen=True)
@@ -668,7 +670,7 @@ def compile_cache_entries(compile_cache: str | None) -> int | None:
 
 
 def graphs_estimate(det: DetectResult, memory: MemoryConfig, budget: TokenBudget,
-                    compile_cache: str | None) -> GraphsEstimate:
+                    compile_cache: str | None, *, lora: bool = False) -> GraphsEstimate:
     """Generation seconds with CUDA graphs and eager, and what graphs cost at start, from the GRAPHS_* constants.
 
     Args:
@@ -676,6 +678,7 @@ def graphs_estimate(det: DetectResult, memory: MemoryConfig, budget: TokenBudget
         memory: the memory policy (max_num_seqs: the sequences decoded at once).
         budget: the eval's sequences × max_tokens.
         compile_cache: vLLM's compile cache (VLLM_CACHE_ROOT); entries there make torch.compile a cache read.
+        lora: the engine serves LoRAs (graphs help them far more than a merged checkpoint).
 
     Returns:
         The estimate (an upper bound on generation: every answer is taken to run to max_tokens).
@@ -687,9 +690,10 @@ def graphs_estimate(det: DetectResult, memory: MemoryConfig, budget: TokenBudget
     graphs = tokens / tok_s
     entries = compile_cache_entries(compile_cache)
     compile_s = 0.0 if entries else GRAPHS_COMPILE_S
-    save = graphs * GRAPHS_SPEEDUP - (graphs + compile_s + GRAPHS_CAPTURE_S)
+    speedup = GRAPHS_SPEEDUP_LORA if lora else GRAPHS_SPEEDUP_MERGED
+    save = graphs * speedup - (graphs + compile_s + GRAPHS_CAPTURE_S)
     return GraphsEstimate(budget.sequences, budget.max_tokens, tokens, concurrent, round(graphs, 1),
-                          round(graphs * GRAPHS_SPEEDUP, 1), compile_s, GRAPHS_CAPTURE_S, entries, round(save, 1))
+                          round(graphs * speedup, 1), compile_s, GRAPHS_CAPTURE_S, entries, round(save, 1), speedup)
 
 
 def _secs(x: float) -> str:
@@ -701,16 +705,19 @@ def _estimate_text(e: GraphsEstimate) -> str:
                 f"entr{'y' if e.compile_cache_entries == 1 else 'ies'}" if e.compile_cache_entries
                 else f"torch.compile {e.compile_s:.0f} s, cold compile cache")
     return (f"{e.sequences} x {e.max_tokens} tokens ({e.tokens:,}, {e.concurrent} sequences at once) take "
-            f"~{_secs(e.generate_graphs_s)} s with CUDA graphs, ~{_secs(e.generate_eager_s)} s eager; graphs add "
+            f"~{_secs(e.generate_graphs_s)} s with CUDA graphs, ~{_secs(e.generate_eager_s)} s eager "
+            f"({e.speedup:g}x, {'a LoRA' if e.speedup == GRAPHS_SPEEDUP_LORA else 'a merged checkpoint'}); graphs add "
             f"~{e.compile_s + e.capture_s:.0f} s at start ({compile_}; capture {e.capture_s:.0f} s)")
 
 
 def choose_eager(det: DetectResult, memory: MemoryConfig, machine: Machine, reasons: list[str], *,
-                 budget: TokenBudget | None = None, compile_cache: str | None = None) -> EagerChoice:
+                 budget: TokenBudget | None = None, compile_cache: str | None = None,
+                 lora: bool = False) -> EagerChoice:
     """CUDA graphs or eager mode: memory.enforce_eager when set, else whichever costs less for the eval's budget.
 
-    Graphs make generation ~2.5x faster but cost torch.compile (skipped when vLLM's compile cache holds entries) and
-    graph capture at every start: a small eval finishes sooner eager, a large one with graphs (`graphs_estimate`).
+    Graphs make generation faster (a LoRA ~2.75x, a merged checkpoint ~1.12x) but cost torch.compile (skipped when
+    vLLM's compile cache holds entries) and graph capture at every start: a small eval finishes sooner eager, a
+    large one with graphs (`graphs_estimate`).
 
     Args:
         det: the detect record.
@@ -719,6 +726,7 @@ def choose_eager(det: DetectResult, memory: MemoryConfig, machine: Machine, reas
         reasons: the plan's reasons; the choice's line is appended.
         budget: the eval's sequences × max_tokens (None: unknown, e.g. a library call; graphs, vLLM's default).
         compile_cache: vLLM's compile cache (VLLM_CACHE_ROOT).
+        lora: the engine serves LoRAs.
 
     Returns:
         The choice, who made it, its reason line and, where a budget is known, the estimate.
@@ -729,7 +737,7 @@ def choose_eager(det: DetectResult, memory: MemoryConfig, machine: Machine, reas
                f"path produced wrong tokens on the demo model and costs ~60 s){ignored}")
         reasons.append(why)
         return EagerChoice(True, "cpu build", why)
-    est = graphs_estimate(det, memory, budget, compile_cache) if budget and budget.sequences else None
+    est = graphs_estimate(det, memory, budget, compile_cache, lora=lora) if budget and budget.sequences else None
     if memory.enforce_eager is not None:
         mode = "eager" if memory.enforce_eager else "CUDA graphs"
         why = f"engine: {mode}, because memory.enforce_eager={str(memory.enforce_eager).lower()}"
@@ -921,10 +929,13 @@ def compile_cache_env(compile_cache: str | None, reasons: list[str]) -> dict[str
     (torch.compile, CUDA graphs' kernels); on a cluster, put paths.data_dir on a shared path."""
     if not compile_cache:
         return {}
+    triton = str(Path(compile_cache) / "triton")
     reasons.append(f"engine: VLLM_CACHE_ROOT={compile_cache} — vLLM's compile cache in emq's data dir, so later runs "
                    "and a sweep's other variants skip compilation (a second 7B load took 21-44 s instead of 75-109 s "
-                   "on an H200); a VLLM_CACHE_ROOT you set wins")
-    return {"VLLM_CACHE_ROOT": compile_cache}
+                   f"on an H200), and TRITON_CACHE_DIR={triton} for the JIT-compiled kernels (LoRA's among them; "
+                   "on an H200 the first eager engine of a fresh machine started ~30 s slower than the next ones); "
+                   "values you set win")
+    return {"VLLM_CACHE_ROOT": compile_cache, "TRITON_CACHE_DIR": triton}
 
 
 def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, qm: QuantMethod,
@@ -976,7 +987,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         disk_stop = merge_disk(det, memory, qplan, machine, est, cache_dir, reasons)
         if disk_stop is not None:
             routing = replace(routing, route=Route.stop, stop_reason=disk_stop)
-    eager = choose_eager(det, memory, machine, reasons, budget=budget, compile_cache=compile_cache)
+    eager = choose_eager(det, memory, machine, reasons, budget=budget, compile_cache=compile_cache,
+                         lora=routing.route is Route.serve_lora)
     mode = engine_mode(memory, qm, machine, reasons, enforce_eager=eager.enforce_eager)
     if mode.dtype == "float32" and qm is QuantMethod.none:
         est["serve_weights"] *= 2  # the bf16 weights are served upcast
