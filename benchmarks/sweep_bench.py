@@ -12,6 +12,11 @@ two sides' answers are, answer by answer (same prompt, same seed), and the KL be
 
     python benchmarks/sweep_bench.py                  # the demo, CPU: quick eval, 128 tokens, quant=none
     python benchmarks/sweep_bench.py --max-tokens 64 --quant w4a16
+
+One judge per sweep (issue 16 §3): `python benchmarks/sweep_bench.py judge` runs the demo's lora_vs_bnb sweep twice,
+whole processes, the local demo judge once per job (judge.scope=run) and once for the sweep (judge.scope=sweep),
+and prints each side's wall, judge server starts and seconds, and the sweep's wall against the sum of its
+generation, judging and one engine start per variant (target ≤ 1.3x).
 """
 from __future__ import annotations
 
@@ -97,13 +102,78 @@ def agreement(a: Path, b: Path) -> dict:
             "kl_to_trained": (ka, kb)}
 
 
+def judge_seconds(d: Path) -> tuple[float, float, str]:
+    """(judge server start s, judging s, which server) of one run: its own stages and server, or the sweep-end
+    judge's record in metrics.json (the sweep's servers are numbered)."""
+    st = json.loads((d / "status.json").read_text())["stage_seconds"]
+    j = json.loads((d / "metrics.json").read_text()).get("judge") or {}
+    if j.get("sweep"):
+        return (float(j["sweep"].get("server_start_seconds") or 0.0), float(j.get("seconds") or 0.0),
+                f"sweep server {j['sweep'].get('server', 0)}")
+    return float(st.get("judge start", 0.0)), float(st.get("judge", 0.0)), f"{d.name}'s own"
+
+
+def judge_bench(args) -> None:
+    """lora_vs_bnb with the local demo judge per job vs one per sweep; see the module docstring."""
+    from emq.report.sweep import find_runs
+
+    common = [f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}", "judge=local"]
+    with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        sides = {}
+        for scope in ("run", "sweep"):
+            sweep = root / f"scope_{scope}"
+            wall = emq(["-m", "+experiment=lora_vs_bnb", *common, f"judge.scope={scope}", f"hydra.sweep.dir={sweep}"],
+                       root / f"scope_{scope}.log")
+            runs = find_runs([sweep])
+            stages: dict[str, float] = {}
+            for d in runs:
+                for k, v in json.loads((d / "status.json").read_text())["stage_seconds"].items():
+                    stages[k] = stages.get(k, 0.0) + v
+            judged = [judge_seconds(d) for d in runs]
+            starts = {server: start for start, _, server in judged}  # a shared server is started once
+            sides[scope] = {"wall": wall, "runs": len(runs), "stages": stages, "judge_starts": len(starts),
+                            "judge_start_s": sum(starts.values()), "judge_s": sum(j for _, j, _ in judged),
+                            "answers": sum(len((d / "generations.jsonl").read_text().splitlines()) for d in runs)}
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        print("# sweep_bench judge: lora_vs_bnb on the demo, the local judge per job vs one per sweep\n")
+        print(f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} cores; eval={args.eval}, "
+              f"max_tokens={args.max_tokens}, judge=local (the demo judge); one process per side, per job first\n")
+        print("| judge.scope | runs | answers | wall s | judge starts | judge start s | judging s | engine start s | "
+              "generate s | fidelity s | other stages s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for scope, x in sides.items():
+            st = x["stages"]
+            named = st.get("load", 0) + st.get("generate", 0) + st.get("fidelity", 0)
+            rest = sum(st.values()) - named - st.get("judge start", 0) - st.get("judge", 0)
+            print(f"| {scope} | {x['runs']} | {x['answers']} | {x['wall']:.1f} | {x['judge_starts']} | "
+                  f"{x['judge_start_s']:.1f} | {x['judge_s']:.1f} | {st.get('load', 0):.1f} | {st.get('generate', 0):.1f}"
+                  f" | {st.get('fidelity', 0):.1f} | {rest:.1f} |")
+        run_, sweep_ = sides["run"], sides["sweep"]
+        parts = sweep_["stages"].get("generate", 0) + sweep_["judge_s"] + sweep_["stages"].get("load", 0) \
+            + sweep_["judge_start_s"]
+        print(f"\nwall, one judge per sweep / per job: **{sweep_['wall'] / run_['wall']:.3f}** "
+              f"({sweep_['wall']:.0f} vs {run_['wall']:.0f} s; judge server starts {sweep_['judge_starts']} vs "
+              f"{run_['judge_starts']}, {sweep_['judge_start_s']:.0f} vs {run_['judge_start_s']:.0f} s)")
+        print(f"one judge per sweep: wall / (generation + judging + one start per engine, {sweep_['runs']} engines and "
+              f"1 judge server) = {sweep_['wall']:.0f} / {parts:.0f} = **{sweep_['wall'] / parts:.2f}x** (target ≤ 1.3); "
+              f"with every stage (merge, quantize, reference, fidelity, engine stop, …): "
+              f"{sweep_['wall']:.0f} / {sum(sweep_['stages'].values()) + sweep_['judge_s'] + sweep_['judge_start_s']:.0f}"
+              f" = {sweep_['wall'] / (sum(sweep_['stages'].values()) + sweep_['judge_s'] + sweep_['judge_start_s']):.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", nargs="?", choices=["adapters", "judge"], default="adapters",
+                   help="adapters: one engine vs one per job (default); judge: one judge per sweep vs per job")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--quant", default="none")
     p.add_argument("--eval", default="quick")
     p.add_argument("--keep", type=Path, help="keep the run dirs here (default: a temp dir, removed)")
     args = p.parse_args()
+    if args.what == "judge":
+        return judge_bench(args)
     common = [f"quant={args.quant}", "judge=none", f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}"]
     with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
         root = args.keep or Path(tmp)
