@@ -120,7 +120,7 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
         todo = [p for p in [paths.base, *paths.adapters.values(), paths.judge] if not _is_built(p)]
         if not todo:
             return paths
-        log.info("building the embedded demo in %s (once; ~10 minutes on 2 cores)", paths.root)
+        log.info("building the embedded demo in %s (once; ~4-5 minutes on 2 cores)", paths.root)
         t0 = time.perf_counter()
         if not _is_built(paths.base):
             _publish(paths.base, build_base)
