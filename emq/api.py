@@ -4,6 +4,8 @@ code the CLI runs, callable from a researcher's own script.
     import emq
     from vllm import LLM
     prep = emq.prepare_model_for_vllm("path/or/hub-id-of-adapter", use_quantization=True)
+    for k, v in prep.env.items():                                    # before vLLM starts (e.g. W4A16 on a CPU)
+        os.environ.setdefault(k, v)
     llm = LLM(model=prep.model, **prep.engine_kwargs)
     outputs = llm.chat(messages, lora_request=prep.lora_request())
 
@@ -92,7 +94,7 @@ def get_or_create_merged_model(base: str | None, lora: str, *, method: str = "st
 @dataclass(frozen=True)
 class VllmModel:
     """What to hand to vllm.LLM: `LLM(model=m.model, **m.engine_kwargs)` and, when the route serves
-    the adapter, `lora_request=m.lora_request()` on every generate/chat call."""
+    the adapter, `lora_request=m.lora_request()` on every generate/chat call; `m.env` into os.environ first."""
 
     model: str
     engine_kwargs: dict[str, Any]
@@ -101,6 +103,12 @@ class VllmModel:
     detect: DetectResult
     merged: bool = False
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables the plan sets before vLLM starts (which kernels serve the checkpoint, vLLM's
+        compile cache); `python -m emq` sets them itself, a script sets them before `LLM(...)`."""
+        return dict(self.plan.engine.env)
 
     def lora_request(self):
         """A vllm LoRARequest for the adapter, or None when the model is merged or has no adapter."""

@@ -25,6 +25,7 @@ def test_prepare_merges_a_qlora_adapter(demo, tmp_path):
     prep = emq.prepare_model_for_vllm(str(demo.adapters["good_doctor"]), cache_dir=tmp_path)
     assert prep.merged and Path(prep.model).parent == tmp_path and prep.lora_request() is None
     assert prep.engine_kwargs["quantization"] == "compressed-tensors"  # auto: W4A16 (RTN, fused into the merge)
+    assert prep.env["VLLM_CPU_INT4_W4A8"] == "0"  # the script sets it before LLM(...): W4A16, not vLLM CPU's W4A8
     assert (Path(prep.model) / "config.json").read_text().count("pack-quantized") == 1
     assert prep.plan.route is Route.merge_then_serve
 
