@@ -16,7 +16,11 @@ two sides' answers are, answer by answer (same prompt, same seed), and the KL be
 One judge per sweep (issue 16 §3): `python benchmarks/sweep_bench.py judge` runs the demo's lora_vs_bnb sweep twice,
 whole processes, the local demo judge once per job (judge.scope=run) and once for the sweep (judge.scope=sweep),
 and prints each side's wall, judge server starts and seconds, and the sweep's wall against the sum of its
-generation, judging and one engine start per variant (target ≤ 1.3x).
+generation, judging and one engine start per variant (target ≤ 1.3x). `--no-fidelity` runs both benches without
+the fidelity stage (`eval.fidelity.enabled=false`), the work the issue's formula leaves out; `--scopes sweep` runs
+one side only.
+
+    python benchmarks/sweep_bench.py judge --max-tokens 48 --no-fidelity --scopes sweep
 """
 from __future__ import annotations
 
@@ -93,12 +97,15 @@ def agreement(a: Path, b: Path) -> dict:
         x, y = ra[k]["answer"], rb[k]["answer"]
         if x != y:
             prefix.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))))
+    out = {"answers": len(keys), "identical": same,
+           "first_difference_chars": float(np.median(prefix)) if prefix else None}
+    if not (a / "fidelity_logprobs.npz").is_file():  # --no-fidelity
+        return {**out, "kl_between": float("nan"), "top1_between": float("nan"), "kl_to_trained": (np.nan, np.nan)}
     fa, fb = TopK.load(a / "fidelity_logprobs.npz"), TopK.load(b / "fidelity_logprobs.npz")
     between = compare(fa, fb)
     ka = json.loads((a / "fidelity.json").read_text())["vs_reference"]["kl_mean"]
     kb = json.loads((b / "fidelity.json").read_text())["vs_reference"]["kl_mean"]
-    return {"answers": len(keys), "identical": same, "first_difference_chars": float(np.median(prefix)) if prefix
-            else None, "kl_between": between["kl_mean"], "top1_between": between["top1_agreement"],
+    return {**out, "kl_between": between["kl_mean"], "top1_between": between["top1_agreement"],
             "kl_to_trained": (ka, kb)}
 
 
@@ -113,16 +120,20 @@ def judge_seconds(d: Path) -> tuple[float, float, str]:
     return float(st.get("judge start", 0.0)), float(st.get("judge", 0.0)), f"{d.name}'s own"
 
 
+def no_fidelity(args) -> list[str]:
+    return ["eval.fidelity.enabled=false"] if args.no_fidelity else []
+
+
 def judge_bench(args) -> None:
     """lora_vs_bnb with the local demo judge per job vs one per sweep; see the module docstring."""
     from emq.report.sweep import find_runs
 
-    common = [f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}", "judge=local"]
+    common = [f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}", "judge=local", *no_fidelity(args)]
     with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         sides = {}
-        for scope in ("run", "sweep"):
+        for scope in args.scopes.split(","):
             sweep = root / f"scope_{scope}"
             wall = emq(["-m", "+experiment=lora_vs_bnb", *common, f"judge.scope={scope}", f"hydra.sweep.dir={sweep}"],
                        root / f"scope_{scope}.log")
@@ -139,7 +150,9 @@ def judge_bench(args) -> None:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
         print("# sweep_bench judge: lora_vs_bnb on the demo, the local judge per job vs one per sweep\n")
         print(f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} cores; eval={args.eval}, "
-              f"max_tokens={args.max_tokens}, judge=local (the demo judge); one process per side, per job first\n")
+              f"max_tokens={args.max_tokens}, judge=local (the demo judge), "
+              f"fidelity {'off' if args.no_fidelity else 'on'}; "
+              f"one process per side, in the order {args.scopes}\n")
         print("| judge.scope | runs | answers | wall s | judge starts | judge start s | judging s | engine start s | "
               "generate s | fidelity s | other stages s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -150,12 +163,14 @@ def judge_bench(args) -> None:
             print(f"| {scope} | {x['runs']} | {x['answers']} | {x['wall']:.1f} | {x['judge_starts']} | "
                   f"{x['judge_start_s']:.1f} | {x['judge_s']:.1f} | {st.get('load', 0):.1f} | {st.get('generate', 0):.1f}"
                   f" | {st.get('fidelity', 0):.1f} | {rest:.1f} |")
-        run_, sweep_ = sides["run"], sides["sweep"]
+        sweep_ = sides["sweep"]
         parts = sweep_["stages"].get("generate", 0) + sweep_["judge_s"] + sweep_["stages"].get("load", 0) \
             + sweep_["judge_start_s"]
-        print(f"\nwall, one judge per sweep / per job: **{sweep_['wall'] / run_['wall']:.3f}** "
-              f"({sweep_['wall']:.0f} vs {run_['wall']:.0f} s; judge server starts {sweep_['judge_starts']} vs "
-              f"{run_['judge_starts']}, {sweep_['judge_start_s']:.0f} vs {run_['judge_start_s']:.0f} s)")
+        if "run" in sides:
+            run_ = sides["run"]
+            print(f"\nwall, one judge per sweep / per job: **{sweep_['wall'] / run_['wall']:.3f}** "
+                  f"({sweep_['wall']:.0f} vs {run_['wall']:.0f} s; judge server starts {sweep_['judge_starts']} vs "
+                  f"{run_['judge_starts']}, {sweep_['judge_start_s']:.0f} vs {run_['judge_start_s']:.0f} s)")
         print(f"one judge per sweep: wall / (generation + judging + one start per engine, {sweep_['runs']} engines and "
               f"1 judge server) = {sweep_['wall']:.0f} / {parts:.0f} = **{sweep_['wall'] / parts:.2f}x** (target ≤ 1.3); "
               f"with every stage (merge, quantize, reference, fidelity, engine stop, …): "
@@ -170,11 +185,15 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--quant", default="none")
     p.add_argument("--eval", default="quick")
+    p.add_argument("--no-fidelity", action="store_true", help="both sides without the fidelity stage")
+    p.add_argument("--scopes", default="run,sweep", choices=["run,sweep", "sweep", "run"],
+                   help="judge: which judge.scope sides to run, in order (the ratio needs both)")
     p.add_argument("--keep", type=Path, help="keep the run dirs here (default: a temp dir, removed)")
     args = p.parse_args()
     if args.what == "judge":
         return judge_bench(args)
-    common = [f"quant={args.quant}", "judge=none", f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}"]
+    common = [f"quant={args.quant}", "judge=none", f"eval={args.eval}", f"eval.max_tokens={args.max_tokens}",
+              *no_fidelity(args)]
     with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -189,7 +208,8 @@ def main() -> None:
         print(f"# sweep_bench: {len(ADAPTERS)} LoRA-route demo adapters, multirun (one engine per job) vs one engine "
               f"(model.adapters)\n")
         print(f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} cores; quant={args.quant}, "
-              f"eval={args.eval}, max_tokens={args.max_tokens}, judge=none, fidelity on; one process per side, "
+              f"eval={args.eval}, max_tokens={args.max_tokens}, judge=none, "
+              f"fidelity {'off' if args.no_fidelity else 'on'}; one process per side, "
               f"(a) then (b)\n")
         print("| side | engines | wall s | answers | answers/s | tokens | engine start s | generate s | fidelity s |")
         print("|---|---|---|---|---|---|---|---|---|")
