@@ -68,7 +68,9 @@ def plot_quality_vs_memory(runs: list[PlottedRun], path: Path) -> None:
         s = ((r.metrics.get("metrics") or {}).get("aligned")) or {}
         if mem is not None and s.get("mean") is not None:
             lo, hi = s.get("ci95") or [s["mean"], s["mean"]]
-            axes[0].errorbar([mem], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt=markers[i % 9],
+            # a percentile bootstrap CI may leave out the point estimate (few, skewed questions): no negative bar
+            bar = [[max(0.0, s["mean"] - lo)], [max(0.0, hi - s["mean"])]]
+            axes[0].errorbar([mem], [s["mean"]], yerr=bar, fmt=markers[i % 9],
                              color=c, capsize=4, label=r.label, alpha=0.85)
             axes[0].annotate(str(i + 1), (mem, s["mean"]), textcoords="offset points", xytext=(6, -12 + 9 * (i % 4)),
                              fontsize=8, color=c)

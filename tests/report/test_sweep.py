@@ -175,6 +175,24 @@ def test_rebuild_is_identical_but_for_the_timestamp(sweep):
             assert again == data, p
 
 
+def test_a_mean_outside_its_bootstrap_ci_still_plots(tmp_path):
+    """A percentile bootstrap CI can leave out the point estimate (few questions, skewed scores); the quality-vs-memory
+    plot then draws a one-sided bar instead of raising on a negative error bar."""
+    from emq.report.plots import plot_quality_vs_memory
+
+    make_run(tmp_path, "0_quant=none", ["quant=none"], seed=1)
+    d = make_run(tmp_path, "1_quant=int8", ["quant=int8"], shift=-10, quant="int8", seed=2)
+    m = json.loads((d / "metrics.json").read_text())
+    m["metrics"]["aligned"]["ci95"] = [m["metrics"]["aligned"]["mean"] + 1, m["metrics"]["aligned"]["mean"] + 9]
+    (d / "metrics.json").write_text(json.dumps(m))
+    runs = [report.load_run(x) for x in report.find_runs([tmp_path])]
+    report.label_runs(runs)
+    plot_quality_vs_memory(runs, tmp_path / "q.png")
+    assert (tmp_path / "q.png").read_bytes().startswith(b"\x89PNG")
+    report.build([tmp_path])
+    assert (tmp_path / "quality_vs_memory.png").is_file()
+
+
 def test_em_thresholds_and_title_come_from_run_config_json(tmp_path):
     """The aligned-vs-coherent plot shades the thresholds the runs were judged with (run_config.json), not
     the defaults and not Hydra's raw .hydra/config.yaml (which make_run leaves at 30)."""
