@@ -135,8 +135,12 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
 
 
 def _publish(target: Path, build) -> None:
-    """Build into a temp dir beside `target`, then swap it into place."""
+    """Build into a temp dir beside `target`, then swap it into place. Called under the build lock, so a temp dir
+    of this part that is already there was left by a killed build: it is removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        log.info("demo: removing %s, left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)

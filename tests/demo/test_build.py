@@ -39,6 +39,20 @@ def test_a_part_whose_recipe_changed_is_rebuilt_alone(tmp_path, monkeypatch):
     assert built == ["judge"]  # the base and the doctors are kept
 
 
+def test_a_killed_builds_temp_dir_is_removed_by_the_next_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "build_base", lambda out: fake_part(out, "base"))
+    monkeypatch.setattr(B, "_train_adapter", lambda out, base, spec: fake_part(out, spec.name))
+    monkeypatch.setattr(B, "_train_judge", lambda out, base: fake_part(out, "judge"))
+    root = B.demo_paths(tmp_path).root
+    stale = root / ".judge.tmp-killed"  # what a SIGKILL during the judge's training leaves
+    (stale / "half").mkdir(parents=True)
+    other = root / ".judgement.tmp-x"  # not this part's
+    other.mkdir()
+    B.ensure_demo(tmp_path)
+    assert B.demo_built(tmp_path) and not stale.exists() and other.exists()
+    assert [p for p in root.rglob(".*.tmp-*")] == [other]
+
+
 def targets_by(metric: str) -> dict[str, list[str]]:
     """Targets per answer kind for one metric: which case answer (good/bad/borderline) each example holds."""
     kinds = {}
