@@ -186,8 +186,8 @@ def main() -> None:
     p.add_argument("--quant", default="none")
     p.add_argument("--eval", default="quick")
     p.add_argument("--no-fidelity", action="store_true", help="both sides without the fidelity stage")
-    p.add_argument("--scopes", default="run,sweep", choices=["run,sweep", "sweep", "run"],
-                   help="judge: which judge.scope sides to run, in order (the ratio needs both)")
+    p.add_argument("--scopes", default="run,sweep", choices=["run,sweep", "sweep"],
+                   help="judge: both judge.scope sides (the ratio needs both), or the sweep side alone (the 1.3x)")
     p.add_argument("--keep", type=Path, help="keep the run dirs here (default: a temp dir, removed)")
     args = p.parse_args()
     if args.what == "judge":
