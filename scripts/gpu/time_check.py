@@ -7,7 +7,12 @@
     python3 scripts/gpu/time_check.py build14
         delete the 7B dirs, build the 14b shape + one r=32 QLoRA-style adapter (a call of its own)
     python3 scripts/gpu/time_check.py sweep14 --route lora|merge [--quants none,bnb] [--cache fresh|keep]
-        `python -m emq -m +experiment=lora_vs_bnb` on the 14b shape, one route per call, both into one sweep dir
+            [--tag T] [--repo DIR] [--merged-as-base]
+        `python -m emq -m +experiment=lora_vs_bnb` on the 14b shape, one route per call, all into runs/<tag>.
+        --cache fresh wipes every side's caches (the 14b merged checkpoint fills the disk). --repo runs another
+        emq tree (the code before issue 16, for the before/after pair; it gets its own VLLM_CACHE_ROOT, which it
+        does not set itself). --merged-as-base serves the side's merged checkpoint as a base with quant=bnb (the
+        `merge, bnb` variant, where that emq stops at its disk check although the merge is cached).
 
 Each side has its own emq data dir (vLLM's compile cache, VLLM_CACHE_ROOT, lives there), merge cache, Triton and
 inductor cache dirs under /root/emq-time-check/caches/<tag>; --cache fresh wipes them first (cold), keep reuses them
@@ -57,16 +62,19 @@ def cache_env(tag: str, fresh: bool) -> tuple[dict, list[str]]:
     return env, [f"paths.data_dir={d / 'home'}", f"paths.cache_dir={d / 'cache'}"]
 
 
-def emq(args: list[str], env: dict, label: str, budget: float) -> dict:
-    """Run `python -m emq ARGS`, wall-timed, log in logs/<label>.log, killed (its process group) past the budget."""
+def emq(args: list[str], env: dict, label: str, budget: float, repo: Path = REPO) -> dict:
+    """Run `python -m emq ARGS` (the emq in `repo`), wall-timed, log in logs/<label>.log, killed (its process group)
+    past the budget."""
     (ROOT / "logs").mkdir(parents=True, exist_ok=True)
     log = ROOT / "logs" / f"{label}.log"
     cmd = [sys.executable, "-m", "emq", *args]
     print("$ " + " ".join(cmd), flush=True)
     limit = max(10.0, budget - (time.perf_counter() - T0))
+    if repo != REPO:
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -187,25 +195,47 @@ def build14() -> dict:
     return {"label": "build14", "wall_s": round(time.perf_counter() - t, 1), "disk": shutil.disk_usage("/root")._asdict()}
 
 
-def sweep14(route: str, quants: str | None, fresh: bool, extra: list[str], budget: float) -> dict:
+def merged_checkpoint(cache: Path) -> Path:
+    """The complete merged checkpoint in a side's merge cache (its manifest and config written)."""
+    found = [p.parent for p in cache.rglob("config.json") if any(p.parent.glob("*.safetensors*"))
+             and not p.parent.name.startswith(".")]
+    if len(found) != 1:
+        raise SystemExit(f"expected one merged checkpoint under {cache}, found {found}")
+    return found[0]
+
+
+def sweep14(route: str, quants: str | None, fresh: bool, extra: list[str], budget: float, *, tag: str = "b14",
+            repo: Path = REPO, merged_as_base: bool = False) -> dict:
     base, adapter = ROOT / "model-14b", ROOT / "a14"
     if not (base / "config.json").is_file():
         build14()
-    env, paths = cache_env("b14", fresh)
-    sweep = ROOT / "runs" / "sweep14"
+    if fresh:  # cold, and room on the disk: every side's caches go (a 14b merged checkpoint is 27.5 GB)
+        shutil.rmtree(ROOT / "caches", ignore_errors=True)
+    env, paths = cache_env(tag, fresh)
+    if repo != REPO:  # that emq leaves vLLM's compile cache at its default: give it a cold one of its own
+        env["VLLM_CACHE_ROOT"] = str(ROOT / "caches" / tag / "vllm")
+    sweep = ROOT / "runs" / tag
     for x in extra:  # an --extra hydra.sweep.dir=... (the last one wins, as in Hydra) moves the sweep
         if x.startswith("hydra.sweep.dir="):
             sweep = Path(x.split("=", 1)[1])
     if fresh:
         shutil.rmtree(sweep, ignore_errors=True)
-    label = f"sweep14-{route}"
+    if merged_as_base:
+        merged = merged_checkpoint(ROOT / "caches" / tag / "cache")
+        label = f"{tag}-merged-as-base-bnb"
+        run_dir = sweep / "merged_as_base_bnb"
+        r = emq([*base_args(merged, "synth14b_merged"), "model.adapter=null", "quant=bnb", *paths,
+                 f"hydra.run.dir={run_dir}", *extra], env, label, budget, repo)
+        return {**r, "side": f"14b merged checkpoint as a base, quant=bnb ({repo.name})", "cache": "kept",
+                "disk_free_gib": round(shutil.disk_usage("/root").free / 2**30, 1), "runs": [run_record(run_dir)]}
+    label = f"{tag}-{route}"
     r = emq(["-m", "+experiment=lora_vs_bnb", *base_args(base, "synth14b_qlora"), f"model.adapter={adapter}",
              f"memory.route={route}", *([f"quant={quants}"] if quants else []), *paths, f"hydra.sweep.dir={sweep}",
-             *extra], env, label, budget)
+             *extra], env, label, budget, repo)
     runs = [run_record(p.parent) for p in sorted(sweep.glob("*/status.json"), key=lambda p: p.stat().st_mtime)]
     if (sweep / "summary.md").is_file():
-        shutil.copy(sweep / "summary.md", OUT / "sweep14_summary.md")
-    return {**r, "side": f"14b lora_vs_bnb route={route}", "cache": "fresh" if fresh else "kept",
+        shutil.copy(sweep / "summary.md", OUT / f"{tag}_summary.md")
+    return {**r, "side": f"14b lora_vs_bnb route={route} ({repo.name})", "cache": "fresh" if fresh else "kept",
             "disk_free_gib": round(shutil.disk_usage("/root").free / 2**30, 1), "runs": runs}
 
 
@@ -231,6 +261,8 @@ def main() -> None:
     ap.add_argument("--route", choices=["lora", "merge"], default="lora")
     ap.add_argument("--quants", default=None, help="e.g. none,bnb: the original tool's 4 variants")
     ap.add_argument("--budget", type=float, default=570.0, help="seconds this call may take (the emq run is killed)")
+    ap.add_argument("--repo", type=Path, default=REPO, help="sweep14: the emq tree to run (default: this one)")
+    ap.add_argument("--merged-as-base", action="store_true", help="sweep14: the merged checkpoint served with bnb")
     ap.add_argument("--extra", nargs="*", default=[])
     a = ap.parse_args()
     ROOT.mkdir(parents=True, exist_ok=True)
@@ -243,7 +275,8 @@ def main() -> None:
     elif a.phase == "build14":
         r = build14()
     else:
-        r = sweep14(a.route, a.quants, fresh, a.extra, a.budget)
+        r = sweep14(a.route, a.quants, fresh, a.extra, a.budget, tag=a.tag or "b14", repo=a.repo.resolve(),
+                    merged_as_base=a.merged_as_base)
     r["call_wall_s"] = round(time.perf_counter() - T0, 1)
     r["utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store = ROOT / "results.json"
