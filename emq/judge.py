@@ -341,10 +341,9 @@ def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: 
     else:
         method, why = _scoring_from_tokenizer(cfg.tokenizer or path)
     from emq.judge_server import server_command
-
-    util = cfg.memory_utilization or memory_utilization
     from emq.plan import cpu_threads_env
 
+    util = cfg.memory_utilization or memory_utilization
     server = {"model": path, "dtype": dtype, "memory_utilization": util, "platform": platform,
               "argv": server_command(path, port=0, cfg=cfg, platform=platform, dtype=dtype, memory_utilization=util)[3:],
               # as the run's engine (plan.cpu_threads_env): on a 2-core CPU the server computes on both cores

@@ -924,7 +924,7 @@ def cpu_threads_env(platform: str, cpu_count: int, reasons: list[str] | None = N
         return {}
     if reasons is not None:
         reasons.append(f"engine: VLLM_CPU_NUM_OF_RESERVED_CPU=0 — vLLM's CPU build otherwise keeps one of this "
-                       f"machine's {cpu_count} cores for its scheduler and computes on the rest (1 thread here); "
+                       f"machine's {cpu_count} cores for its scheduler and computes on the rest (one thread on 2 cores); "
                        "measured on 2 cores (benchmarks/cpu_threads_bench.py, a demo LoRA run): generation 1.3-1.6x "
                        "and fidelity scoring 1.5-1.7x faster with both cores, though the scheduler still polls "
                        "between steps. vLLM warns that this is below its minimum; set it yourself to keep vLLM's "
