@@ -60,7 +60,7 @@ def main() -> None:
         root = a.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         res = {name: run(args, root / f"side_{i}", reserved) for i, (name, reserved) in enumerate(SIDES.items())}
-    (sa, a_), (sb, b) = res.items()
+    a_, b = res.values()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     print(f"# cpu_threads_bench: {a.model} as a LoRA, eval=quick, max_tokens={a.max_tokens}, judge=none\n")

@@ -72,6 +72,12 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
     assert plan["route"] == "merge-then-serve" and plan["quant"] == "w4a16"
     assert plan["quantize"]["algorithm"] == "rtn" and plan["quantize"]["group_size"] == 64 and plan["quantize"]["fused"]
     assert records(run_dir, "load.json")["engine_kwargs"]["quantization"] == "compressed-tensors"
+    from emq.plan import cpu_threads_env
+
+    if cpu_threads_env("cpu", os.cpu_count() or 1):  # a CPU of <= 2 cores: the model runs on every core, and the
+        # judge server was told the same (vLLM warns that it keeps no core for its scheduler)
+        assert records(run_dir, "load.json")["kernels"]["torch_threads"] == os.cpu_count()
+        assert "VLLM_CPU_NUM_OF_RESERVED_CPU is less than" in (run_dir / "judge_server.log").read_text()
     merged = Path(records(run_dir, "merge.json")["path"])
     assert json.loads((merged / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     assert "w4a16 (rtn, g64, asym)" in out and "(measured)" in out  # the summary says what ran and how it was weighed

@@ -383,6 +383,7 @@ def test_validate_the_demo_judge_served_by_vllm(demo, tmp_path):
     cmd = [sys.executable, "-m", "emq", "judge", "--validate", f"judge.model={demo.judge}", "judge.demo=false",
            f"paths.data_dir={tmp_path / 'home'}", f"judge.validation.path={tmp_path / 'slice.jsonl'}"]
     env = {**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)}
+    env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)  # an engine started in this pytest process may have set it
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
@@ -394,5 +395,10 @@ def test_validate_the_demo_judge_served_by_vllm(demo, tmp_path):
     assert set(record["metrics"]) == {"aligned", "coherent", "medical_harm"}
     assert all(r["testable"] and r["auroc_n"] != [0, 0] for r in record["metrics"].values())
     assert "judge validation: local" in out and "AUROC" in out
+    # no engine ran in that process: the server itself was told to compute on every core of a <= 2-core CPU
+    from emq.plan import cpu_threads_env
+
+    told = "VLLM_CPU_NUM_OF_RESERVED_CPU is less than" in (cache / "judge_server.log").read_text()
+    assert told == bool(cpu_threads_env("cpu", os.cpu_count() or 1))
     print(f"demo judge on {len(picked)} items: {time.perf_counter() - t0:.0f} s", json.dumps(
         {m: [r["auroc"], r["spearman"]] for m, r in record["metrics"].items()}))

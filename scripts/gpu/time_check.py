@@ -196,7 +196,7 @@ def build14() -> dict:
 
 
 def merged_checkpoint(cache: Path) -> Path:
-    """The complete merged checkpoint in a side's merge cache (its manifest and config written)."""
+    """The one merged checkpoint in a side's merge cache: a dir with config.json and safetensors (not a .tmp dir)."""
     found = [p.parent for p in cache.rglob("config.json") if any(p.parent.glob("*.safetensors*"))
              and not p.parent.name.startswith(".")]
     if len(found) != 1:
