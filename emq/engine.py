@@ -39,6 +39,7 @@ class LoadRecord:
     weights_source: str | None = None  # how weights_gib was measured
     kernels: dict[str, Any] | None = None  # what the workers run: linear/attention kernels, threads, device
     loras: dict[str, str] | None = None  # model.adapters: name → adapter, every one served by this engine
+    bnb: dict[str, Any] | None = None  # quantization="bitsandbytes": the provider that served it, with versions
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,12 @@ def _vllm_version() -> str | None:
     return f"{dist} {version}" if dist else None
 
 
+def _bnb_record() -> dict[str, Any]:
+    from emq.machine import installed_vllm, probe_bnb
+
+    return probe_bnb(*installed_vllm()).record()
+
+
 def read_kernels(llm: Any) -> dict[str, Any] | None:
     """The kernels each worker of a started vllm.LLM runs (`_worker_kernels`); None when the workers cannot be
     asked (vLLM only sends functions to its worker processes with VLLM_ALLOW_INSECURE_SERIALIZATION=1)."""
@@ -403,5 +410,6 @@ def load(model_path: str, settings: EngineSettings, *, lora_path: str | None, se
         log.info("load: kernels %s", {k: kernels.get(k) for k in ("linear", "attention", "model_dtype")})
     lora = LoRARequest("adapter", 1, lora_path) if lora_path else None
     many = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate((loras or {}).items(), start=1)}
-    record = LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source, kernels, loras=loras or None)
+    record = LoadRecord(model_path, lora_path, kwargs, round(seconds, 2), weights, source, kernels, loras=loras or None,
+                        bnb=_bnb_record() if settings.quantization == "bitsandbytes" else None)
     return Engine(llm, lora, record, many)

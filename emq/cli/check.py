@@ -40,6 +40,27 @@ def _quant(cfg: RunConfig) -> Callable[[], str]:
     return check
 
 
+def _bnb_provider() -> str:
+    """What serves quantization="bitsandbytes" in this vLLM: found from the installed files and entry points, then
+    confirmed in vLLM's own quantization registry after its plugins load."""
+    from emq.machine import installed_vllm, probe_bnb
+
+    provider = probe_bnb(*installed_vllm())
+    if provider.kind is None:
+        raise EmqError(f"vLLM cannot serve bitsandbytes here: {provider.why_not}", provider.fix)
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    try:
+        get_quantization_config("bitsandbytes")
+    except ValueError as e:
+        raise EmqError(f"{provider.name} {provider.version} is installed, but vLLM's quantization registry has no "
+                       f"'bitsandbytes' after loading its plugins ({e})", provider.fix) from None
+    return (f"{provider.name} {provider.version} registers 'bitsandbytes' in vLLM's quantization registry "
+            f"(bitsandbytes {provider.bitsandbytes})")
+
+
 def _bnb_nf4() -> str:
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
@@ -75,6 +96,8 @@ def checks(cfg: RunConfig) -> list[tuple[str, Callable[[], str]]]:
            (f"model={cfg.model.name}", _model(cfg))]
     if cfg.quant.method in (QuantMethod.bnb, QuantMethod.auto) or (cfg.model.trained_in_4bit is not False):
         out.insert(2, ("bitsandbytes", _bnb_nf4))
+    if cfg.quant.method is QuantMethod.bnb:
+        out.insert(2, ("vLLM bitsandbytes", _bnb_provider))
     return out
 
 

