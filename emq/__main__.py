@@ -3,8 +3,16 @@
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+
+
+def _on_sigterm(signum: int, _frame) -> None:
+    from emq.errors import Interrupted
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_main() -> None:
@@ -31,7 +39,11 @@ def run_main() -> None:
             rows = [("error", e.message)] + ([("fix", e.fix)] if e.fix else [])
             print(summary_table(rows, "emq: the config cannot run"), file=sys.stderr)
             sys.exit(2)
-        status = run(run_cfg, Path(hc.runtime.output_dir))
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            status = run(run_cfg, Path(hc.runtime.output_dir))
+        except KeyboardInterrupt as e:  # the runner stopped the engine and wrote status.json "interrupted"
+            sys.exit(128 + (signal.SIGTERM if e.args and e.args[0] == "SIGTERM" else signal.SIGINT))
         if status.status != "ok" and hc.mode == RunMode.RUN:
             sys.exit(2)
 

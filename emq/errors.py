@@ -18,3 +18,8 @@ class EmqError(Exception):
 
 class PlanStop(EmqError):
     """The plan decided no route can run on this machine under this policy."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and SLURM's time limit send), raised like Ctrl-C's KeyboardInterrupt so the
+    run's one try/finally stops the engine and writes status.json "interrupted"."""

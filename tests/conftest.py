@@ -36,3 +36,12 @@ def compose_run(overrides: list[str] | None = None) -> RunConfig:
 @pytest.fixture
 def run_config():
     return compose_run
+
+
+def default_route() -> str:
+    """The route the default demo config takes on this machine: quant=auto is W4A16 (merged) where this vLLM serves
+    it, else (vLLM's CPU build on a CPU without AVX512) bnb, on which the QLoRA adapter is served as a LoRA."""
+    from emq.machine import snapshot
+    from emq.plan import leanest_quant
+
+    return "merge-then-serve" if leanest_quant(snapshot(data_dir()).vllm).value == "w4a16" else "serve-lora"

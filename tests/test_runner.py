@@ -7,7 +7,7 @@ import json
 import pytest
 
 from emq.runner import run
-from tests.conftest import compose_run
+from tests.conftest import default_route, compose_run
 
 
 def test_failed_run_still_writes_status(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_failed_run_still_writes_status(tmp_path, monkeypatch):
 def test_a_dry_run_stops_after_plan_and_times_each_stage(demo, tmp_path):
     cfg = compose_run(["stage=plan", f"paths.data_dir={demo.root.parent}", f"paths.cache_dir={tmp_path / 'cache'}"])
     status = run(cfg, tmp_path / "run")
-    assert status.status == "ok" and status.stage == "plan" and status.route == "merge-then-serve"
+    assert status.status == "ok" and status.stage == "plan" and status.route == default_route()
     record = json.loads((tmp_path / "run" / "status.json").read_text())
     assert list(record["stage_seconds"]) == ["detect", "plan"] and all(v >= 0 for v in record["stage_seconds"].values())
     assert (tmp_path / "run" / "plan.json").is_file() and not (tmp_path / "run" / "load.json").exists()
