@@ -15,6 +15,24 @@ def _on_sigterm(signum: int, _frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def check_output_dirs(args: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir / EMQ_OUTPUTS must be makeable: one clear error here, not Hydra's traceback
+    after it composed the config."""
+    import os
+
+    from emq.errors import EmqError
+    from emq.records import unwritable
+
+    wanted = [(a.split("=", 1)[0].lstrip("+"), a.split("=", 1)[1]) for a in args
+              if a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    if os.environ.get("EMQ_OUTPUTS"):
+        wanted.append(("EMQ_OUTPUTS", os.environ["EMQ_OUTPUTS"]))
+    for key, value in wanted:
+        why = unwritable(Path(value.split("${")[0] or ".").expanduser().absolute())
+        if why:
+            raise EmqError(f"{key}={value}: {why}", f"point {key} at a writable directory")
+
+
 def run_main() -> None:
     """The Hydra run: compose, convert to the typed run object, run, exit 2 when the run did not finish."""
     import hydra
@@ -47,6 +65,14 @@ def run_main() -> None:
         if status.status != "ok" and hc.mode == RunMode.RUN:
             sys.exit(2)
 
+    try:
+        check_output_dirs(sys.argv[1:])
+    except EmqError as e:
+        from emq.report.tables import summary_table
+
+        print(summary_table([("error", e.message), ("fix", e.fix or "")], "emq: the run dir cannot be made"),
+              file=sys.stderr)
+        sys.exit(2)
     main()
 
 

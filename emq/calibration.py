@@ -177,6 +177,29 @@ def _render(chats: Chats, i: int, tokenizer, templated: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+# More passes over one corpus than this add no information to GPTQ/AWQ's statistics, only time: refused at plan.
+MAX_CYCLES = 4
+
+
+def check_corpus_size(chats: Chats, tokenizer, samples: int, seq_len: int) -> None:
+    """Refuse (at plan, before any merge) a corpus that `calibration_tokens` would cycle more than MAX_CYCLES times.
+
+    Raises:
+        EmqError: samples × seq_len > MAX_CYCLES × the corpus's tokens.
+    """
+    need, have = samples * seq_len, 0
+    templated = getattr(tokenizer, "chat_template", None) is not None
+    for i in range(len(chats.samples)):
+        have += len(_render(chats, i, tokenizer, templated)) + 1
+        if have * MAX_CYCLES >= need:
+            return
+    raise EmqError(f"calibration corpus {chats.path} ({KEY}) has {have} tokens, but quant.calibration.samples={samples} "
+                   f"x quant.calibration.seq_len={seq_len} = {need} would repeat it {need / max(have, 1):.0f} times, "
+                   "which adds no information to GPTQ/AWQ's statistics, only time",
+                   f"use a larger corpus ({KEY}=default is emq's own, ~20k tokens), or lower samples x seq_len to at "
+                   f"most {MAX_CYCLES * have}")
+
+
 def calibration_tokens(chats: Chats, tokenizer, samples: int, seq_len: int, seed: int = 0) -> list[list[int]]:
     """Pack the corpus into `samples` sequences of exactly `seq_len` token ids.
 

@@ -337,11 +337,16 @@ def _check_adapter_fits_base(adapter: AdapterFacts, base: BaseFacts) -> None:
     for s in base.shards:
         base_shapes.update({k: v["shape"] for k, v in safetensors_header(Path(base.path) / s).items()})
     apath = Path(adapter.path) / adapter.weight_file
+    cfg_path = Path(adapter.path) / "adapter_config.json"
+    _check_targets_exist(adapter, base, base_shapes, cfg_path)
+    ranks: dict[str, dict[str, int]] = {}
     for name, info in safetensors_header(apath).items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", name)
         if not m:
             continue
         module, ab = m.group(1), m.group(2)
+        if len(info["shape"]) == 2:
+            ranks.setdefault(module, {})[ab] = info["shape"][0] if ab == "A" else info["shape"][1]
         target = f"{module}.weight"
         if target not in base_shapes:
             raise EmqError(f"{apath}: tensor {name} targets {target}, which the base {base.path} does not have "
@@ -356,6 +361,45 @@ def _check_adapter_fits_base(adapter: AdapterFacts, base: BaseFacts) -> None:
         if got != want:
             raise EmqError(f"{apath}: {name} has shape {shape} but {target} in the base is {base_shapes[target]}",
                            "this adapter was trained on a base of another size; set model.base to that base")
+    _check_ranks(adapter, ranks, apath, cfg_path)
+
+
+def _rank_for(module: str, adapter: AdapterFacts) -> int:
+    """The rank adapter_config.json gives `module`: its rank_pattern entry (PEFT matches keys as a regex on the
+    module name's end), else r."""
+    for key, r in adapter.rank_pattern.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return int(r)
+    return adapter.rank
+
+
+def _check_ranks(adapter: AdapterFacts, ranks: dict[str, dict[str, int]], apath: Path, cfg_path: Path) -> None:
+    """lora_A and lora_B of a module share one rank, and it is the rank adapter_config.json says (a mismatch would
+    merge garbage, or fail deep in PEFT or vLLM)."""
+    for module, r in sorted(ranks.items()):
+        if "A" in r and "B" in r and r["A"] != r["B"]:
+            raise EmqError(f"{apath}: {module}.lora_A has rank {r['A']} but {module}.lora_B has rank {r['B']}; the "
+                           "two halves of one LoRA module must share a rank",
+                           "the adapter file is corrupt or was assembled from two adapters: re-export it from training")
+        got, want = r.get("A", r.get("B")), _rank_for(module, adapter)
+        if got != want:
+            raise EmqError(f"{cfg_path} says rank {want} for {module} (r / rank_pattern), but its tensors in {apath} "
+                           f"have rank {got}",
+                           f"fix r (or rank_pattern) in {cfg_path} to match the weights, or use the matching weights")
+
+
+def _check_targets_exist(adapter: AdapterFacts, base: BaseFacts, base_shapes: dict[str, list[int]],
+                         cfg_path: Path) -> None:
+    """Every module adapter_config.json's target_modules names exists in the base (PEFT refuses a target that
+    matches nothing; a silent mismatch means an adapter for another architecture)."""
+    names = {k.removesuffix(".weight").rsplit(".", 1)[-1] for k in base_shapes if k.endswith(".weight")}
+    missing = sorted(t for t in adapter.target_modules if t not in names and t != "all-linear"
+                     and not re.search(r"[\\^$*+?()\[\]|]", t))  # a regex target is PEFT's to match
+    if missing:
+        raise EmqError(f"{cfg_path}: target_modules names {missing}, which the base {base.path} ({base.architecture}) "
+                       f"has no module called",
+                       f"this adapter was made for another architecture: set model.base to its base (this one has "
+                       f"{', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])})")
 
 
 # --- evidence ------------------------------------------------------------------------------

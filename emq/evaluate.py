@@ -145,6 +145,43 @@ def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
     return prompts
 
 
+def check_prompt_lengths(prompts: list[dict[str, Any]], tokenizer, max_model_len: int, max_tokens: int,
+                         sets: list[str]) -> str | None:
+    """Every prompt fits the engine's context; say what eval.max_tokens really allows (before any weights load).
+
+    Args:
+        prompts: `build_prompts`' prompts.
+        tokenizer: the base model's tokenizer (its chat template renders the prompts as the engine will).
+        max_model_len: memory.max_model_len (prompt + answer).
+        max_tokens: eval.max_tokens.
+        sets: eval.question_sets (named in the error).
+
+    Returns:
+        A statement of the answer-length limit when eval.max_tokens exceeds what the context leaves, else None.
+
+    Raises:
+        EmqError: a prompt alone is at least max_model_len tokens long.
+    """
+    longest, worst = 0, None
+    for p in prompts:
+        n = len(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+        if n > longest:
+            longest, worst = n, p
+    if worst is not None and longest >= max_model_len:
+        raise EmqError(f"question {worst['set']}/{worst['question_id']} (paraphrase {worst['paraphrase_index']}, from "
+                       f"eval.question_sets={sets}) is {longest} tokens with the chat template, at least "
+                       f"memory.max_model_len={max_model_len}: no answer would fit",
+                       f"shorten that question, or raise memory.max_model_len above {longest + max_tokens} "
+                       "(if the model and memory allow)")
+    room = max_model_len - longest
+    if worst is not None and max_tokens > room:
+        return (f"eval.max_tokens={max_tokens} is more than the context leaves: memory.max_model_len={max_model_len} "
+                f"minus the longest prompt ({longest} tokens) leaves {room}, so answers stop at {room} tokens or fewer "
+                "(vLLM cuts each at max_model_len minus its prompt)")
+    return None
+
+
 def _keep_complete(path: Path, prompts: list[dict[str, Any]]) -> set[tuple]:
     """Keep only the rows of prompts whose samples are all written; return those prompts' keys.
 
@@ -317,6 +354,9 @@ def evaluate_many(engine, cfg: EvalConfig, targets: list[Target]) -> list[EvalRe
                     t.differ += before is None or before["answer"] != c.text
                     continue
                 row = {k: p[k] for k in ("set", "question_id", "paraphrase_index", "prompt", "seed")}
+                system = next((m["content"] for m in p["messages"] if m["role"] == "system"), None)
+                if system is not None:  # what the model was given, not only the user's turn
+                    row["system"] = system
                 row.update(sample_index=si, answer=c.text, output_tokens=len(c.token_ids),
                            finish_reason=c.finish_reason, conditions=stamp)
                 writer.write(row)

@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, merge_peaks, w4a16_bytes
+from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, merge_disk_bytes, merge_peaks, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
 from emq.checkpoint.nf4 import nf4_settings
 from emq.detect import DetectResult, is_bnb_4bit
@@ -348,6 +348,10 @@ def choose_quant(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
     Raises:
         EmqError: see `resolve_quant`; or a pre-quantized base this vLLM cannot serve, or memory.route=merge on one.
     """
+    if int4_weights_only(det.base.quantization_config) and QuantMethod.w4a16 not in machine.vllm.quant:
+        raise EmqError(f"the base {det.base.ref} is an int4 weights-only checkpoint (its quantization_config), which "
+                       f"needs a W4A16 kernel: {machine.vllm.unsupported.get(QuantMethod.w4a16)}",
+                       machine.vllm.fixes.get(QuantMethod.w4a16, "use the base's 16-bit original as model.base"))
     choice = resolve_quant(quant, memory, machine, reasons, moe=det.base.moe)
     if choice.method is QuantMethod.int8 and machine.vllm.platform == "cpu":
         reasons.append(CPU_INT8_CAVEAT)
@@ -359,11 +363,11 @@ def choose_quant(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
 # --- bitsandbytes --------------------------------------------------------------------------
 
 # Measured on the demo on vLLM's CPU build with vllm-bnb-plugin (benchmarks/results/lora_vs_bnb_demo_cpu.md).
-BNB_CPU_SLOW = ("bitsandbytes on the CPU build dequantizes every NF4 weight on every forward, so it is the slowest "
-                "route here: on the demo (2 cores) LoRA on in-flight bnb generated {lora_bnb} tok/s, merged + bnb "
-                "{merged_bnb}, merged bf16 {merged_none}, merged W4A16 {merged_w4a16} "
-                "(benchmarks/results/lora_vs_bnb_demo_cpu.md); it is here for the function it serves, not for speed")
-BNB_CPU_TOKS = {"lora_bnb": "TBD", "merged_bnb": "TBD", "merged_none": "TBD", "merged_w4a16": "TBD"}
+BNB_CPU_SLOW = ("bitsandbytes on vLLM's CPU build dequantizes every NF4 weight on every forward, so it is the slowest "
+                "route there: on the demo, 2 cores, LoRA on in-flight bnb 5.5 tok/s, merged + bnb 12.6, merged 16-bit "
+                "51.4 (AVX2 EPYC, float32); 13.8 / 29.2 / 52.7 on an AVX512-BF16 Xeon "
+                "(benchmarks/results/lora_vs_bnb_demo_cpu.md). It serves the trained function of a QLoRA adapter "
+                "(LoRA on bnb: KL 0.0011, 100% retained), not speed")
 
 
 def bnb_served(det: DetectResult, machine: Machine, route: Route, reasons: list[str], *,
@@ -404,7 +408,7 @@ def bnb_served(det: DetectResult, machine: Machine, route: Route, reasons: list[
                 reasons.append("bnb: the in-flight NF4 (nf4, blocksize 64, double quant) matches the adapter's "
                                "training settings, so the LoRA on it is the trained function")
     if machine.vllm.platform == "cpu":
-        reasons.append("bnb: " + BNB_CPU_SLOW.format(**BNB_CPU_TOKS))
+        reasons.append(f"bnb: {BNB_CPU_SLOW}")
     return rec
 
 
@@ -622,8 +626,7 @@ def merge_disk(det: DetectResult, memory: MemoryConfig, qplan: QuantizePlan | No
     merge the W4A16 checkpoint alone (est["merged_disk"] is set to it). Returns the stop reason, or None when it
     fits or the cache already holds it (checked by its key when `cache_dir` is given and the weights are local)."""
     fused = qplan is not None and qplan.fused
-    if fused:
-        est["merged_disk"] = w4a16_bytes(det, qplan.group_size, qplan.symmetric) / GIB
+    est["merged_disk"] = merge_disk_bytes(det, (qplan.group_size, qplan.symmetric) if fused else None) / GIB
     what = "the W4A16 checkpoint (merged and quantized in one pass)" if fused else "the merged checkpoint"
     need, free = est["merged_disk"], machine.disk_free_bytes / GIB
     if free >= need:
@@ -634,10 +637,10 @@ def merge_disk(det: DetectResult, memory: MemoryConfig, qplan: QuantizePlan | No
 
         settings = MergeSettings(memory.merge_method, memory.merge_base, rtn=rtn_settings(qplan))
         if merge_cached(det, settings, cache_dir):
-            reasons.append(f"disk: {what} is already in the cache, so its ~{need:.1f} GiB are not needed "
-                           f"({free:.1f} GiB free)")
+            reasons.append(f"disk: {what} is already in the cache, so its ~{need:.2f} GiB are not needed "
+                           f"({free:.2f} GiB free)")
             return None
-    return (f"{what} needs ~{need:.1f} GiB at paths.cache_dir, only {free:.1f} GiB free; free disk or move "
+    return (f"{what} needs ~{need:.2f} GiB at paths.cache_dir, only {free:.2f} GiB free; free disk or move "
             "EMQ_CACHE")
 
 
@@ -954,8 +957,33 @@ def _lora_rank(det: DetectResult) -> int:
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")
 
 
-def engine_env(qm: QuantMethod, machine: Machine, reasons: list[str]) -> dict[str, str]:
-    """Environment vLLM needs for this quantization here (set before its processes start)."""
+def int4_weights_only(qc: dict[str, Any] | None) -> bool:
+    """A checkpoint whose config says int4 weights with 16-bit activations (compressed-tensors W4A16, AWQ, GPTQ)."""
+    if not qc:
+        return False
+    method = str(qc.get("quant_method", "")).lower()
+    if method in ("awq", "gptq"):
+        return int(qc.get("bits", qc.get("w_bit", 4))) == 4
+    if method == "compressed-tensors":
+        groups = (qc.get("config_groups") or {}).values()
+        return any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups)
+    return False
+
+
+def engine_env(qm: QuantMethod, machine: Machine, reasons: list[str], *, int4_base: bool = False) -> dict[str, str]:
+    """Environment vLLM needs for this quantization here (set before its processes start).
+
+    Args:
+        qm: the served quantization.
+        machine: a snapshot of this machine.
+        reasons: the plan's reasons, appended to.
+        int4_base: the checkpoint served already is int4 weights-only (a pre-quantized base with quant=none): what
+            the weights are decides, not the quant key.
+    """
+    if int4_base and qm is not QuantMethod.w4a16:
+        reasons.append("engine: the base is already an int4 weights-only checkpoint (its quantization_config), so "
+                       "it is served as W4A16 whatever quant= says")
+        qm = QuantMethod.w4a16
     if qm is QuantMethod.w4a16 and machine.vllm.platform == "cuda":
         reasons.append("engine: VLLM_DISABLED_KERNELS=HummingLinearKernel — vLLM 0.23 picks it for some int4 "
                        "layouts (sym g64) and its flashinfer autotune hangs without network (measured on an H200); "
@@ -1031,7 +1059,8 @@ def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, 
         enable_lora=lora, max_lora_rank=_lora_rank(det) if lora else None,
         max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
         enable_chunked_prefill=mode.enable_chunked_prefill, extra=dict(memory.engine_extra),
-        env={**engine_env(qm, machine, reasons), **batch_invariant_env(memory, machine, reasons),
+        env={**engine_env(qm, machine, reasons, int4_base=int4_weights_only(det.base.quantization_config)),
+             **batch_invariant_env(memory, machine, reasons),
              **cpu_threads_env(machine.vllm.platform, machine.cpu_count, reasons),
              **compile_cache_env(compile_cache, reasons)},
     )

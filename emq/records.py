@@ -273,3 +273,16 @@ def versions() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         out["git_sha"], out["git_dirty"] = None, None
     return out
+
+
+def unwritable(target: Path) -> str | None:
+    """Why a directory cannot be made or written at `target` (a file in the way, a read-only place), or None."""
+    target = Path(target).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, so {target} cannot be made under it" if probe != target else f"{target} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable (read-only filesystem or permissions)"
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from emq import fidelity, judge, watchdog
-from emq.calibration import load_chats
+from emq.calibration import check_corpus_size, load_chats
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
@@ -26,6 +26,7 @@ from emq.errors import EmqError, PlanStop
 from emq.evaluate import (
     Target,
     build_prompts,
+    check_prompt_lengths,
     evaluate,
     evaluate_many,
     questions_record,
@@ -50,6 +51,7 @@ from emq.records import (
     STATUS,
     VERSIONS,
     Progress,
+    unwritable,
     versions,
     write_json,
     write_text_atomic,
@@ -103,6 +105,46 @@ class RunStatus:
         self.stage_seconds[part], self.stage_seconds[stage] = round(seconds, 2), rest
 
 
+def check_dirs(paths) -> None:
+    """The cache and data dirs must be directories emq can write (EMQ_CACHE / EMQ_HOME at a file, say)."""
+    for key, env, value in (("paths.cache_dir", "EMQ_CACHE", paths.cache_dir), ("paths.data_dir", "EMQ_HOME",
+                                                                                paths.data_dir)):
+        why = unwritable(Path(value))
+        if why:
+            raise EmqError(f"{key}={value} (env {env}): {why}", f"point {key} (or {env}) at a writable directory")
+
+
+def tokenizer_checks(det, cfg: RunConfig, plan, prompts: list[dict]) -> None:
+    """What needs the tokenizer but no weights, at plan: every prompt fits memory.max_model_len (and what
+    eval.max_tokens really allows, appended to the plan's reasons), and a calibration corpus big enough not to be
+    cycled over and over."""
+    if not plan.route.needs_engine or not det.base.weights_local:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(det.base.path)
+    if plan.quantize and plan.quantize.calibration:
+        cal = plan.quantize.calibration
+        check_corpus_size(load_chats(cal["corpus"]), tokenizer, cal["samples"], cal["seq_len"])
+    limit = check_prompt_lengths(prompts, tokenizer, plan.engine.max_model_len, cfg.eval.max_tokens,
+                                 list(cfg.eval.question_sets))
+    if limit:
+        plan.reasons.append(f"eval: {limit}")
+        log.warning("plan: %s", limit)
+
+
+def _demo_build(cfg: RunConfig, status: RunStatus, progress: Progress, mem: PeakMemory) -> None:
+    """The embedded demo, built once (minutes) as a stage of its own, so that "where the time went" says so."""
+    if not (cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all)):
+        return
+    if demo_built(cfg.paths.data_dir):
+        ensure_demo(cfg.paths.data_dir)  # built: only its paths (and a wait, if another process is building it)
+        return
+    with status.enter("demo build", progress, mem):
+        ensure_demo(cfg.paths.data_dir)
+        mem.reset()  # a first-run demo build is not part of this model's footprint
+
+
 def _begin(run_dir: Path) -> None:
     """Make the run dir; stop what a killed earlier run of it left running; have the watchdog follow this one."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,10 +176,9 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
             write_json(run_dir / RUN_CONFIG, cfg)  # the composed config, resolved (paths included)
 
+            check_dirs(cfg.paths)
+            _demo_build(cfg, status, progress, mem)
             with status.enter("detect", progress, mem):
-                if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
-                    ensure_demo(cfg.paths.data_dir)
-                    mem.reset()  # a first-run demo build is not part of this model's footprint
                 det = detect(cfg.model)
                 write_json(run_dir / DETECT, det)
 
@@ -153,8 +194,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                                  cache_dir=cfg.paths.cache_dir)  # a merge already cached needs no disk
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
-                if plan.quantize and plan.quantize.calibration:  # a bad calibration file fails now, before any merge
-                    load_chats(plan.quantize.calibration["corpus"])
+                tokenizer_checks(det, cfg, plan, prompts)  # prompt lengths, calibration size: before any weights
                 judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
                                               memory_utilization=plan.engine.memory_utilization,
                                               demo_built=demo_built(cfg.paths.data_dir))
@@ -308,10 +348,9 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
                                           "one_engine_with": list(named)})
                 write_json(d / RUN_CONFIG, cfgs[n])
 
+            check_dirs(cfg.paths)
+            _demo_build(cfg, status, progress, mem)
             with status.enter("detect", progress, mem):
-                if cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all):
-                    ensure_demo(cfg.paths.data_dir)
-                    mem.reset()
                 dets = {}
                 for n in named:
                     s0 = time.perf_counter()

@@ -389,6 +389,13 @@ def check_values(cfg: RunConfig) -> None:
     if e.fidelity.reference_device not in ("auto", "cuda", "cpu"):
         problems.append((f"eval.fidelity.reference_device={e.fidelity.reference_device!r} is not auto, cuda or cpu",
                          "eval.fidelity.reference_device=auto"))
+    if not e.question_sets:
+        problems.append(("eval.question_sets=[] names no question set: the run would generate nothing",
+                         "eval.question_sets=[medical,general] (emq's sets), or a path to your own YAML/JSON file"))
+    if q.calibration.seq_len > 32768:
+        problems.append((f"quant.calibration.seq_len={q.calibration.seq_len} tokens per calibration sample: the "
+                         "layer-by-layer quantizer holds samples x seq_len activations of every layer's width in memory",
+                         "quant.calibration.seq_len=512 (GPTQ/AWQ's usual 512-2048 is plenty)"))
     problems += _adapters_problems(cfg.model)
     if cfg.model.adapters and cfg.memory.route is RoutePolicy.merge:
         problems.append(("model.adapters serves every adapter as a LoRA in one engine, but memory.route=merge makes "

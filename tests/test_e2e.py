@@ -170,6 +170,7 @@ def test_qlora_with_bnb_serves_the_lora_on_nf4_through_vllms_plugin_as_the_train
     assert not vllm_children_left()
 
 
+@pytest.mark.parametrize("offline", ["1", "0"], ids=["HF_HUB_OFFLINE", "no-network"])
 def test_hub_model_offline_fails_cleanly_at_detect(tmp_path, offline):
     # "no-network" relies on this machine (and CI) having no route to the hub, as here.
     proc, run_dir = emq(tmp_path, "model=good_doctor", "memory=low_vram",

@@ -62,7 +62,9 @@ def test_rtn_fused_into_the_merge_needs_the_w4a16_checkpoints_disk_not_bf16s():
     det = fake_det()
     fits = plan_for(det, machine=fake_machine(disk_gib=12), quant=QuantMethod.w4a16, route=RoutePolicy.merge)
     assert fits.route is Route.merge_then_serve and fits.quantize.fused
-    assert fits.estimates_gib["merged_disk"] == pytest.approx(fits.estimates_gib["serve_weights_w4a16"], rel=1e-3)
+    # what the merge writes (the one estimate the plan and the merge's own check share: 5 % + 64 MiB of margin)
+    assert fits.estimates_gib["merged_disk"] == pytest.approx(fits.estimates_gib["serve_weights_w4a16"] * 1.05 + 1 / 16,
+                                                              rel=1e-3)
     assert fits.estimates_gib["merged_disk"] < 12 < fits.estimates_gib["base_bf16"]
     tight = plan_for(det, machine=fake_machine(disk_gib=5), quant=QuantMethod.w4a16, route=RoutePolicy.merge)
     assert tight.route is Route.stop
@@ -88,7 +90,7 @@ def test_bnb_on_the_cpu_build_with_the_plugin_serves_the_qlora_as_a_lora_on_nf4(
     assert plan.route is Route.serve_lora and plan.engine.quantization == "bitsandbytes" and plan.engine.enable_lora
     assert plan.bnb["provider"] == "vllm-bnb-plugin" and plan.bnb["version"] == "0.0.3"
     assert plan.bnb["matches_training"] is True
-    assert any(r.startswith("bnb: bitsandbytes on the CPU build") and "lora_vs_bnb_demo_cpu.md" in r
+    assert any(r.startswith("bnb: bitsandbytes on vLLM's CPU build") and "lora_vs_bnb_demo_cpu.md" in r
                for r in plan.reasons)
     merged = plan_for(machine=cpu, quant=QuantMethod.bnb, route=RoutePolicy.merge)
     assert merged.route is Route.merge_then_serve and merged.quant is QuantMethod.bnb

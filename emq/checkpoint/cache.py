@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from emq.checkpoint.identity import sha256_file
 from emq.errors import EmqError
@@ -72,6 +72,53 @@ def remove_debris(root: Path, key: str) -> list[str]:
         gone.append(tmp.name)
     if gone:
         log.info("cache: removed debris of an interrupted build: %s", gone)
+    return gone
+
+
+@dataclass(frozen=True)
+class Debris:
+    """A temp dir of a build that has not finished: in progress (its key's lock is held) or left by a kill."""
+
+    path: Path
+    key: str
+    bytes: int
+    held: bool  # a live process holds the key's lock: a build in progress, not debris yet
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def debris(root: Path) -> list[Debris]:
+    """Temp dirs of interrupted (or running) builds under `root`, with their size and whether a build holds them."""
+    out = []
+    for tmp in sorted(Path(root).glob(".*.tmp-*")):
+        if not tmp.is_dir():
+            continue
+        (Path(root) / ".locks").mkdir(exist_ok=True)
+        key = tmp.name[1:].split(".tmp-")[0]
+        lock = FileLock(str(Path(root) / ".locks" / f"{key}.lock"), timeout=0)
+        try:
+            with lock:
+                held = False
+        except Timeout:
+            held = True
+        out.append(Debris(tmp, key, _tree_bytes(tmp), held))
+    return out
+
+
+def remove_all_debris(root: Path) -> list[Debris]:
+    """Remove every temp dir no live build holds (under its key's lock, so a build cannot start meanwhile)."""
+    gone = []
+    for d in debris(root):
+        if d.held:
+            continue
+        try:
+            with FileLock(str(Path(root) / ".locks" / f"{d.key}.lock"), timeout=0):
+                shutil.rmtree(d.path, ignore_errors=True)
+                gone.append(d)
+        except Timeout:
+            continue
     return gone
 
 

@@ -47,6 +47,19 @@ def w4a16_bytes(det: DetectResult, group_size: int, symmetric: bool) -> int:
     return int(linear * per_param + (params - linear) * 2)
 
 
+def merge_disk_bytes(det: DetectResult, w4a16: tuple[int, bool] | None = None, out_dtype: str = "bfloat16") -> int:
+    """What a merge writes to the cache, with a margin (the plan and the merge's own disk check use this one number).
+
+    Args:
+        det: the detect record (parameter count, linear shapes).
+        w4a16: (group_size, symmetric) when RTN is fused into the merge (only the W4A16 checkpoint is written).
+        out_dtype: the merged checkpoint's dtype otherwise.
+    """
+    raw = (w4a16_bytes(det, *w4a16) if w4a16 else
+           (det.base.param_count or 0) * (4 if out_dtype == "float32" else 2))
+    return int(raw * 1.05) + 64 * 1024**2
+
+
 def layerwise_peaks(det: DetectResult, samples: int, seq_len: int) -> dict[str, float]:
     """Peak memory (GiB) of a calibrated (GPTQ / AWQ) quantization, which holds one decoder layer in fp32, its
     Linears' Hessians (in² floats each), the calibration hidden states in fp32 twice (in and out) and the

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emq.checkpoint import cache
-from emq.checkpoint.costs import w4a16_bytes
+from emq.checkpoint.costs import merge_disk_bytes
 from emq.checkpoint.devices import DevicesFailed, try_devices
 from emq.checkpoint.identity import adapter_identity, base_identity
 from emq.checkpoint.nf4 import dequant_eligible, nf4_roundtrip, nf4_settings
@@ -199,10 +199,9 @@ def merge_adapter(det: DetectResult, devices: list[str], cache_dir: str | Path, 
     quantized = "w4a16" in s
     if not det.base.param_count:
         needed = None
-    elif quantized:  # RTN in the same pass: the merge writes the W4A16 checkpoint only
-        needed = int(w4a16_bytes(det, s["w4a16"]["group_size"], s["w4a16"]["symmetric"]) * 1.05) + 64 * 1024**2
-    else:
-        needed = int(det.base.param_count * (4 if s["out_dtype"] == "float32" else 2) * 1.05) + 64 * 1024**2
+    else:  # with RTN in the same pass the merge writes the W4A16 checkpoint only
+        needed = merge_disk_bytes(det, (s["w4a16"]["group_size"], s["w4a16"]["symmetric"]) if quantized else None,
+                                  s["out_dtype"])
     built = cache.get_or_build(Path(cache_dir), key, inputs=inputs, build=build, needed_bytes=needed,
                                force=force_recreate, kind="w4a16" if quantized else "merge",
                                what="the W4A16 checkpoint" if quantized else "the merged checkpoint")

@@ -10,11 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-from emq.checkpoint.cache import default_root, entries, locked, verify
+from emq.checkpoint.cache import debris, default_root, entries, locked, remove_all_debris, verify
 
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
+
+
+def _size(n: int) -> str:
+    return _gib(n) if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("keys", nargs="*", help="entry keys (prefixes work)")
     rm.add_argument("--model", help="remove entries whose adapter or base path contains this")
     rm.add_argument("--all", action="store_true")
+    rm.add_argument("--debris", action="store_true",
+                    help="remove the temp dirs of interrupted builds that no running build holds")
     ver = sub.add_parser("verify", help="re-hash entries against their manifests")
     ver.add_argument("keys", nargs="*")
     args = parser.parse_args(argv)
     root = (args.root or default_root()).expanduser()
     found = entries(root)
+    left = debris(root) if root.is_dir() else []
+    if args.cmd in ("ls", "du", "verify") and left:
+        for d in left:
+            print(f"debris  {d.path.name}  {_size(d.bytes):>10}  "
+                  + ("a build in progress holds it" if d.held else "left by an interrupted build"))
+        print(f"{len(left)} temp dir(s), {_size(sum(d.bytes for d in left))}; remove with `python -m emq cache rm --debris`")
     if args.cmd == "ls":
         for e in found:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "never"
@@ -40,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e.settings.get('merge_base')}  base={e.base}  adapter={e.adapter}")
         print(f"{len(found)} entries in {root}")
     elif args.cmd == "du":
-        print(f"{_gib(sum(e.bytes for e in found))} in {len(found)} entries at {root}")
+        print(f"{_gib(sum(e.bytes for e in found))} in {len(found)} entries at {root}"
+              + (f" (+ {_size(sum(d.bytes for d in left))} of debris)" if left else ""))
+    elif args.cmd == "rm" and args.debris:
+        gone = remove_all_debris(root)
+        for d in gone:
+            print(f"removed {d.path.name} ({_size(d.bytes)})")
+        print(f"removed {len(gone)} temp dir(s), {_size(sum(d.bytes for d in gone))}"
+              + (f"; {len(left) - len(gone)} held by a running build" if len(left) > len(gone) else ""))
     elif args.cmd == "rm":
         pick = [e for e in found if args.all or any(e.key.startswith(k) for k in args.keys)
                 or (args.model and (args.model in e.adapter or args.model in e.base))]
