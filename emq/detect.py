@@ -402,6 +402,22 @@ def _check_targets_exist(adapter: AdapterFacts, base: BaseFacts, base_shapes: di
                        f"{', '.join(sorted(n for n in names if 'proj' in n or 'fc' in n)[:12])})")
 
 
+def check_ignore(ignore: list[str], base: DetectResult) -> None:
+    """quant.ignore entries must name Linear modules the base has (matched as name suffixes, as the quantizers
+    match them); a typo would silently quantize what the user meant to keep."""
+    if not ignore:
+        return
+    names: set[str] = set()
+    for s in base.base.shards:
+        names |= {k.removesuffix(".weight") for k in safetensors_header(Path(base.base.path) / s) if k.endswith(".weight")}
+    missing = [i for i in ignore if i != "lm_head" and not any(n == i or n.endswith("." + i) for n in names)]
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names if "proj" in n or "fc" in n or "head" in n})
+        raise EmqError(f"quant.ignore={list(ignore)}: {missing} match no module of the base {base.base.path}",
+                       f"name modules it has (matched as name suffixes, e.g. {', '.join(kinds[:8])}; "
+                       "or model.layers.0.mlp.down_proj for one layer), or drop them")
+
+
 # --- evidence ------------------------------------------------------------------------------
 
 def _norm(name: str) -> str:

@@ -908,6 +908,11 @@ def engine_pool(memory: MemoryConfig, machine: Machine, util: float) -> float:
 
 # --- fit -----------------------------------------------------------------------------------
 
+# Measured on the demo, vLLM CPU 0.32 with cpu_memory_utilization=0.04 (a 0.94 GiB pool, float32 weights 0.50 GiB):
+# vLLM refused with "requested memory for kv (-0.43/0.94 GiB)", i.e. 0.87 GiB in use besides the weights.
+CPU_WORKER_GIB = 1.0
+
+
 def fit_check(est: dict[str, float], memory: MemoryConfig, machine: Machine, util: float,
               reasons: list[str]) -> str | None:
     """Whether the served weights and one full-length sequence's KV cache fit the engine's pool.
@@ -930,11 +935,15 @@ def fit_check(est: dict[str, float], memory: MemoryConfig, machine: Machine, uti
         return None
     where = "memory.gpu_memory_utilization" if machine.vllm.platform == "cuda" else "memory.cpu_memory_utilization"
     tp = memory.tensor_parallel_size
-    lighter = [q.value for q in LEANEST_FIRST
-               if q in machine.vllm.quant and est[f"serve_weights_{q.value}"] + need_kv < pool]
+    lighter = [q.value for q in LEANEST_FIRST if q in machine.vllm.quant
+               and est[f"serve_weights_{q.value}"] + need_kv + (CPU_WORKER_GIB if machine.vllm.platform == "cpu" else 0)
+               < pool]
     more = [n for n in (2, 4, 8) if tp < n <= len(machine.gpus) and pool / tp * n > est["serve_weights"] + need_kv]
-    return (f"serving needs ~{est['serve_weights']:.1f} GiB of weights + {need_kv:.2f} GiB KV cache "
-            f"for one {memory.max_model_len}-token sequence, but vLLM may use {pool:.1f} GiB "
+    overhead = CPU_WORKER_GIB if machine.vllm.platform == "cpu" else 0.0
+    return (f"serving needs ~{est['serve_weights']:.2f} GiB of weights + {need_kv:.2f} GiB KV cache "
+            f"for one {memory.max_model_len}-token sequence"
+            + (f" + ~{overhead:.1f} GiB that vLLM's CPU worker process itself uses" if overhead else "")
+            + f", but vLLM may use {pool:.2f} GiB "
             f"({where}={util}); " + (f"quantize (quant={' or quant='.join(lighter)}), " if lighter else "")
             + (f"spread it over GPUs (memory.tensor_parallel_size={more[0]}), " if more else "")
             + f"raise {where} or lower memory.max_model_len")
@@ -1108,7 +1117,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         est["serve_weights"] *= 2  # the bf16 weights are served upcast
     pool = engine_pool(memory, machine, mode.memory_utilization)
     if det.base.param_count and routing.route is not Route.stop and machine.vllm.platform in ("cuda", "cpu"):
-        est |= {"engine_pool": pool, "kv_headroom": pool - est["serve_weights"]}
+        # vLLM's CPU build counts its worker process's own memory (Python, torch, vLLM: ~0.9 GiB) against the pool
+        overhead = CPU_WORKER_GIB if machine.vllm.platform == "cpu" else 0.0
+        est |= {"engine_pool": pool, "kv_headroom": pool - est["serve_weights"] - overhead}
         stop_reason = fit_check(est, memory, machine, mode.memory_utilization, reasons)
         if stop_reason is not None:
             routing = replace(routing, route=Route.stop, stop_reason=stop_reason)

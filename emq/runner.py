@@ -20,7 +20,7 @@ from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
 from emq.demo import demo_built, ensure_demo
-from emq.detect import detect
+from emq.detect import check_ignore, detect
 from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
 from emq.evaluate import (
@@ -114,23 +114,24 @@ def check_dirs(paths) -> None:
             raise EmqError(f"{key}={value} (env {env}): {why}", f"point {key} (or {env}) at a writable directory")
 
 
-def tokenizer_checks(det, cfg: RunConfig, plan, prompts: list[dict]) -> None:
-    """What needs the tokenizer but no weights, at plan: every prompt fits memory.max_model_len (and what
-    eval.max_tokens really allows, appended to the plan's reasons), and a calibration corpus big enough not to be
-    cycled over and over."""
-    if not plan.route.needs_engine or not det.base.weights_local:
-        return
+def tokenizer_checks(det, cfg: RunConfig, prompts: list[dict]) -> str | None:
+    """What needs the base's files but no weights, before the plan: quant.ignore names modules the base has; a
+    calibration corpus big enough not to be cycled over and over; every prompt fits memory.max_model_len.
+
+    Returns:
+        What eval.max_tokens really allows, when the context cannot give it (a statement for the plan's reasons).
+    """
+    if not det.base.weights_local:
+        return None
+    check_ignore(cfg.quant.ignore, det)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(det.base.path)
-    if plan.quantize and plan.quantize.calibration:
-        cal = plan.quantize.calibration
-        check_corpus_size(load_chats(cal["corpus"]), tokenizer, cal["samples"], cal["seq_len"])
-    limit = check_prompt_lengths(prompts, tokenizer, plan.engine.max_model_len, cfg.eval.max_tokens,
-                                 list(cfg.eval.question_sets))
-    if limit:
-        plan.reasons.append(f"eval: {limit}")
-        log.warning("plan: %s", limit)
+    if cfg.quant.algorithm is not QuantAlgorithm.rtn:
+        cal = cfg.quant.calibration
+        check_corpus_size(load_chats(cal.corpus), tokenizer, cal.samples, cal.seq_len)
+    return check_prompt_lengths(prompts, tokenizer, cfg.memory.max_model_len, cfg.eval.max_tokens,
+                                list(cfg.eval.question_sets))
 
 
 def _demo_build(cfg: RunConfig, status: RunStatus, progress: Progress, mem: PeakMemory) -> None:
@@ -187,6 +188,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 judge.check_prompts(prompts)
                 if cfg.quant.algorithm is not QuantAlgorithm.rtn:  # a bad calibration file: before the machine's say
                     load_chats(cfg.quant.calibration.corpus)
+                limit = tokenizer_checks(det, cfg, prompts)  # prompt lengths, calibration size, quant.ignore
                 machine = snapshot(cfg.paths.cache_dir)
                 plan = make_plan(det, cfg.memory, cfg.quant, machine,
                                  compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
@@ -194,7 +196,9 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                                  cache_dir=cfg.paths.cache_dir)  # a merge already cached needs no disk
                 if plan.route.needs_engine:
                     check_engine_extra(plan.engine.extra)
-                tokenizer_checks(det, cfg, plan, prompts)  # prompt lengths, calibration size: before any weights
+                if limit:
+                    plan.reasons.append(f"eval: {limit}")
+                    log.warning("plan: %s", limit)
                 judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
                                               memory_utilization=plan.engine.memory_utilization,
                                               demo_built=demo_built(cfg.paths.data_dir))
