@@ -16,6 +16,8 @@ judge configs override, for the run's record (plan.json, `questions`). Pure: YAM
 """
 from __future__ import annotations
 
+import logging
+
 import string
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 from emq.errors import EmqError
 from emq.schema import EvalConfig
@@ -112,8 +116,20 @@ def read_question_file(path: Path) -> QuestionSet:
             prompt without {question} or {answer}; the message names the file, the item (index and id) and the
             key, and says the fix.
     """
+    st = path.stat()
+    return _read_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _read_cached(name: str, _mtime_ns: int, size: int) -> QuestionSet:
+    """Parse once per process and file version: a run reads its question files at plan and again to record them."""
+    path = Path(name)
+    if size > 1 << 20:  # parsing takes seconds per MB: say so, and with what
+        log.info("questions: reading %s (%.1f MB)", path, size / 2**20)
     try:
-        data = yaml.safe_load(path.read_text())
+        # libyaml's C parser where PyYAML has it: several times faster on a large question file (the pure-Python
+        # one took minutes for 48 MB)
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         raise EmqError(f"{path} is not valid YAML: {e}", "fix the file") from None
     fmt = detect_format(data)
