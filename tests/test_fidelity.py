@@ -108,6 +108,13 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
                          "quant.calibration.seq_len=256"],
                 # symmetric RTN g64 rounds the demo's small update away, as NF4 re-quantization does on a GPU
                 "rtn_sym": ["quant=w4a16", "quant.symmetric=true", "quant.group_size=64"]}
+    from emq.machine import snapshot
+    from emq.schema import QuantMethod
+
+    w4 = QuantMethod.w4a16 in snapshot(tmp_path).vllm.quant  # no W4A16 kernel in vLLM's CPU build on an AVX2 CPU
+    if not w4:  # the 4-bit variant that runs here instead: merged + bnb (vLLM's plugin), which erases the update
+        variants = {n: v for n, v in variants.items() if n not in ("w4a16", "gptq", "rtn_sym")}
+        variants["bnb_merged"] = ["quant=bnb", "memory.route=merge"]
     fid, kept, outs = {}, {}, {}
     for name, extra in variants.items():
         proc, run_dir = emq(tmp_path / name, *common, *extra, timeout=1500)
@@ -121,12 +128,14 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
     base = kept["merged"]["kl_trained_vs_base"]
     assert all(k["kl_trained_vs_base"] == base for k in kept.values()) and base > 0.3, kept
     share = {n: k["retained"] for n, k in kept.items()}
-    assert 0 < share["w4a16"] < share["gptq"] < share["merged"], share
+    if w4:
+        assert 0 < share["w4a16"] < share["gptq"] < share["merged"], share
     assert share["merged"] > 0.95 and share["bf16"] > 0.95, share
     # a variant that serves mostly the base model is flagged, in fidelity.json and loudly in the run's output
     flagged = {n for n, k in kept.items() if k["mostly_base"]}
-    assert flagged == {n for n, v in share.items() if v < 0.5} and "rtn_sym" in flagged, share
-    assert "serves mostly the base model" in outs["rtn_sym"]
+    erased = "rtn_sym" if w4 else "bnb_merged"
+    assert flagged == {n for n, v in share.items() if v < 0.5} and erased in flagged, share
+    assert "serves mostly the base model" in outs[erased]
     assert "serves mostly the base model" not in outs["merged"]
     for name in ("merged", "bf16"):
         assert fid[name]["top1_agreement"] > 0.9 and fid[name]["kl_mean"] < 0.05, (name, fid[name])
@@ -134,7 +143,8 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
     # the LoRA served on the original 16-bit base adds back the NF4 error the adapter was trained on
     assert fid["merged"]["kl_mean"] < fid["lora"]["kl_mean"]
     # 4 bits cost more than bf16's rounding, yet keep most of the function (RTN g64 on a 135M model: KL ~0.5)
-    assert fid["bf16"]["kl_mean"] < fid["w4a16"]["kl_mean"] < 1.0 and fid["w4a16"]["top1_agreement"] > 0.5, fid
+    if w4:
+        assert fid["bf16"]["kl_mean"] < fid["w4a16"]["kl_mean"] < 1.0 and fid["w4a16"]["top1_agreement"] > 0.5, fid
     # which of merged and bf16 is closer depends on the dtype the plan chose on this CPU, read from the runs:
     # merged in float32 (no native bf16) must beat bf16; both in bf16 they are the same numerics
     dtypes = {n: records(tmp_path / n / "run", "plan.json")["plan"]["engine"]["dtype"] for n in ("merged", "bf16")}
@@ -155,7 +165,7 @@ def test_demo_variants_against_the_trained_function(demo, tmp_path):
         return row
 
     assert compare("merged", "lora")["kl_mean"] > 0.05
-    assert compare("bf16", "w4a16")["kl_mean"] > 0.05
+    assert compare("bf16", "w4a16" if w4 else "bnb_merged")["kl_mean"] > 0.05
     row = compare("merged", "bf16")
     if dtypes["merged"] == "float32":
         assert row["kl_mean"] > 0, (dtypes, row)
