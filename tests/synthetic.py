@@ -56,6 +56,12 @@ def make_base(path: Path, *, shards: int = 1, config: dict | None = None, seed: 
     return path
 
 
+def _pattern_rank(module: str, pattern: dict, r: int) -> int:
+    import re
+
+    return next((int(v) for k, v in pattern.items() if re.match(rf"(.*\.)?{k}$", module)), r)
+
+
 def make_adapter(path: Path, base: str, *, r: int = 4, targets=("q_proj", "v_proj"), config: dict | None = None,
                  in_features: int | None = None, seed: int = 1, module_prefix: str = "model.layers") -> Path:
     """A PEFT-format LoRA adapter for the synthetic base (nonzero B, so it changes the model)."""
@@ -72,8 +78,9 @@ def make_adapter(path: Path, base: str, *, r: int = 4, targets=("q_proj", "v_pro
         for t in targets:
             name = f"base_model.model.{module_prefix}.{i}.{parent.get(t, 'self_attn')}.{t}"
             fan_in = in_features or in_of.get(t, HIDDEN)
-            tensors[f"{name}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.1
-            tensors[f"{name}.lora_B.weight"] = torch.randn(out_of.get(t, HIDDEN), r, generator=g) * 0.1
+            rank = _pattern_rank(name, (config or {}).get("rank_pattern") or {}, r)  # as PEFT would have trained it
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.1
+            tensors[f"{name}.lora_B.weight"] = torch.randn(out_of.get(t, HIDDEN), rank, generator=g) * 0.1
     save_file(tensors, str(path / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets),
            "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
