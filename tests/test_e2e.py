@@ -40,9 +40,12 @@ def assert_weights_record(run_dir: Path) -> None:
     if load["weights_gib"] is not None:
         assert metrics["weights_gib"] == load["weights_gib"] > 0
         assert metrics["weights_source"].startswith("bytes of the model's parameters")
-        # measured and estimated agree (the estimate is the checkpoint's own arithmetic)
-        assert load["weights_gib"] == pytest.approx(est if plan["quant"] == "w4a16" else full, rel=0.1), (
-            load["weights_gib"], est, full, dtype)
+        if plan["quant"] == "bnb":  # NF4 linears (+ absmax) and 16-bit embeddings, a fifth of this small model
+            bf16 = det["base"]["param_count"] * 2 / 2**30
+            assert 0.25 * bf16 < load["weights_gib"] < 0.5 * bf16, (load["weights_gib"], bf16)
+        else:  # measured and estimated agree (the estimate is the checkpoint's own arithmetic)
+            assert load["weights_gib"] == pytest.approx(est if plan["quant"] == "w4a16" else full, rel=0.1), (
+                load["weights_gib"], est, full, dtype)
     else:
         assert "not measurable" in load["weights_source"]
         assert metrics["weights_gib"] == est > 0 and metrics["weights_source"].startswith("plan estimate")
