@@ -62,7 +62,7 @@ def test_probe_reads_what_vllm_has_registered(monkeypatch, in_tree, plugin, plug
     monkeypatch.setattr(mach, "_bnb_plugin_entry", lambda: _EP("bitsandbytes", "vllm_bnb_plugin:register")
                         if plugin else None)
     versions = {"bitsandbytes": bnb, "vllm-bnb-plugin": "0.0.3"}
-    monkeypatch.setattr(mach, "_dist_version", lambda name: versions.get(name))
+    monkeypatch.setattr(mach, "dist_version", lambda name: versions.get(name))
     if plugins_env is None:
         monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     else:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from importlib import metadata
 
-from emq.machine import GIB, Machine, snapshot
+from emq.machine import GIB, Machine, dist_version, snapshot
 from emq.schema import QuantMethod
 
 LOW_VRAM_GIB = 24.0
@@ -36,13 +35,6 @@ def recommend(machine: Machine) -> Recommendation:
     return Recommendation("default", f"{free:.1f} GiB free VRAM: merge on the GPU, quantize in flight")
 
 
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def report(machine: Machine) -> list[tuple[str, str]]:
     """Rows of the resources table."""
     rows = [("CPU cores", str(os.cpu_count())),
@@ -65,7 +57,7 @@ def report(machine: Machine) -> list[tuple[str, str]]:
             rows.append((f"  quant={q.value}", f"no: {v.unsupported.get(q, 'not supported')}{fix}"))
     if v.bnb is not None and v.bnb.kind is not None:
         rows.append(("  bnb provider", f"{v.bnb.name} {v.bnb.version}"))
-    bnb = _version("bitsandbytes")
+    bnb = dist_version("bitsandbytes")
     rows.append(("bitsandbytes", f"{bnb} (NF4 through transformers: training, merging with a dequantized base)"
                  if bnb else "not installed"))
     rec = recommend(machine)
