@@ -1,5 +1,6 @@
-"""Python API, a drop-in for the original tool's quant_utils: the same detect / plan / merge / cache
-code the CLI runs, callable from a researcher's own script.
+"""emq's typed Python API: the same detect / plan / merge / cache code the CLI runs, callable from a
+researcher's own script. The original tool's scripts use `emq.quant_utils` / `emq.memory_config` instead (the
+same names and signatures as theirs, thin adapters over this module).
 
     import emq
     from vllm import LLM
@@ -50,23 +51,45 @@ def _devices(device: str) -> list[str]:
     return (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]) if device == "auto" else [device]
 
 
-def _model_config(lora: str | None, base: str | None, trained_in_4bit: bool | None = None) -> ModelConfig:
+def _model_config(lora: str | None, base: str | None, trained_in_4bit: bool | None = None,
+                  training_config: str | None = None, keys: tuple[str, str] = ("lora", "base")) -> ModelConfig:
+    if lora is None and base is None:
+        raise EmqError("give a base model or an adapter", "e.g. prepare_model_for_vllm('org/adapter')")
+    if lora is not None:
+        adir = hub.resolve(lora, revision=None, what="adapter", key=keys[0])
+        if not (adir / "adapter_config.json").is_file():
+            raise EmqError(f"{keys[0]}={lora!r} is not a LoRA adapter: {adir} has no adapter_config.json",
+                           f"pass the adapter's directory or hub id as {keys[0]}; a full model needs no merge")
     if base is None:
-        if lora is None:
-            raise EmqError("give a base model or an adapter", "e.g. prepare_model_for_vllm('org/adapter')")
-        adir = hub.resolve(lora, revision=None, what="adapter", key="lora")
         base = read_json(adir / "adapter_config.json").get("base_model_name_or_path")
         if not base:
-            raise EmqError(f"{adir}/adapter_config.json names no base_model_name_or_path", "pass base= explicitly")
-    return ModelConfig(name=Path(lora or base).name, base=base, adapter=lora, trained_in_4bit=trained_in_4bit)
+            raise EmqError(f"{adir}/adapter_config.json names no base_model_name_or_path", f"pass {keys[1]}= explicitly")
+    return ModelConfig(name=Path(lora or base).name, base=base, adapter=lora, trained_in_4bit=trained_in_4bit,
+                       training_config=training_config)
 
 
-def was_trained_in_4bit(lora: str, base: str | None = None) -> bool | None:
+def is_adapter(ref: str, *, key: str = "lora") -> bool:
+    """Whether `ref` (a local directory or hub id) is a LoRA adapter (has adapter_config.json) rather than a model.
+
+    Raises:
+        EmqError: `ref` does not exist locally and is not on the hub or in its cache; the message names `key`.
+    """
+    return (hub.resolve(ref, revision=None, what="model or adapter", key=key) / "adapter_config.json").is_file()
+
+
+def was_trained_in_4bit(lora: str | None, base: str | None = None, *, training_config: str | None = None,
+                        keys: tuple[str, str] = ("lora", "base")) -> bool | None:
     """Whether the adapter was trained on a 4-bit base: True, False or None (unknown).
+
+    Args:
+        lora: adapter path or hub id (None: judge the model `base` alone, from its config's quantization_config).
+        base: base model path or hub id (None: the adapter's base_model_name_or_path).
+        training_config: the adapter's training config file, read as the strongest evidence.
+        keys: the caller's names for `lora` and `base`, for error messages.
 
     The evidence behind the answer is in `emq.detect.detect(...)`'s record.
     """
-    return detect(_model_config(lora, base)).trained_in_4bit
+    return detect(_model_config(lora, base, training_config=training_config, keys=keys)).trained_in_4bit
 
 
 def get_or_create_merged_model(base: str | None, lora: str, *, method: str = "stream", merge_base: str = "auto",
@@ -91,6 +114,35 @@ def get_or_create_merged_model(base: str | None, lora: str, *, method: str = "st
     return Path(result.path)
 
 
+def script_env(plan: Plan) -> dict[str, str]:
+    """The plan's engine environment, plus, on vLLM's CPU build, the KV cache size the plan budgets
+    (VLLM_CPU_KVCACHE_SPACE, GiB): a script's own `gpu_memory_utilization=0.9` would otherwise make vLLM's CPU
+    build reserve 90 % of the NUMA node's memory (measured: 20 GiB of a 24 GiB machine for the 135M demo)."""
+    env = dict(plan.engine.env)
+    if plan.platform == "cpu" and plan.estimates_gib.get("kv_headroom", 0) > 0:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(plan.estimates_gib["kv_headroom"])))
+    return env
+
+
+@dataclass(frozen=True)
+class ScriptSetup:
+    """What a script that builds its own `vllm.LLM(...)` needs from emq's plan: the environment (set before the
+    engine starts), and the engine settings no environment variable carries, as advice for the caller."""
+
+    env: dict[str, str]
+    advice: list[str]
+
+
+def script_setup(plan: Plan) -> ScriptSetup:
+    """`script_env(plan)`, and a line for each engine setting the caller must pass itself."""
+    advice = []
+    if plan.platform == "cpu" and plan.engine.enforce_eager:
+        advice.append("pass enforce_eager=True to LLM(...) on vLLM's CPU build, as emq does: its torch.compile path "
+                      "adds ~60-120 s at start (measured on the demo, 2 cores) and produced wrong tokens on the demo "
+                      "model once; no environment variable can set it for you")
+    return ScriptSetup(script_env(plan), advice)
+
+
 @dataclass(frozen=True)
 class VllmModel:
     """What to hand to vllm.LLM: `LLM(model=m.model, **m.engine_kwargs)` and, when the route serves
@@ -107,8 +159,8 @@ class VllmModel:
     @property
     def env(self) -> dict[str, str]:
         """Environment variables the plan sets before vLLM starts (which kernels serve the checkpoint, vLLM's
-        compile cache); `python -m emq` sets them itself, a script sets them before `LLM(...)`."""
-        return dict(self.plan.engine.env)
+        compile cache, the CPU build's KV cache size); a script sets them before `LLM(...)`."""
+        return script_env(self.plan)
 
     def lora_request(self):
         """A vllm LoRARequest for the adapter, or None when the model is merged or has no adapter."""
@@ -177,7 +229,14 @@ def _w4a16_plan(model: ModelConfig, *, algorithm: str, group_size: int | None, s
                         calibration=CalibrationConfig(corpus=calibration, samples=samples, seq_len=seq_len))
     memory = MemoryConfig(route=RoutePolicy.merge if model.adapter else RoutePolicy.auto)
     det = detect(model, fetch_weights=True)
-    plan = make_plan(det, memory, quant, snapshot(cache_root), cache_dir=str(cache_root))
+    machine = snapshot(cache_root)
+    if QuantMethod.w4a16 not in machine.vllm.quant:
+        # Making the checkpoint is torch alone and runs anywhere; only serving it needs vLLM's int4 kernel.
+        log.warning("this machine's vLLM cannot serve W4A16 (%s); the checkpoint is made anyway, to serve elsewhere",
+                    machine.vllm.unsupported.get(QuantMethod.w4a16, "not supported"))
+        vllm = dataclasses.replace(machine.vllm, quant={**machine.vllm.quant, QuantMethod.w4a16: "compressed-tensors"})
+        machine = dataclasses.replace(machine, vllm=vllm)
+    plan = make_plan(det, memory, quant, machine, cache_dir=str(cache_root))
     if plan.route is Route.stop:
         raise EmqError(f"plan stopped: {plan.stop_reason}", "see the plan's reasons (emq.plan.make_plan)")
     return det, plan, memory
@@ -229,13 +288,7 @@ def quantize(model_path: str | Path, out: str | Path | None = None, *, algorithm
                                          symmetric=symmetric, ignore=ignore, calibration=calibration, samples=samples,
                                          seq_len=seq_len, device=device, cache_dir=cache_dir,
                                          force_recreate=force_recreate)
-    if out is None:
-        return path
-    out = Path(out).expanduser()
-    if out.exists():
-        raise EmqError(f"{out} already exists", "pass a new directory as out, or out=None for the cached path")
-    shutil.copytree(path, out, ignore=shutil.ignore_patterns(".last_used"))
-    return out
+    return path if out is None else export_checkpoint(path, out)
 
 
 def quantize_to_awq(model_path: str | Path, awq_path: str | Path, bits: int = 4, group_size: int = 128,
@@ -252,3 +305,122 @@ def get_or_create_awq_model(base_model: str | None, lora_model: str | None, **kw
     """The original tool's `get_or_create_awq_model`: merge the LoRA, then AWQ 4-bit, cached (compressed-tensors
     pack-quantized, not AutoAWQ's format; see `quantize_to_awq`)."""
     return get_or_create_quantized_model(base_model, lora_model, algorithm="awq", **kwargs)
+
+
+def export_checkpoint(entry: str | Path, out: str | Path, *, key: str = "out") -> Path:
+    """Put a cached checkpoint at `out` as well (hard links where the filesystem allows, else a copy), atomically.
+
+    Calling it again with the same entry is a no-op; `out` holding anything else is an error (nothing is
+    overwritten).
+
+    Raises:
+        EmqError: `out` exists and holds something else; the message names `key`.
+    """
+    import os
+    import shutil
+
+    entry, out = Path(entry), Path(out).expanduser()
+    if out.exists():
+        mine = read_json(entry / "manifest.json").get("key")
+        if (out / "manifest.json").is_file() and read_json(out / "manifest.json").get("key") == mine:
+            log.info("%s already holds this checkpoint (%s)", out, mine)
+            return out
+        if not out.is_dir() or any(out.iterdir()):
+            raise EmqError(f"{key}={str(out)!r} already exists and holds something else",
+                           f"pass a new directory as {key}, or remove {out}")
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(entry, tmp, ignore=shutil.ignore_patterns(".last_used"),
+                        copy_function=_link_or_copy)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)  # same filesystem: no second copy of the weights (cache entries are never modified)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def group_sizes(model: str, *, lora: str | None = None, key: str = "model_path") -> list[int]:
+    """The W4A16 group sizes that divide every quantized in-feature of `model` (or of an adapter's base), largest
+    first: what `group_size=` may be."""
+    from emq.checkpoint.layout import GROUP_SIZES
+
+    det = detect(_model_config(lora, None if lora else model, keys=(key, key)))
+    ins = {i for _, i in det.base.linear_shapes}
+    return [g for g in GROUP_SIZES if all(i % g == 0 for i in ins)]
+
+
+def serving_setup(model_path: str | Path | None, lora: str | None = None,
+                  cache_dir: str | Path | None = None) -> ScriptSetup:
+    """What a script needs to serve the checkpoint at `model_path` as it is (which int4 kernels, the CPU build's
+    core reservation and KV cache), or the LoRA `lora` on its base: `script_setup` of emq's plan for it."""
+    cache_root = Path(cache_dir).expanduser() if cache_dir else default_root()
+    det = detect(_model_config(lora, None if model_path is None else str(model_path),
+                               keys=("model_path", "model_path")))
+    memory = MemoryConfig(route=RoutePolicy.lora if lora else RoutePolicy.auto)
+    plan = make_plan(det, memory, QuantConfig(method=QuantMethod.none), snapshot(cache_root),
+                     cache_dir=str(cache_root))
+    return script_setup(plan)
+
+
+_ENV_SET: set[tuple[str, str]] = set()
+
+
+def set_env(env: dict[str, str]) -> dict[str, str]:
+    """os.environ.setdefault for each variable (a value the caller set wins), logged once per variable and value.
+
+    Returns:
+        The variables whose value is now the one given.
+    """
+    import os
+
+    done = {}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+        if os.environ[k] == v:
+            done[k] = v
+            if (k, v) not in _ENV_SET:
+                log.info("emq set %s=%s for vLLM (a value you set yourself wins)", k, v)
+        elif (k, v) not in _ENV_SET:
+            log.info("%s=%s is yours; emq's plan would set %s", k, os.environ[k], v)
+        _ENV_SET.add((k, v))
+    return done
+
+
+@dataclass(frozen=True)
+class CacheCleanup:
+    """What `clear_cache` did: entries removed, and entries kept because a build or another process uses them."""
+
+    removed: list[tuple[str, int]]  # (key, bytes)
+    kept: list[str]
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(b for _, b in self.removed)
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> CacheCleanup:
+    """Remove every entry of the checkpoint cache, as `python -m emq cache rm --all` does, with its locks: an entry
+    being built, or used by another live process, is kept. This process's own use marks are dropped first."""
+    from emq.checkpoint.cache import entries, release, remove_entry
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_root()
+    release()
+    removed, kept = [], []
+    for e in entries(root):
+        if remove_entry(root, e.key):
+            removed.append((e.key, e.bytes))
+        else:
+            kept.append(e.key)
+    return CacheCleanup(removed, kept)

@@ -5,7 +5,6 @@ One try/finally per run: the engine is always shut down and status.json always w
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import yaml
 
 from emq import fidelity, judge, watchdog
 from emq.calibration import check_corpus_size, load_chats
+from emq.checkpoint.cache import remove_entry
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
@@ -144,6 +144,16 @@ def _demo_build(cfg: RunConfig, status: RunStatus, progress: Progress, mem: Peak
     with status.enter("demo build", progress, mem):
         ensure_demo(cfg.paths.data_dir)
         mem.reset()  # a first-run demo build is not part of this model's footprint
+
+
+def _clean_up(entry: str | Path) -> None:
+    """memory.cleanup_after_eval: remove the checkpoint this run made, unless another process is using it."""
+    entry = Path(entry)
+    if remove_entry(entry.parent, entry.name):
+        log.info("cleanup_after_eval: removed %s", entry)
+    else:
+        log.warning("cleanup_after_eval: kept %s: another run is using it (remove it later: python -m emq cache rm %s)",
+                    entry, entry.name)
 
 
 def _begin(run_dir: Path) -> None:
@@ -289,8 +299,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 engine.shutdown()
             for made in (merged, quantized):
                 if made is not None and cfg.memory.cleanup_after_eval:
-                    shutil.rmtree(made.path, ignore_errors=True)
-                    log.info("cleanup_after_eval: removed %s", made.path)
+                    _clean_up(made.path)
             progress.update(force=True, stage=status.stage, status=status.status)
             status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
             status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
@@ -462,7 +471,7 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
             if engine is not None:
                 engine.shutdown()
             if quantized is not None and cfg.memory.cleanup_after_eval:
-                shutil.rmtree(quantized.path, ignore_errors=True)
+                _clean_up(quantized.path)
             progress.update(force=True, stage=status.stage, status=status.status)
             status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
             status.peak_rss_gib = round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)

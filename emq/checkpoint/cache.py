@@ -4,15 +4,18 @@ Layout under the cache root:
     <key>/                  a complete entry: weights, config, tokenizer, manifest.json
     .<key>.tmp-XXXX/        an entry being built (or debris of a crash: removed by the next builder)
     .locks/<key>.lock       the per-key file lock (released by the OS if its holder dies)
+    .locks/<key>.use        "in use": every process that got the entry holds a shared lock on it until it exits
 
 A directory without manifest.json is never used. Every producer of checkpoints (the merge, and any
 later one) goes through `get_or_build`: it hands over a key, its inputs and a function that writes the
 checkpoint into a temp dir; the cache does the locking, the disk check, the manifest and the publish.
-`python -m emq cache ls|du|rm|verify` manages it.
+`python -m emq cache ls|du|rm|verify` manages it; removal (`remove_entry`) skips an entry that a build or a
+live process holds, so nothing is pulled from under a run that is serving it.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -62,6 +65,56 @@ def locked(root: Path, key: str, timeout_s: float = 6 * 3600) -> Iterator[None]:
         log.info("cache: another process is building %s; waiting for it", key)
     with lock:
         yield
+
+
+# entry path -> the open file whose shared lock says "this process uses it" (released when the process exits)
+_HOLDS: dict[str, int] = {}
+
+
+def hold(entry: Path) -> None:
+    """Mark `entry` as used by this process until it exits (or `release`): removal skips it meanwhile."""
+    entry = Path(entry)
+    if str(entry) in _HOLDS:
+        return
+    (entry.parent / ".locks").mkdir(parents=True, exist_ok=True)
+    fd = os.open(entry.parent / ".locks" / f"{entry.name}.use", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HOLDS[str(entry)] = fd
+
+
+def release(entry: Path | None = None) -> None:
+    """Drop this process's use mark on `entry` (every entry when None)."""
+    for path in [str(entry)] if entry is not None else list(_HOLDS):
+        fd = _HOLDS.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def remove_entry(root: Path, key: str) -> bool:
+    """Delete the entry `key` unless a build holds its lock or a live process uses it (see `hold`).
+
+    This process's own mark on it is dropped first: a process removes what it is done with.
+
+    Returns:
+        True when the entry was removed, False when it was kept because another process holds it.
+    """
+    root = Path(root)
+    release(root / key)
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(root / ".locks" / f"{key}.lock"), timeout=0):
+            fd = os.open(root / ".locks" / f"{key}.use", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                shutil.rmtree(root / key, ignore_errors=True)
+            finally:
+                os.close(fd)
+            return True
+    except Timeout:
+        return False
 
 
 def remove_debris(root: Path, key: str) -> list[str]:
@@ -195,6 +248,7 @@ def get_or_build(root: Path, key: str, *, inputs: dict[str, Any], build: Callabl
         if is_complete(entry) and not force:
             log.info("cache: hit %s", entry)
             touch(entry)
+            hold(entry)  # under the build lock: no remover can slip in between
             return Built(entry, key, True, json.loads((entry / MANIFEST).read_text()))
         if needed_bytes:
             check_disk(root, needed_bytes, what)
@@ -208,6 +262,7 @@ def get_or_build(root: Path, key: str, *, inputs: dict[str, Any], build: Callabl
             write_json(tmp / MANIFEST, manifest)
             publish(tmp, entry)
             touch(entry)
+            hold(entry)
             return Built(entry, key, False, manifest)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up after the check

@@ -126,6 +126,22 @@ def rtn_settings(qplan) -> Any:
     return RtnSettings(qplan.group_size, qplan.symmetric, tuple(qplan.ignore))
 
 
+def _merge_entry_key(path: Path) -> str | None:
+    """The cache key of a 16-bit merge emq made (a cache entry, or a copy `emq.api.export_checkpoint` put
+    elsewhere), read from its manifest; None for any other checkpoint."""
+    import json
+
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    settings = (m.get("inputs") or {}).get("settings") or {}
+    if m.get("kind", "merge") != "merge" or settings.get("w4a16") or not m.get("key"):
+        return None
+    files = m.get("files_sha256") or {}
+    return m["key"] if files and all((path / name).is_file() for name in files) else None
+
+
 def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recreate: bool = False):
     """The W4A16 checkpoint a plan serves, when the merge stage did not already make it.
 
@@ -154,8 +170,9 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
         return merge_adapter(dataclasses.replace(src, adapter=None), qplan.devices, cache_dir,
                              settings=MergeSettings(rtn=rtn_settings(dataclasses.replace(qplan, fused=True))),
                              force_recreate=force_recreate)
-    if merged is not None:
-        src, identity = merged.path, {"merged_key": merged.key}
+    made = _merge_entry_key(Path(det.base.path)) if merged is None else merged.key
+    if made is not None:  # a merge from emq's cache (or exported from it): the same key however it is named
+        src, identity = merged.path if merged is not None else det.base.path, {"merged_key": made}
     else:
         src, identity = det.base.path, {"base_files": base_identity(Path(det.base.path))}
     cal = qplan.calibration

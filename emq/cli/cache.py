@@ -5,12 +5,11 @@ Output is for people (one line per entry); the exit code says whether the comman
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from emq.checkpoint.cache import debris, default_root, entries, locked, remove_all_debris, verify
+from emq.checkpoint.cache import debris, default_root, entries, remove_all_debris, remove_entry, verify
 
 
 def _gib(n: int) -> str:
@@ -66,10 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         if not pick:
             print("nothing matched; see `python -m emq cache ls`", file=sys.stderr)
             return 1
+        kept = 0
         for e in pick:
-            with locked(root, e.key):
-                shutil.rmtree(e.path)
-            print(f"removed {e.key} ({_gib(e.bytes)})")
+            if remove_entry(root, e.key):
+                print(f"removed {e.key} ({_gib(e.bytes)})")
+            else:
+                kept += 1
+                print(f"kept {e.key}: a running build or run holds it; retry when it has finished", file=sys.stderr)
+        return 1 if kept else 0
     elif args.cmd == "verify":
         bad = 0
         for e in found:
