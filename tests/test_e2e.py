@@ -75,7 +75,8 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
     assert records(run_dir, "detect.json")["trained_in_4bit"] is True
     plan = records(run_dir, "plan.json")["plan"]
     from emq.machine import snapshot
-    from emq.plan import cpu_threads_env, leanest_quant
+    from emq.engine_env import cpu_threads_env
+    from emq.plan import leanest_quant
 
     # quant=auto takes the leanest method this machine's vLLM serves: W4A16 where its kernel exists (a GPU, or a
     # CPU with AVX512), else vLLM's bnb plugin (an AVX2-only CPU), which serves the QLoRA as a LoRA on NF4
@@ -364,7 +365,7 @@ def test_local_judge_that_cannot_start_fails_with_its_log_and_leaves_nothing(dem
     from emq.judge import prepare
     from emq.judge_server import LocalServer
     from emq.errors import EmqError
-    from emq.plan import cpu_threads_env
+    from emq.engine_env import cpu_threads_env
     from tests.conftest import compose_run
 
     cfg = compose_run(["judge=local", "judge.server_args=[--no-such-flag]", "judge.startup_timeout_s=120"])

@@ -23,7 +23,8 @@ def test_w4a16_served_by_vllm_matches_transformers_on_the_decompressed_model(dem
     from emq import fidelity as F
     from emq.engine import load
     from emq.machine import snapshot
-    from emq.plan import EngineSettings, engine_env
+    from emq.engine_env import engine_env
+    from emq.plan import EngineSettings
     from emq.schema import QuantMethod
 
     why_not = snapshot(tmp_path).vllm.unsupported.get(QuantMethod.w4a16)

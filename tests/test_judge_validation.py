@@ -396,7 +396,7 @@ def test_validate_the_demo_judge_served_by_vllm(demo, tmp_path):
     assert all(r["testable"] and r["auroc_n"] != [0, 0] for r in record["metrics"].values())
     assert "judge validation: local" in out and "AUROC" in out
     # no engine ran in that process: the server itself was told to compute on every core of a <= 2-core CPU
-    from emq.plan import cpu_threads_env
+    from emq.engine_env import cpu_threads_env
 
     told = "VLLM_CPU_NUM_OF_RESERVED_CPU is less than" in (cache / "judge_server.log").read_text()
     assert told == bool(cpu_threads_env("cpu", os.cpu_count() or 1))

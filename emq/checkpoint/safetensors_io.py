@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from emq.errors import EmqError
+from emq.safetensors_header import safetensors_header, shard_names  # noqa: F401 - part of this module's API
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -40,37 +41,6 @@ FLOAT_CODES = ("F32", "F16", "BF16")
 _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
        "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": np.uint8,
        "F8_E5M2": np.uint8}
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes), weights untouched."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise EmqError(f"{path} is empty or truncated (no safetensors header)", "re-download or re-save the weights")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
-            raise EmqError(f"{path} is truncated or not a safetensors file (header says {n} bytes, file has {size})",
-                           "re-download or re-save the weights")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise EmqError(f"{path} has a corrupt safetensors header", "re-download or re-save the weights") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise EmqError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}",
-                       "re-download or re-save the weights")
-    return header
-
-
-def shard_names(model_dir: Path) -> list[str]:
-    """The safetensors files of a checkpoint: its index's, else every *.safetensors in the dir."""
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return sorted(p.name for p in Path(model_dir).glob("*.safetensors"))
 
 
 def np_dtype(code: str) -> np.dtype:

@@ -1,0 +1,80 @@
+"""How the served W4A16 checkpoint is made: group size, what is quantized, on which device."""
+from __future__ import annotations
+
+
+from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, w4a16_bytes
+from emq.checkpoint.layout import choose_group_size
+from emq.detect import DetectResult
+from emq.errors import EmqError
+from emq.machine import GIB, Machine
+from emq.plan.types import QuantizePlan, Route, Routing
+from emq.schema import MemoryConfig, MergeMethod, QuantAlgorithm, QuantConfig
+
+
+def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, routing: Routing,
+                  est: dict[str, float], reasons: list[str]) -> QuantizePlan:
+    """How the served W4A16 checkpoint is made: group size (checked against the model's Linear shapes before
+    anything runs), what is quantized, and where.
+
+    Args:
+        det: the detect record (linear_shapes, quantization_config).
+        memory: the memory policy (merge_method, prefer_cpu_merge).
+        quant: the quant group (algorithm, group_size, symmetric, ignore, calibration, damp, device).
+        machine: a snapshot of this machine.
+        routing: the route and, for a merge, its devices.
+        est: the estimates; serve_weights and the quantize peaks are set here.
+        reasons: the plan's reasons, appended to.
+
+    Raises:
+        EmqError: an already-quantized base, shapes the int4 kernels cannot take, a group size that does not
+            divide, rtn with memory.merge_method=peft, or quant.device=cuda without a GPU.
+    """
+    if det.base.quantization_config:
+        method = det.base.quantization_config.get("quant_method", "?")
+        raise EmqError(f"the base {det.base.ref} is already quantized ({method} quantization_config in its "
+                       "config.json): quant=w4a16 quantizes 16-bit weights", "use the base's 16-bit original as "
+                       "model.base, or serve it as it is (quant=none)")
+    if not det.base.linear_shapes:
+        raise EmqError(f"cannot tell the Linear shapes of {det.base.ref} (no safetensors headers and a config.json "
+                       "without hidden/intermediate sizes)", "download the base's weights, or quant=none")
+    group, why = choose_group_size([i for _, i in det.base.linear_shapes], [o for o, _ in det.base.linear_shapes],
+                                   quant.group_size)
+    ignore = sorted(set(quant.ignore) | {"lm_head"})
+    source = "merged" if routing.route is Route.merge_then_serve else "base"
+    est["serve_weights"] = est["serve_weights_w4a16"] = w4a16_bytes(det, group, quant.symmetric) / GIB
+    layout = f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
+    if quant.algorithm is QuantAlgorithm.rtn:
+        devices = routing.merge_devices if source == "merged" else (
+            ["cuda", "cpu"] if machine.cuda and not memory.prefer_cpu_merge else ["cpu"])
+        if source == "merged" and memory.merge_method is MergeMethod.peft:  # peft writes the merge itself
+            reasons.append(f"{layout}; round to nearest, in a stream pass over the peft merge (no calibration)")
+            return QuantizePlan("rtn", group, quant.symmetric, ignore, False, source, devices)
+        reasons.append(f"{layout}; round to nearest, fused into the stream pass over the "
+                       f"{'merge' if source == 'merged' else 'base'} (one pass, no 16-bit copy written; no calibration)")
+        return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices)
+    cal = quant.calibration
+    est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
+    est.update(layerwise_seconds(det, quant.algorithm.value, cal.samples, cal.seq_len))
+    devices = _quantize_devices(quant.device, machine, est, reasons)
+    took = ", ".join(f"~{est[f'quantize_seconds_{d}'] / 60:.1f} min on {d}" for d in devices)
+    reasons.append(f"{layout}; {quant.algorithm.value} on the {source} checkpoint, layer by layer (one decoder "
+                   f"layer and {cal.samples} x {cal.seq_len} calibration tokens from {cal.corpus!r} in memory), "
+                   f"on {' → '.join(devices)} ({took}, from measured rates; once per checkpoint, then cached)")
+    return QuantizePlan(quant.algorithm.value, group, quant.symmetric, ignore, False, source, devices,
+                        {"corpus": cal.corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp})
+
+
+def _quantize_devices(want: str, machine: Machine, est: dict[str, float], reasons: list[str]) -> list[str]:
+    """The cascade for a calibrated quantization: the GPU when its free memory fits, then the CPU."""
+    gpu_free = max((g.free_bytes for g in machine.gpus), default=0) / GIB
+    if want == "cuda" and not machine.cuda:
+        raise EmqError("quant.device=cuda, but this machine has no CUDA GPU", "quant.device=auto or cpu")
+    devices = []
+    if want in ("auto", "cuda") and machine.cuda:
+        if gpu_free >= est["quantize_peak_gpu_vram"] or want == "cuda":
+            devices.append("cuda")
+        else:
+            reasons.append(f"no GPU quantize: needs ~{est['quantize_peak_gpu_vram']:.1f} GiB VRAM, {gpu_free:.1f} free")
+    if want in ("auto", "cpu"):
+        devices.append("cpu")
+    return devices
