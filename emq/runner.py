@@ -156,6 +156,36 @@ def _clean_up(entry: str | Path) -> None:
                     entry, entry.name)
 
 
+def _stopped(status: RunStatus, e: BaseException) -> bool:
+    """Record how a run ended in `status`. True for emq's own errors (explained: the run stops, status.json says
+    why); False for what must propagate: Ctrl-C, SIGTERM (the entry point raises Interrupted for it), a bug."""
+    if isinstance(e, EmqError):
+        status.error = str(e)
+        log.error("emq stopped at %s: %s", status.stage, e)
+        return True
+    if isinstance(e, KeyboardInterrupt):
+        status.status, status.error = "interrupted", f"interrupted by {e.args[0] if e.args else 'SIGINT'}"
+        log.error("emq interrupted at %s (%s): stopping the engine, writing status.json", status.stage, status.error)
+    else:
+        status.error = f"{type(e).__name__}: {e}"
+    return False
+
+
+def _close(status: RunStatus, engine: Engine | None, made: list, progress: Progress, mem: PeakMemory, t0: float,
+           run_dir: Path, peak_gib: float | None = None) -> None:
+    """The end of every run, whatever happened: the engine stopped, the checkpoints memory.cleanup_after_eval drops
+    removed (`made`), progress.json and status.json written."""
+    if engine is not None:
+        engine.shutdown()
+    for m in made:
+        if m is not None:
+            _clean_up(m.path)
+    progress.update(force=True, stage=status.stage, status=status.status)
+    status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
+    status.peak_rss_gib = peak_gib or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
+    write_json(run_dir / STATUS, status)
+
+
 def _begin(run_dir: Path) -> None:
     """Make the run dir; stop what a killed earlier run of it left running; have the watchdog follow this one."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,26 +314,12 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                                                         progress, data_dir=cfg.paths.data_dir)
             status.split("judge", "judge start", (metrics.get("judge") or {}).get("start_seconds"))
             status.status = "ok"
-        except EmqError as e:
-            status.error = str(e)
-            log.error("emq stopped at %s: %s", status.stage, e)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the entry point raises Interrupted for it)
-            status.status, status.error = "interrupted", f"interrupted by {e.args[0] if e.args else 'SIGINT'}"
-            log.error("emq interrupted at %s (%s): stopping the engine, writing status.json", status.stage, status.error)
-            raise
-        except BaseException as e:
-            status.error = f"{type(e).__name__}: {e}"
-            raise
+        except BaseException as e:  # recorded in status.json; raised again unless it is emq's own, explained stop
+            if not _stopped(status, e):
+                raise
         finally:
-            if engine is not None:
-                engine.shutdown()
-            for made in (merged, quantized):
-                if made is not None and cfg.memory.cleanup_after_eval:
-                    _clean_up(made.path)
-            progress.update(force=True, stage=status.stage, status=status.status)
-            status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
-            status.peak_rss_gib = metrics.get("peak_rss_gib") or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
-            write_json(run_dir / STATUS, status)
+            _close(status, engine, [merged, quantized] if cfg.memory.cleanup_after_eval else [], progress, mem, t0,
+                   run_dir, peak_gib=metrics.get("peak_rss_gib"))
             log.info("\n%s", run_summary(status, metrics))
     return status
 
@@ -457,25 +473,11 @@ def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
             starts = [(m.get("judge") or {}).get("start_seconds") for m in metrics.values()]
             status.split("judge", "judge start", next((x for x in starts if x), None))
             status.status = "ok"
-        except EmqError as e:
-            status.error = str(e)
-            log.error("emq stopped at %s: %s", status.stage, e)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the entry point raises Interrupted for it)
-            status.status, status.error = "interrupted", f"interrupted by {e.args[0] if e.args else 'SIGINT'}"
-            log.error("emq interrupted at %s (%s): stopping the engine, writing status.json", status.stage, status.error)
-            raise
-        except BaseException as e:
-            status.error = f"{type(e).__name__}: {e}"
-            raise
+        except BaseException as e:  # recorded in status.json; raised again unless it is emq's own, explained stop
+            if not _stopped(status, e):
+                raise
         finally:
-            if engine is not None:
-                engine.shutdown()
-            if quantized is not None and cfg.memory.cleanup_after_eval:
-                _clean_up(quantized.path)
-            progress.update(force=True, stage=status.stage, status=status.status)
-            status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
-            status.peak_rss_gib = round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
-            write_json(run_dir / STATUS, status)
+            _close(status, engine, [quantized] if cfg.memory.cleanup_after_eval else [], progress, mem, t0, run_dir)
             for n, d in dirs.items():
                 if d.is_dir():
                     write_json(d / STATUS, _adapter_status(status, own[n], len(named), d))
