@@ -19,6 +19,7 @@ from emq.checkpoint.cache import remove_entry
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
 from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
+from emq.checkpoint.quantizers import quantizer
 from emq.demo import demo_built, ensure_demo
 from emq.detect import check_ignore, detect
 from emq.engine import Engine, check_engine_extra, load
@@ -57,7 +58,7 @@ from emq.records import (
     write_text_atomic,
 )
 from emq.report.tables import plan_table, run_summary
-from emq.schema import JudgeKind, QuantAlgorithm, RunConfig, Stage
+from emq.schema import JudgeKind, RunConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def tokenizer_checks(det, cfg: RunConfig, prompts: list[dict]) -> str | None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(det.base.path)
-    if cfg.quant.algorithm is not QuantAlgorithm.rtn:
+    if quantizer(cfg.quant.algorithm.value).calibrated:
         cal = cfg.quant.calibration
         check_corpus_size(load_chats(cal.corpus), tokenizer, cal.samples, cal.seq_len)
     return check_prompt_lengths(prompts, tokenizer, cfg.memory.max_model_len, cfg.eval.max_tokens,
@@ -226,7 +227,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             with status.enter("plan", progress, mem):
                 prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
                 judge.check_prompts(prompts)
-                if cfg.quant.algorithm is not QuantAlgorithm.rtn:  # a bad calibration file: before the machine's say
+                if quantizer(cfg.quant.algorithm.value).calibrated:  # a bad calibration file: before the machine's say
                     load_chats(cfg.quant.calibration.corpus)
                 limit = tokenizer_checks(det, cfg, prompts)  # prompt lengths, calibration size, quant.ignore
                 machine = snapshot(cfg.paths.cache_dir)

@@ -180,3 +180,24 @@ def private_uses(name: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_private_name_crosses_a_module(name):
     assert private_uses(name) == []
+
+
+def test_the_layerwise_driver_names_no_algorithm():
+    """checkpoint/layerwise.py loads, captures, asks the quantizer, writes: no calibrated algorithm's name in its code
+    (its prose may explain them) and no algorithm module imported (they are found by name: emq.checkpoint.quantizers).
+    Round to nearest stays: it is the W4A16 format's own rounding, which every layer's error is compared to."""
+    from emq.checkpoint.quantizers import names, quantizer
+
+    tree = ast.parse(MODULES["emq.checkpoint.layerwise"].read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    algos = {n for n in names() if quantizer(n).calibrated}
+    bad = [f"line {n.lineno}: {n.value!r}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
+           and isinstance(n.value, str) and id(n) not in docstrings and any(a in n.value.lower().split() or
+                                                                          n.value.lower() == a for a in algos)]
+    bad += [f"line {n.lineno}: {n.id}" for n in ast.walk(tree) if isinstance(n, ast.Name)
+            and any(a in n.id.lower() for a in algos)]
+    bad += [f"imports {t}" for t, _, _ in imports_of("emq.checkpoint.layerwise")
+            if t.rsplit(".", 1)[-1] in algos]
+    assert algos >= {"gptq", "awq"} and bad == []

@@ -16,10 +16,14 @@ batch of many tokens costs one [in, in] matmul up front. All math is float32.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from emq.checkpoint.w4a16 import QuantSpec, dequantize, quantize_rtn
+from emq.checkpoint.w4a16 import QuantSpec, QWeight, dequantize, quantize_rtn
+from emq.errors import EmqError
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +149,142 @@ def fold_into_previous(prev_weight: torch.Tensor, scales: torch.Tensor) -> torch
             raise ValueError(f"previous Linear has {prev_weight.shape[0]} output rows, not {s.shape[0]}")
         return prev_weight.float() / s[:, None]
     raise ValueError(f"cannot fold scales into a tensor of shape {tuple(prev_weight.shape)}")
+
+
+# -- layer by layer (emq.checkpoint.layerwise drives, emq.checkpoint.quantizers.awq asks) ------------
+
+# model types whose decoder layers have the Llama module layout AWQ folds into (RMSNorm: y = w·x/rms)
+AWQ_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+AWQ_GRID = 20
+
+
+@dataclass(frozen=True)
+class AwqGroup:
+    """Linears that read one input, and the op that produces it (names relative to the decoder layer).
+
+    Attributes:
+        prev: a norm (its weight, and bias if any, is divided by s) or a Linear (its output rows are).
+        linears: the Linears reading prev's output (their input columns are multiplied by s).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+def awq_groups(layer: nn.Module, model_type: str) -> list[AwqGroup]:
+    """The AWQ scale groups of a Llama/Qwen2/Mistral-style decoder layer.
+
+    (input_layernorm → q, k, v), (v_proj rows → o_proj) only when v's out-features equal o's in-features
+    (no grouped-query attention), (post_attention_layernorm → gate, up) and (up_proj rows → down_proj).
+
+    Args:
+        layer: the decoder layer (any device, meta included).
+        model_type: the config's model_type.
+
+    Raises:
+        EmqError: the architecture is not one AWQ folds into.
+    """
+    names = {n for n, _ in layer.named_modules()}
+    need = {"input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    if model_type not in AWQ_MODEL_TYPES or not need <= names:
+        raise awq_refused(f"{type(layer).__name__} layers (model_type {model_type!r})")
+    groups = [AwqGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
+    if v.out_features == o.in_features:  # with GQA one v row feeds several heads' o columns: no per-row fold
+        groups.append(AwqGroup("self_attn.v_proj", ("self_attn.o_proj",)))
+    groups.append(AwqGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    groups.append(AwqGroup("mlp.up_proj", ("mlp.down_proj",)))
+    return groups
+
+
+def awq_refused(what: str) -> EmqError:
+    return EmqError(f"AWQ is not implemented for {what}; it folds scales into Llama-style decoder layers "
+                    f"(model types {', '.join(AWQ_MODEL_TYPES)})",
+                    "use quant.algorithm=gptq or quant.algorithm=rtn for this model")
+
+
+def fold_awq_scales(layer: nn.Module, group: AwqGroup, scales: torch.Tensor) -> None:
+    """Apply AWQ scales in place, leaving the layer's float function unchanged: prev ÷ s, Linears' columns × s.
+
+    Args:
+        layer: the decoder layer, float32 parameters.
+        group: which ops.
+        scales: [in] positive scales (on the layer's device).
+    """
+    prev = layer.get_submodule(group.prev)
+    with torch.no_grad():
+        prev.weight.copy_(fold_into_previous(prev.weight, scales))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.copy_(fold_into_previous(prev.bias, scales))
+        for name in group.linears:
+            lin = layer.get_submodule(name)
+            lin.weight.copy_(scale_columns(lin.weight, scales))
+
+
+def search_awq_scales(hessian: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec,
+                      scale_dtype: torch.dtype, grid: int = AWQ_GRID) -> tuple[torch.Tensor, dict]:
+    """`emq.checkpoint.awq.awq_scales` on running statistics of every calibration token instead of a sample.
+
+    The objective Σ_W ‖x Wᵀ - (x/s) Q(W·s)ᵀ‖² only needs xᵀx, which H = 2XᵀX/n holds; s_x = mean |x|.
+
+    Args:
+        hessian: [in, in] H of the group's input (`accumulate_hessian`).
+        absmean: [in] mean |x| per input channel.
+        weights: the float32 [out_i, in] weights being quantized.
+        spec: the quantization spec.
+        scale_dtype: the stored scale dtype.
+        grid: α = i/grid for i in 0..grid-1 (α = 0 is plain RTN).
+
+    Returns:
+        (s float32 [in], info: alpha, loss (mean squared output error per token), loss_rtn, ratio, clamped).
+    """
+    sx = absmean.clamp(min=max(float(absmean.max()) * SX_FLOOR, torch.finfo(torch.float32).tiny))
+    best = None
+    loss_rtn = 0.0
+    for i in range(grid):
+        s, clamped = candidate_scales(sx, i / grid)
+        approx = [dequantize(quantize_rtn(w * s, spec, scale_dtype)) / s for w in weights]
+        loss = output_error(hessian, weights, approx) / 2  # H = 2XᵀX/n
+        if i == 0:
+            loss_rtn = loss
+        if best is None or loss < best[0]:
+            best = (loss, i / grid, s, clamped)
+    loss, alpha, s, clamped = best
+    ratio = loss / loss_rtn if loss_rtn else 1.0
+    return s, {"alpha": alpha, "loss": loss, "loss_rtn": loss_rtn, "ratio": ratio, "clamped": clamped}
+
+def check_model_type(config: dict[str, Any]) -> None:
+    """Refuse a model whose decoder layers AWQ cannot fold into, from its config.json."""
+    if config.get("model_type") not in AWQ_MODEL_TYPES:
+        archs = ", ".join(config.get("architectures") or []) or "?"
+        raise awq_refused(f"{archs} (model_type {config.get('model_type')!r})")
+
+
+def awq_layer(layer: nn.Module, names: list[str], stats: Any, job: Any,
+               groups: list[AwqGroup]) -> tuple[dict[str, QWeight], dict]:
+    """AWQ: search every group's scales on the full-precision weights, fold them all, then RTN-quantize.
+
+    `stats` is the driver's LayerStats (H and mean |x| per input), `job` its LayerJob (spec, scale and output dtypes).
+    """
+    found = []
+    for g in groups:
+        members = [n for n in g.linears if n in names and n in stats.key_of]
+        if not members:  # every reader stays 16-bit (or never ran): scaling would only cost rounding
+            continue
+        weights = [layer.get_submodule(n).weight.detach() for n in members]
+        s, meta = search_awq_scales(stats.h(members[0]), stats.absmean(members[0]), weights, job.spec,
+                                    job.scale_dtype)
+        found.append((g, s, meta))
+    info: dict[str, Any] = {}
+    for g, s, meta in found:
+        fold_awq_scales(layer, g, s)
+        info[g.prev] = {"linears": list(g.linears), "alpha": meta["alpha"], "ratio": meta["ratio"],
+                        "loss": meta["loss"], "loss_rtn": meta["loss_rtn"], "clamped": meta["clamped"]}
+    quantized = {f"{n}.weight" for n in names}
+    with torch.no_grad():  # what stays 16-bit is served as stored: compute the next inputs with that rounding
+        for pname, p in layer.named_parameters():
+            if pname not in quantized:
+                p.copy_(p.to(job.out_dtype).float())
+    qweights = {n: quantize_rtn(layer.get_submodule(n).weight.detach(), job.spec, job.scale_dtype) for n in names}
+    return qweights, info

@@ -2,6 +2,7 @@
 (kept apart from the kernels so that planning never imports them)."""
 from __future__ import annotations
 
+from emq.checkpoint.quantizers import quantizer
 from emq.checkpoint.safetensors_io import CHUNK, Writer
 from emq.detect import DetectResult
 from emq.machine import GIB
@@ -75,13 +76,9 @@ def layerwise_peaks(det: DetectResult, samples: int, seq_len: int) -> dict[str, 
     return {"quantize_peak_gpu_vram": device + 0.5, "quantize_peak_cpu_ram": device + 1.0}
 
 
-# Seconds per (decoder Linear parameter × calibration token) of a layer-by-layer GPTQ/AWQ pass, measured:
-# CPU, the demo (106M Linear parameters, 40 × 512 tokens) on 2 shared cores: GPTQ 230-250 s, AWQ 220-230 s;
-# H200, a Llama-1B shape (~0.9B Linear parameters, 40 × 512 tokens): GPTQ 84 s, AWQ 12 s.
-LAYERWISE_S_PER_PARAM_TOKEN = {"cpu": {"gptq": 1.15e-10, "awq": 1.05e-10}, "cuda": {"gptq": 4.6e-12, "awq": 6.5e-13}}
-
-
 def layerwise_seconds(det: DetectResult, algorithm: str, samples: int, seq_len: int) -> dict[str, float]:
-    """Rough wall time of a calibrated quantization per device, from the measured rates above."""
+    """Rough wall time of a calibrated quantization per device, from the algorithm's measured rates (seconds per
+    decoder Linear parameter × calibration token: `emq.checkpoint.quantizers.<algorithm>`)."""
     work = (det.base.linear_params or 0) * samples * seq_len
-    return {f"quantize_seconds_{device}": work * rates[algorithm] for device, rates in LAYERWISE_S_PER_PARAM_TOKEN.items()}
+    rates = quantizer(algorithm).seconds_per_param_token
+    return {f"quantize_seconds_{device}": work * rate for device, rate in rates.items()}

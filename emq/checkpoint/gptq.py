@@ -21,15 +21,18 @@ Choices:
 from __future__ import annotations
 
 import logging
-import math
+from typing import Any
 
 import torch
+
+from emq.checkpoint.awq import output_error
 
 from emq.checkpoint.w4a16 import (
     QuantSpec,
     QWeight,
     check_weight,
     decode,
+    dequantize,
     group_params,
     quantize_codes,
     quantize_rtn,
@@ -38,32 +41,6 @@ from emq.checkpoint.w4a16 import (
 log = logging.getLogger(__name__)
 
 MAX_DAMP = 1.0
-
-
-def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
-    """Fold a batch of layer inputs into the running H = 2XᵀX/n.
-
-    A running mean (rescale then add) keeps the magnitude independent of how many tokens were seen.
-
-    Args:
-        h: the Hessian so far ([in, in] float32), or None before the first batch.
-        x: inputs of the Linear, [..., in] (any float dtype; flattened to tokens × in).
-        n_seen: tokens already folded into `h`.
-
-    Returns:
-        (updated H, tokens seen).
-    """
-    x = x.reshape(-1, x.shape[-1]).float()
-    m = x.shape[0]
-    if h is None:
-        h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-        n_seen = 0
-    n = n_seen + m
-    if m == 0:
-        return h, n_seen
-    h = h * (n_seen / n)
-    x = x * math.sqrt(2.0 / n)
-    return h + x.T @ x, n
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float, int]:
@@ -179,3 +156,51 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float
     qw = QWeight(codes=codes, scale=scales, zero_point=zeros, spec=spec, scale_dtype=scale_dtype)
     return qw, {"damp": used, "fallback": None, "loss": float(row_loss.sum()), "row_loss": row_loss,
                 "dead_columns": n_dead, "tries": tries}
+
+
+# -- one decoder layer (emq.checkpoint.layerwise drives, emq.checkpoint.quantizers.gptq asks) -------------
+
+def gptq_layer(layer: Any, names: list[str], stats: Any, job: Any) -> tuple[dict[str, QWeight], dict]:
+    """GPTQ each Linear from its Hessian; Linears that read one input (q/k/v, gate/up) as one stacked weight.
+
+    GPTQ's update is row by row with a shared H, so stacking is the same arithmetic; it runs the column loop,
+    which is launch-bound on a GPU, once per input instead of once per Linear (7B: 23k columns, not 36k).
+    `stats` is the driver's LayerStats (H per input), `job` its LayerJob (spec, damp, scale dtype).
+    """
+    qweights, info = {}, {}
+    readers: dict[str, list[str]] = {}
+    for name in names:
+        if name not in stats.key_of:  # never called on calibration data (e.g. an unrouted expert)
+            w = layer.get_submodule(name).weight.detach()
+            qweights[name] = quantize_rtn(w, job.spec, job.scale_dtype)
+            info[name] = {"loss": None, "damp": None, "fallback": "rtn: no calibration input reached it",
+                          "dead_columns": w.shape[1]}
+            continue
+        readers.setdefault(stats.key_of[name], []).append(name)
+    for key, members in readers.items():
+        h = stats.hessian[key]
+        ws = [layer.get_submodule(n).weight.detach() for n in members]
+        stacked, meta = gptq(torch.cat(ws) if len(ws) > 1 else ws[0], h, job.spec, damp=job.damp,
+                             scale_dtype=job.scale_dtype)
+        start = 0
+        for name, w in zip(members, ws):
+            rows = slice(start, start + w.shape[0])
+            start = rows.stop
+            qw = _rows(stacked, rows) if len(ws) > 1 else stacked
+            qweights[name] = qw
+            info[name] = {k: meta[k] for k in ("damp", "fallback", "dead_columns")}
+            info[name]["loss"] = float(meta["row_loss"][rows].sum()) if "row_loss" in meta else None
+            if len(ws) > 1:
+                info[name]["stacked_with"] = [n for n in members if n != name]
+            # the Linear's own objective (undamped; sink-weighted for q/k/v), for GPTQ and for RTN
+            obj = output_error(h, [w], [dequantize(qw)]) / 2
+            obj_rtn = output_error(h, [w], [dequantize(quantize_rtn(w, job.spec, job.scale_dtype))]) / 2
+            info[name].update(objective=obj, objective_rtn=obj_rtn, ratio=obj / obj_rtn if obj_rtn else 1.0)
+    return qweights, info
+
+
+def _rows(qw: QWeight, rows: slice) -> QWeight:
+    """The output rows `rows` of a quantized weight."""
+    return QWeight(codes=qw.codes[rows].contiguous(), scale=qw.scale[rows].contiguous(),
+                   zero_point=None if qw.zero_point is None else qw.zero_point[rows].contiguous(),
+                   spec=qw.spec, scale_dtype=qw.scale_dtype)

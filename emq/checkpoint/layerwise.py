@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from emq.checkpoint import safetensors_io as sio
-from emq.checkpoint.awq import SX_FLOOR, candidate_scales, fold_into_previous, output_error, scale_columns
-from emq.checkpoint.gptq import accumulate_hessian, gptq
+from emq.checkpoint.hessian import accumulate_hessian
 from emq.checkpoint.nf4 import dequant_eligible
+from emq.checkpoint.quantizers import Quantizer, quantizer
 from emq.checkpoint.w4a16 import (
     QuantSpec,
     QWeight,
@@ -66,111 +66,10 @@ from emq.errors import EmqError
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("gptq", "awq")
-# model types whose decoder layers have the Llama module layout AWQ folds into (RMSNorm: y = w·x/rms)
-AWQ_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-AWQ_GRID = 20
 # Linears that read the attention's input: their statistics weight the first position (the attention sink)
 ATTENTION_INPUT = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|Wqkv|W_pack)$")
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-@dataclass(frozen=True)
-class AwqGroup:
-    """Linears that read one input, and the op that produces it (names relative to the decoder layer).
-
-    Attributes:
-        prev: a norm (its weight, and bias if any, is divided by s) or a Linear (its output rows are).
-        linears: the Linears reading prev's output (their input columns are multiplied by s).
-    """
-
-    prev: str
-    linears: tuple[str, ...]
-
-
-def awq_groups(layer: nn.Module, model_type: str) -> list[AwqGroup]:
-    """The AWQ scale groups of a Llama/Qwen2/Mistral-style decoder layer.
-
-    (input_layernorm → q, k, v), (v_proj rows → o_proj) only when v's out-features equal o's in-features
-    (no grouped-query attention), (post_attention_layernorm → gate, up) and (up_proj rows → down_proj).
-
-    Args:
-        layer: the decoder layer (any device, meta included).
-        model_type: the config's model_type.
-
-    Raises:
-        EmqError: the architecture is not one AWQ folds into.
-    """
-    names = {n for n, _ in layer.named_modules()}
-    need = {"input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
-    if model_type not in AWQ_MODEL_TYPES or not need <= names:
-        raise _awq_refused(f"{type(layer).__name__} layers (model_type {model_type!r})")
-    groups = [AwqGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
-    v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
-    if v.out_features == o.in_features:  # with GQA one v row feeds several heads' o columns: no per-row fold
-        groups.append(AwqGroup("self_attn.v_proj", ("self_attn.o_proj",)))
-    groups.append(AwqGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
-    groups.append(AwqGroup("mlp.up_proj", ("mlp.down_proj",)))
-    return groups
-
-
-def _awq_refused(what: str) -> EmqError:
-    return EmqError(f"AWQ is not implemented for {what}; it folds scales into Llama-style decoder layers "
-                    f"(model types {', '.join(AWQ_MODEL_TYPES)})",
-                    "use quant.algorithm=gptq or quant.algorithm=rtn for this model")
-
-
-def fold_awq_scales(layer: nn.Module, group: AwqGroup, scales: torch.Tensor) -> None:
-    """Apply AWQ scales in place, leaving the layer's float function unchanged: prev ÷ s, Linears' columns × s.
-
-    Args:
-        layer: the decoder layer, float32 parameters.
-        group: which ops.
-        scales: [in] positive scales (on the layer's device).
-    """
-    prev = layer.get_submodule(group.prev)
-    with torch.no_grad():
-        prev.weight.copy_(fold_into_previous(prev.weight, scales))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.copy_(fold_into_previous(prev.bias, scales))
-        for name in group.linears:
-            lin = layer.get_submodule(name)
-            lin.weight.copy_(scale_columns(lin.weight, scales))
-
-
-def search_awq_scales(hessian: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec,
-                      scale_dtype: torch.dtype, grid: int = AWQ_GRID) -> tuple[torch.Tensor, dict]:
-    """`emq.checkpoint.awq.awq_scales` on running statistics of every calibration token instead of a sample.
-
-    The objective Σ_W ‖x Wᵀ - (x/s) Q(W·s)ᵀ‖² only needs xᵀx, which H = 2XᵀX/n holds; s_x = mean |x|.
-
-    Args:
-        hessian: [in, in] H of the group's input (`accumulate_hessian`).
-        absmean: [in] mean |x| per input channel.
-        weights: the float32 [out_i, in] weights being quantized.
-        spec: the quantization spec.
-        scale_dtype: the stored scale dtype.
-        grid: α = i/grid for i in 0..grid-1 (α = 0 is plain RTN).
-
-    Returns:
-        (s float32 [in], info: alpha, loss (mean squared output error per token), loss_rtn, ratio, clamped).
-    """
-    sx = absmean.clamp(min=max(float(absmean.max()) * SX_FLOOR, torch.finfo(torch.float32).tiny))
-    best = None
-    loss_rtn = 0.0
-    for i in range(grid):
-        s, clamped = candidate_scales(sx, i / grid)
-        approx = [dequantize(quantize_rtn(w * s, spec, scale_dtype)) / s for w in weights]
-        loss = output_error(hessian, weights, approx) / 2  # H = 2XᵀX/n
-        if i == 0:
-            loss_rtn = loss
-        if best is None or loss < best[0]:
-            best = (loss, i / grid, s, clamped)
-    loss, alpha, s, clamped = best
-    ratio = loss / loss_rtn if loss_rtn else 1.0
-    return s, {"alpha": alpha, "loss": loss, "loss_rtn": loss_rtn, "ratio": ratio, "clamped": clamped}
 
 
 # -- reading the source ------------------------------------------------------------------------------------
@@ -352,8 +251,8 @@ def _forward(layer: nn.Module, calib: _Calib, index: int, b: int) -> torch.Tenso
 
 
 @dataclass
-class _Stats:
-    """Per distinct Linear input: H = 2XᵀX/n (running) and Σ|x|; Linears fed one tensor share them."""
+class LayerStats:
+    """What the driver captured for the quantizer, per distinct Linear input: H = 2XᵀX/n (running) and Σ|x|; Linears fed one tensor share them."""
 
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     abssum: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -394,10 +293,11 @@ class _Stats:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """What every layer needs."""
+class LayerJob:
+    """What every layer needs (the quantizer reads it too)."""
 
     algorithm: str
+    model_type: str
     spec: QuantSpec
     ignore: tuple[str, ...]
     damp: float
@@ -411,7 +311,7 @@ def _ignored(module: str, ignore: tuple[str, ...]) -> bool:
     return any(module == i or module.endswith("." + i) for i in ignore)
 
 
-def _quantized_names(layer: nn.Module, full: str, job: _Job) -> list[str]:
+def _quantized_names(layer: nn.Module, full: str, job: LayerJob) -> list[str]:
     """The layer's Linears to quantize (relative names): eligible decoder weights not in `ignore`."""
     names = []
     for name, mod in layer.named_modules():
@@ -450,9 +350,9 @@ def _set_weights(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             layer.get_parameter(name).copy_(t)
 
 
-def _capture(layer: nn.Module, names: list[str], calib: _Calib, index: int) -> _Stats:
+def _capture(layer: nn.Module, names: list[str], calib: _Calib, index: int) -> LayerStats:
     """Full-precision pass: store the outputs in calib.y and collect the Linears' input statistics."""
-    stats = _Stats()
+    stats = LayerStats()
     sink = float(calib.x.shape[1])  # the first position counts as much as the whole sequence
     hooks = [layer.get_submodule(n).register_forward_hook(stats.hook(n, sink if ATTENTION_INPUT.search(n) else 1.0))
              for n in names]
@@ -479,79 +379,8 @@ def _output_mse(layer: nn.Module, calib: _Calib, index: int, advance: bool) -> f
     return float(total) / calib.y.numel()
 
 
-def _gptq_layer(layer: nn.Module, names: list[str], stats: _Stats, job: _Job) -> tuple[dict[str, QWeight], dict]:
-    """GPTQ each Linear from its Hessian; Linears that read one input (q/k/v, gate/up) as one stacked weight.
-
-    GPTQ's update is row by row with a shared H, so stacking is the same arithmetic; it runs the column loop,
-    which is launch-bound on a GPU, once per input instead of once per Linear (7B: 23k columns, not 36k).
-    """
-    qweights, info = {}, {}
-    readers: dict[str, list[str]] = {}
-    for name in names:
-        if name not in stats.key_of:  # never called on calibration data (e.g. an unrouted expert)
-            w = layer.get_submodule(name).weight.detach()
-            qweights[name] = quantize_rtn(w, job.spec, job.scale_dtype)
-            info[name] = {"loss": None, "damp": None, "fallback": "rtn: no calibration input reached it",
-                          "dead_columns": w.shape[1]}
-            continue
-        readers.setdefault(stats.key_of[name], []).append(name)
-    for key, members in readers.items():
-        h = stats.hessian[key]
-        ws = [layer.get_submodule(n).weight.detach() for n in members]
-        stacked, meta = gptq(torch.cat(ws) if len(ws) > 1 else ws[0], h, job.spec, damp=job.damp,
-                             scale_dtype=job.scale_dtype)
-        start = 0
-        for name, w in zip(members, ws):
-            rows = slice(start, start + w.shape[0])
-            start = rows.stop
-            qw = _rows(stacked, rows) if len(ws) > 1 else stacked
-            qweights[name] = qw
-            info[name] = {k: meta[k] for k in ("damp", "fallback", "dead_columns")}
-            info[name]["loss"] = float(meta["row_loss"][rows].sum()) if "row_loss" in meta else None
-            if len(ws) > 1:
-                info[name]["stacked_with"] = [n for n in members if n != name]
-            # the Linear's own objective (undamped; sink-weighted for q/k/v), for GPTQ and for RTN
-            obj = output_error(h, [w], [dequantize(qw)]) / 2
-            obj_rtn = output_error(h, [w], [dequantize(quantize_rtn(w, job.spec, job.scale_dtype))]) / 2
-            info[name].update(objective=obj, objective_rtn=obj_rtn, ratio=obj / obj_rtn if obj_rtn else 1.0)
-    return qweights, info
-
-
-def _rows(qw: QWeight, rows: slice) -> QWeight:
-    """The output rows `rows` of a quantized weight."""
-    return QWeight(codes=qw.codes[rows].contiguous(), scale=qw.scale[rows].contiguous(),
-                   zero_point=None if qw.zero_point is None else qw.zero_point[rows].contiguous(),
-                   spec=qw.spec, scale_dtype=qw.scale_dtype)
-
-
-def _awq_layer(layer: nn.Module, names: list[str], stats: _Stats, job: _Job,
-               groups: list[AwqGroup]) -> tuple[dict[str, QWeight], dict]:
-    """AWQ: search every group's scales on the full-precision weights, fold them all, then RTN-quantize."""
-    found = []
-    for g in groups:
-        members = [n for n in g.linears if n in names and n in stats.key_of]
-        if not members:  # every reader stays 16-bit (or never ran): scaling would only cost rounding
-            continue
-        weights = [layer.get_submodule(n).weight.detach() for n in members]
-        s, meta = search_awq_scales(stats.h(members[0]), stats.absmean(members[0]), weights, job.spec,
-                                    job.scale_dtype)
-        found.append((g, s, meta))
-    info: dict[str, Any] = {}
-    for g, s, meta in found:
-        fold_awq_scales(layer, g, s)
-        info[g.prev] = {"linears": list(g.linears), "alpha": meta["alpha"], "ratio": meta["ratio"],
-                        "loss": meta["loss"], "loss_rtn": meta["loss_rtn"], "clamped": meta["clamped"]}
-    quantized = {f"{n}.weight" for n in names}
-    with torch.no_grad():  # what stays 16-bit is served as stored: compute the next inputs with that rounding
-        for pname, p in layer.named_parameters():
-            if pname not in quantized:
-                p.copy_(p.to(job.out_dtype).float())
-    qweights = {n: quantize_rtn(layer.get_submodule(n).weight.detach(), job.spec, job.scale_dtype) for n in names}
-    return qweights, info
-
-
-def _quantize_layer(layer: nn.Module, index: int, full: str, source: _Source, calib: _Calib, job: _Job,
-                    model_type: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _quantize_layer(layer: nn.Module, index: int, full: str, source: _Source, calib: _Calib,
+                    job: LayerJob) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize one decoder layer and advance calib.x to its quantized outputs; returns (its tensors, summary)."""
     t0 = time.perf_counter()
     original = _load_layer(layer, full, source, job.device)
@@ -563,10 +392,8 @@ def _quantize_layer(layer: nn.Module, index: int, full: str, source: _Source, ca
                                                                       job.scale_dtype)) for n in names})
         summary["rtn_output_mse"] = _output_mse(layer, calib, index, advance=False)
         _set_weights(layer, original)
-    if job.algorithm == "gptq":
-        qweights, summary["modules"] = _gptq_layer(layer, names, stats, job)
-    else:
-        qweights, summary["groups"] = _awq_layer(layer, names, stats, job, awq_groups(layer, model_type))
+    q = quantizer(job.algorithm)
+    qweights, summary[q.summary_key] = q.quantize_layer(layer, names, stats, job)
     del stats
     _set_weights(layer, {f"{n}.weight": dequantize(qw) for n, qw in qweights.items()})
     summary["output_mse"] = _output_mse(layer, calib, index, advance=True)
@@ -581,7 +408,7 @@ def _quantize_layer(layer: nn.Module, index: int, full: str, source: _Source, ca
 
 
 def _layer_tensors(layer: nn.Module, full: str, source: _Source, qweights: dict[str, QWeight],
-                   job: _Job) -> dict[str, torch.Tensor]:
+                   job: LayerJob) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a layer (CPU): packed Linears; parameters in the output dtype (folded
     norms included); any other tensor the source stores under the layer, as stored."""
     out: dict[str, torch.Tensor] = {}
@@ -599,7 +426,7 @@ def _layer_tensors(layer: nn.Module, full: str, source: _Source, qweights: dict[
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _stored(source: _Source, key: str, job: _Job) -> torch.Tensor:
+def _stored(source: _Source, key: str, job: LayerJob) -> torch.Tensor:
     """A source tensor as written out: floats in the output dtype, the rest as stored."""
     t = source.get(key)
     return t.to(job.out_dtype) if t.is_floating_point() else t
@@ -635,10 +462,9 @@ def _write_index_and_config(out: Path, cfg: dict[str, Any], weight_map: dict[str
 # -- the entry point -----------------------------------------------------------------------------------------
 
 
-def _check_inputs(src: Path, algorithm: str, tokens: list[list[int]], cfg: dict[str, Any]) -> None:
-    if algorithm not in ALGORITHMS:
-        raise EmqError(f"unknown calibrated quantization algorithm {algorithm!r}",
-                       f"use quant.algorithm={' or '.join(ALGORITHMS)} (or rtn, fused into the stream merge)")
+def _check_inputs(src: Path, q: Quantizer, tokens: list[list[int]], cfg: dict[str, Any]) -> None:
+    algorithm = q.name
+    q.check(cfg)
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise EmqError(f"{src} is already quantized ({method}); {algorithm} needs a 16-bit checkpoint",
@@ -663,21 +489,19 @@ def _peak_note(device: str) -> str:
 
 
 def _setup(src: Path, algorithm: str, spec: QuantSpec, ignore: tuple[str, ...], tokens: list[list[int]],
-           device: str, damp: float, compare_rtn: bool) -> tuple[dict[str, Any], _Source, _Skeleton, _Job]:
+           device: str, damp: float, compare_rtn: bool) -> tuple[dict[str, Any], _Source, _Skeleton, LayerJob]:
     """Validate, open the source and build the skeleton."""
     cfg = json.loads((src / "config.json").read_text())
-    _check_inputs(src, algorithm, tokens, cfg)
-    if algorithm == "awq" and cfg.get("model_type") not in AWQ_MODEL_TYPES:
-        archs = ", ".join(cfg.get("architectures") or []) or "?"
-        raise _awq_refused(f"{archs} (model_type {cfg.get('model_type')!r})")
+    q = quantizer(algorithm)
+    _check_inputs(src, q, tokens, cfg)
     source = _Source(src)
     try:
         skel = _build_skeleton(src, device)
-        if algorithm == "awq":
-            awq_groups(skel.layers[0], skel.model_type)  # refuse an architecture before any work
+        q.check(cfg, skel.layers[0])  # refuse an architecture before any work
         src_dtype = _source_dtype(cfg, source)
         out_dtype = src_dtype if src_dtype in _DTYPE_NAMES else torch.bfloat16
-        job = _Job(algorithm=algorithm, spec=spec, ignore=tuple(sorted(set(ignore) | {"lm_head"})), damp=damp,
+        job = LayerJob(algorithm=algorithm, model_type=skel.model_type, spec=spec,
+                       ignore=tuple(sorted(set(ignore) | {"lm_head"})), damp=damp,
                    device=device, out_dtype=out_dtype, scale_dtype=scale_dtype_for(out_dtype),
                    compare_rtn=compare_rtn)
     except BaseException:
@@ -730,14 +554,14 @@ def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec,
     _write_index_and_config(out, cfg, weight_map, job.out_dtype, spec, job.ignore)
     return {"files_sha256": hashes, "device": device, "algorithm": algorithm,
             "spec": {"group_size": spec.group_size, "symmetric": spec.symmetric, "bits": spec.bits},
-            "damp": damp if algorithm == "gptq" else None,
+            "damp": damp if quantizer(algorithm).uses_damp else None,
             "calibration": {"samples": len(tokens), "seq_len": len(tokens[0]),
                             "first_position_weight": len(tokens[0])},
             "layers": layers, "seconds": round(time.perf_counter() - t0, 2), "peak_note": _peak_note(device)}
 
 
 def _write_shards(out: Path, skel: _Skeleton, source: _Source, calib: _Calib,
-                  job: _Job) -> tuple[dict[str, str], dict[str, str], list[dict]]:
+                  job: LayerJob) -> tuple[dict[str, str], dict[str, str], list[dict]]:
     """The rest (embeddings, final norm, lm_head) into the first shard, then each layer quantized into its own.
 
     Returns:
@@ -754,8 +578,7 @@ def _write_shards(out: Path, skel: _Skeleton, source: _Source, calib: _Calib,
     del rest
     layers = []
     for i in tqdm(range(n), desc=job.algorithm, unit="layer"):
-        tensors, summary = _quantize_layer(skel.layers[i], i, f"{skel.prefix}.{i}", source, calib, job,
-                                           skel.model_type)
+        tensors, summary = _quantize_layer(skel.layers[i], i, f"{skel.prefix}.{i}", source, calib, job)
         hashes[shards[i + 1]] = _save(out, shards[i + 1], tensors)
         weight_map.update(dict.fromkeys(tensors, shards[i + 1]))
         layers.append(summary)

@@ -18,6 +18,7 @@ from typing import Any
 
 from emq.checkpoint import cache
 from emq.checkpoint.devices import DevicesFailed, try_devices
+from emq.checkpoint.quantizers import quantizer
 from emq.checkpoint.merge import QUANTIZER_VERSION, copy_side_files
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
 
     if qplan is None or (qplan.fused and qplan.source == "merged"):
         return None
-    if qplan.algorithm == "rtn":  # one stream pass that quantizes: over the base alone, or over a peft merge
+    if not quantizer(qplan.algorithm).calibrated:  # one stream pass that quantizes: over the base alone, or a peft merge
         src = det if merged is None else detect(ModelConfig(name=det.model, base=merged.path))
         return merge_adapter(dataclasses.replace(src, adapter=None), qplan.devices, cache_dir,
                              settings=MergeSettings(rtn=rtn_settings(dataclasses.replace(qplan, fused=True))),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
+from emq.checkpoint.quantizers import quantizer
 from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
 from emq.plan.types import QuantizePlan, Route, Routing
-from emq.schema import MemoryConfig, MergeMethod, QuantAlgorithm, QuantConfig
+from emq.schema import MemoryConfig, MergeMethod, QuantConfig
 
 
 def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, routing: Routing,
@@ -43,7 +44,7 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
     source = "merged" if routing.route is Route.merge_then_serve else "base"
     est["serve_weights"] = est["serve_weights_w4a16"] = w4a16_bytes(det, group, quant.symmetric) / GIB
     layout = f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
-    if quant.algorithm is QuantAlgorithm.rtn:
+    if not quantizer(quant.algorithm.value).calibrated:  # round to nearest: no calibration, fused into a stream pass
         devices = routing.merge_devices if source == "merged" else (
             ["cuda", "cpu"] if machine.cuda and not memory.prefer_cpu_merge else ["cpu"])
         if source == "merged" and memory.merge_method is MergeMethod.peft:  # peft writes the merge itself

@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emq.checkpoint.gptq import accumulate_hessian, gptq
+from emq.checkpoint.gptq import gptq
+from emq.checkpoint.hessian import accumulate_hessian
 from emq.checkpoint.w4a16 import (
     QuantSpec,
     decode,

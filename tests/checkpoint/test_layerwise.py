@@ -16,7 +16,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from emq.checkpoint.layerwise import awq_groups, fold_awq_scales, quantize_layerwise
+from emq.checkpoint.awq import awq_groups, fold_awq_scales
+from emq.checkpoint.layerwise import quantize_layerwise
 from emq.checkpoint.w4a16 import QuantSpec, QWeight, dequantize, quantization_config, quantize_rtn
 from emq.errors import EmqError
 
