@@ -7,7 +7,10 @@ Importing the package is cheap: the API functions below import torch and friends
     emq.prepare_model_for_vllm(lora, ...)             -> model path, engine kwargs, LoRARequest
     emq.quantize(model_path, algorithm=...)           -> a cached W4A16 checkpoint (compressed-tensors)
     emq.get_or_create_quantized_model(base, lora)     -> merged + W4A16, cached
-    emq.quantize_to_awq / get_or_create_awq_model     -> the original tool's names (AWQ → compressed-tensors)
+    emq.quantize_to_awq / get_or_create_awq_model     -> AWQ → compressed-tensors, typed (Path)
+
+The original tool's scripts import `emq.quant_utils` / `emq.memory_config` instead: its names, signatures and
+str returns, over this API.
 """
 from __future__ import annotations
 
