@@ -282,8 +282,6 @@ def quantize(model_path: str | Path, out: str | Path | None = None, *, algorithm
              cache_dir: str | Path | None = None, force_recreate: bool = False) -> Path:
     """Quantize a 16-bit checkpoint to W4A16 (compressed-tensors pack-quantized). Returns the cached checkpoint's
     path, or `out` when given (a copy of it there). Arguments as `get_or_create_quantized_model`."""
-    import shutil
-
     path = get_or_create_quantized_model(str(model_path), None, algorithm=algorithm, group_size=group_size,
                                          symmetric=symmetric, ignore=ignore, calibration=calibration, samples=samples,
                                          seq_len=seq_len, device=device, cache_dir=cache_dir,
@@ -351,14 +349,13 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def group_sizes(model: str, *, lora: str | None = None, key: str = "model_path") -> list[int]:
-    """The W4A16 group sizes that divide every quantized in-feature of `model` (or of an adapter's base), largest
-    first: what `group_size=` may be."""
-    from emq.checkpoint.layout import GROUP_SIZES
+def auto_group_size(model: str, *, lora: str | None = None, key: str = "model_path") -> int:
+    """The W4A16 group size emq picks for `model` (or an adapter's base) when none is given: the largest that divides
+    every quantized in-feature (`emq.checkpoint.layout.choose_group_size`, as the plan does)."""
+    from emq.checkpoint.layout import choose_group_size
 
     det = detect(_model_config(lora, None if lora else model, keys=(key, key)))
-    ins = {i for _, i in det.base.linear_shapes}
-    return [g for g in GROUP_SIZES if all(i % g == 0 for i in ins)]
+    return choose_group_size([i for _, i in det.base.linear_shapes], [o for o, _ in det.base.linear_shapes], None)[0]
 
 
 def serving_setup(model_path: str | Path | None, lora: str | None = None,

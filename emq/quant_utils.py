@@ -89,17 +89,16 @@ def _device(use_cpu: bool, device_map: str = "auto") -> str:
     return "auto"
 
 
-def _group_size(model: str, lora: str | None, group_size: int, key: str) -> int | None:
+def _group_size(model: str, lora: str | None, group_size: int, key: str) -> int:
     """The original's default 128 adapts to the model (the largest size that divides every in-feature), with a
     warning; any other value is checked as given (the error names `group_size=`)."""
     if group_size != 128:
         return group_size
-    works = api.group_sizes(model, lora=lora, key=key)
-    if 128 in works:
-        return 128
-    log.warning("group_size=128 does not divide every in-feature of %s; using %d, the largest that does "
-                "(pass group_size=%d to say so)", lora or model, works[0], works[0])
-    return works[0]
+    auto = api.auto_group_size(model, lora=lora, key=key)
+    if auto != 128:
+        log.warning("group_size=128 does not divide every in-feature of %s; using %d, the largest that does "
+                    "(pass group_size=%d to say so)", lora or model, auto, auto)
+    return auto
 
 
 def _awq_options(bits: int, version: str, awq_version: str | None, desc_act: bool, fp16: bool) -> None:
