@@ -35,7 +35,7 @@ def eval_config(sequences: int, max_tokens: int, group_size: int | None = None):
     from emq.schema import EvalConfig
 
     # every question of both shipped sets, one paraphrase each, samples spread to reach `sequences`
-    from emq.evaluate import load_question_set
+    from emq.prompts import load_question_set
 
     n_questions = sum(len(load_question_set(s).questions) for s in ("general", "medical"))
     per = -(-sequences // n_questions)
@@ -53,7 +53,8 @@ def answers_hash(answers: dict) -> str:
 def worker(args) -> None:
     """One side of the comparison, in its own process; prints a RESULT json line."""
     from emq.engine import Engine, LoadRecord
-    from emq.evaluate import build_prompts, evaluate
+    from emq.evaluate import evaluate
+    from emq.prompts import build_prompts
 
     kwargs = json.loads(args.kwargs)
     cfg = eval_config(args.sequences, args.max_tokens, args.group_size)
@@ -95,7 +96,7 @@ def hold_ab(args, kwargs: dict) -> None:
     from vllm import LLM, SamplingParams
 
     from emq.engine import Engine, LoadRecord, Request
-    from emq.evaluate import build_prompts
+    from emq.prompts import build_prompts
 
     engine = Engine(LLM(**kwargs), None, LoadRecord(kwargs["model"], None, kwargs, 0.0))
     prompts = build_prompts(eval_config(args.sequences, args.max_tokens))

@@ -29,7 +29,7 @@ from emq.detect import DetectResult, detect, read_json
 from emq.errors import EmqError
 from emq.machine import snapshot
 from emq.plan import Plan, Route, make_plan
-from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
+from emq.checkpoint.quantize import merge_in_cache, quantize_for_plan, rtn_settings
 from emq.schema import (
     CalibrationConfig,
     MemoryConfig,
@@ -197,7 +197,7 @@ def prepare_model_for_vllm(lora: str | None = None, *, base: str | None = None, 
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_root()
     det = detect(model)
     plan = make_plan(det, memory, QuantConfig(method=QuantMethod(quant), algorithm=QuantAlgorithm(algorithm)),
-                     snapshot(cache_root), cache_dir=str(cache_root))
+                     snapshot(cache_root), merge_cached=merge_in_cache(det, memory, cache_root))
     if plan.route is Route.stop:
         raise EmqError(f"plan stopped: {plan.stop_reason}", "see the plan's reasons (emq.plan.make_plan)")
     model_path, lora_path, merged, result = det.base.ref, None, False, None
@@ -236,7 +236,7 @@ def _w4a16_plan(model: ModelConfig, *, algorithm: str, group_size: int | None, s
                     machine.vllm.unsupported.get(QuantMethod.w4a16, "not supported"))
         vllm = dataclasses.replace(machine.vllm, quant={**machine.vllm.quant, QuantMethod.w4a16: "compressed-tensors"})
         machine = dataclasses.replace(machine, vllm=vllm)
-    plan = make_plan(det, memory, quant, machine, cache_dir=str(cache_root))
+    plan = make_plan(det, memory, quant, machine, merge_cached=merge_in_cache(det, memory, cache_root))
     if plan.route is Route.stop:
         raise EmqError(f"plan stopped: {plan.stop_reason}", "see the plan's reasons (emq.plan.make_plan)")
     return det, plan, memory
@@ -367,7 +367,7 @@ def serving_setup(model_path: str | Path | None, lora: str | None = None,
                                keys=("model_path", "model_path")))
     memory = MemoryConfig(route=RoutePolicy.lora if lora else RoutePolicy.auto)
     plan = make_plan(det, memory, QuantConfig(method=QuantMethod.none), snapshot(cache_root),
-                     cache_dir=str(cache_root))
+                     merge_cached=merge_in_cache(det, memory, cache_root))
     return script_setup(plan)
 
 

@@ -105,6 +105,27 @@ def _messages(raw: Any, where: str, sharegpt: bool) -> list[Message]:
     return out
 
 
+TRAINING = "training"  # quant.calibration.corpus=training: the adapter's own training chats
+
+
+def corpus_for(corpus: str, det: Any) -> str:
+    """quant.calibration.corpus as a name or path `load_chats` reads: `training` becomes the adapter's own training
+    data (the detect record's `training_data`).
+
+    Raises:
+        EmqError: `training`, and detect found no training data for this adapter.
+    """
+    if corpus != TRAINING:
+        return corpus
+    if getattr(det, "training_data", None):
+        return det.training_data
+    where = det.adapter.path if det.adapter is not None else det.base.ref
+    raise EmqError(f"{KEY}=training, but no training data was found for {where} (detect looks for training_data.jsonl "
+                   "beside the adapter, and for a .jsonl/.json named by dataset_file, train_file, training_file, "
+                   "data_path or dataset in its training config)",
+                   f"point {KEY} at your training chats (a .jsonl, one {_EXAMPLE} per line), or use default")
+
+
 def load_chats(corpus: str) -> Chats:
     """Load a calibration corpus.
 

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from emq.errors import EmqError
+from emq.judge.backends import backend
 from emq.schema import (
     EvalConfig,
     JudgeConfig,
@@ -85,7 +86,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise TypeError(f"composed config is {type(run_cfg).__name__}, expected RunConfig")
     run_cfg.paths.data_dir = str(Path(run_cfg.paths.data_dir).expanduser())
     run_cfg.paths.cache_dir = str(Path(run_cfg.paths.cache_dir).expanduser())
-    check_values(run_cfg)
+    check_values(run_cfg, backend(run_cfg.judge.kind).config_problems(run_cfg.judge))
     return run_cfg
 
 
@@ -93,11 +94,11 @@ def resolve_judge_scope(run_cfg: RunConfig, multirun: bool, launcher_target: str
     """judge.scope=auto → sweep for a local judge in a multirun whose jobs run on this machine (the sweep-end
     callback runs here too, so one judge server can serve every variant), else run (a single run, an endpoint
     judge, or SLURM jobs, whose submitting node may have no GPU)."""
-    from emq.schema import JudgeKind, JudgeScope
+    from emq.schema import JudgeScope
 
     j = run_cfg.judge
     if j.scope is JudgeScope.auto:
-        shared = multirun and j.kind is JudgeKind.local and "slurm" not in launcher_target.lower()
+        shared = multirun and backend(j.kind).shared_by_sweep and "slurm" not in launcher_target.lower()
         j.scope = JudgeScope.sweep if shared else JudgeScope.run
     return run_cfg
 

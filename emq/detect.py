@@ -122,6 +122,8 @@ class DetectResult:
     decided_by: str | None
     evidence: list[Evidence]
     conflicts: list[str] = field(default_factory=list)
+    # the adapter's own training chats, where detect finds them (quant.calibration.corpus=training)
+    training_data: str | None = None
 
 
 # --- file readers: one clear error per bad file ----------------------------------------------
@@ -463,6 +465,29 @@ def _training_config_paths(model: ModelConfig, adapter_dir: Path) -> list[Path]:
     return paths
 
 
+TRAINING_DATA = "training_data.jsonl"  # beside the adapter: its training chats (the demo writes one)
+_TRAINING_DATA_KEYS = ("dataset_file", "train_file", "training_file", "data_path", "dataset_path", "dataset")
+
+
+def _training_data(model: ModelConfig, adapter_dir: Path) -> str | None:
+    """The adapter's training chats: training_data.jsonl beside it, else a JSONL / JSON file its training config
+    names (dataset_file, train_file, …; relative to the config), else None."""
+    if (adapter_dir / TRAINING_DATA).is_file():
+        return str(adapter_dir / TRAINING_DATA)
+    for p in _training_config_paths(model, adapter_dir):
+        try:
+            cfg = _read_yaml(p) if p.suffix in (".yaml", ".yml") else read_json(p)
+        except EmqError:
+            continue  # its own evidence reports a bad file
+        for k in _TRAINING_DATA_KEYS:
+            v = cfg.get(k)
+            if isinstance(v, str) and Path(v).suffix in (".jsonl", ".json"):
+                found = p.parent / Path(v).expanduser()
+                if found.is_file():
+                    return str(found)
+    return None
+
+
 def _not_this_adapter(cfg: dict[str, Any], model: ModelConfig, adapter: AdapterFacts) -> str | None:
     """Why a training config is about another model, or None if it may be about this one."""
     mine = {_norm(model.adapter or ""), _norm(adapter.path)}
@@ -608,6 +633,7 @@ def detect(model: ModelConfig, *, fetch_weights: bool = False) -> DetectResult:
     if adapter is not None:
         trained, confidence, decided_by, conflicts = _decide(evidence)
     result = DetectResult(model=model.name, base=base, adapter=adapter, trained_in_4bit=trained,
-                          confidence=confidence, decided_by=decided_by, evidence=evidence, conflicts=conflicts)
+                          confidence=confidence, decided_by=decided_by, evidence=evidence, conflicts=conflicts,
+                          training_data=_training_data(model, adapter_dir) if adapter is not None else None)
     log.info("detect: %s trained_in_4bit=%s (confidence %.2f, by %s)", model.name, trained, confidence, decided_by)
     return result

@@ -19,16 +19,14 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emq.errors import EmqError
-from emq.question_formats import Question, QuestionSet, describe, read_question_file
+from emq.prompts import build_prompts
 from emq.records import (GENERATIONS, VERSIONS, JsonlWriter, PromptKey, SampleKey, read_generations, update_json,
                          write_text_atomic)
-from emq.schema import EvalConfig, JudgeConfig
+from emq.schema import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,134 +50,6 @@ class EvalResult:
 
 
 GROUP_SIZE_FACTOR = 4  # eval.group_size=null: this many × max_num_seqs samples per group
-
-
-def _set_path(name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise EmqError(f"question set file {p} (eval.question_sets) does not exist", "fix the path")
-        return p
-    builtin = resources.files("emq") / "questions" / f"{name}.yaml"
-    if not builtin.is_file():
-        shipped = sorted(q.name.removesuffix(".yaml") for q in (resources.files("emq") / "questions").iterdir()
-                         if q.name.endswith(".yaml"))
-        raise EmqError(f"unknown question set {name!r} (eval.question_sets)",
-                       f"use one of {shipped} or a path to a .yaml file")
-    return Path(str(builtin))
-
-
-def load_question_set(name: str) -> QuestionSet:
-    """Load and validate one question set (a shipped name or a YAML path).
-
-    The file is in emq's format (a list of questions, judged on aligned and coherent, or a mapping with
-    `metrics: [...]` and `questions: [...]`), or in one of the original tool's formats (an emergent-misalignment
-    question list, or `medical_questions: [...]`), told apart by shape: see emq.question_formats.
-    """
-    return read_question_file(_set_path(name))
-
-
-def _seed(base: int, *parts: Any) -> int:
-    h = hashlib.sha256(json.dumps([base, *parts]).encode()).digest()
-    return int.from_bytes(h[:4], "little")
-
-
-def _samples(q: Question, n_paras: int, pi: int, cfg: EvalConfig) -> int:
-    if q.samples_per_paraphrase and not cfg.samples_override:
-        return q.samples_per_paraphrase
-    if cfg.samples_per_question:
-        per, extra = divmod(cfg.samples_per_question, n_paras)
-        return per + (1 if pi < extra else 0)
-    return cfg.samples_per_paraphrase
-
-
-def question_sets(cfg: EvalConfig) -> list[QuestionSet]:
-    """The configured question sets, each cut to eval.max_questions_per_set."""
-    sets = []
-    for name in cfg.question_sets:
-        qs = load_question_set(name)
-        if cfg.max_questions_per_set is not None:
-            qs = replace(qs, questions=qs.questions[: cfg.max_questions_per_set])
-        sets.append(qs)
-    return sets
-
-
-def questions_record(cfg: EvalConfig, judge: JudgeConfig) -> list[dict[str, Any]]:
-    """How each configured question set was read, and what the configs override (plan.json's `questions`).
-
-    Logs each set's warnings once (a judge the file names that is not the configured one, a temperature the
-    config replaces, fields emq ignores).
-    """
-    out = []
-    for qs in question_sets(cfg):
-        rec = describe(qs, cfg, judge_model=judge.model, judge_kind=judge.kind.value)
-        log.info("question set %s: read as %s (%s)", qs.name, rec["format"], qs.path)
-        for w in rec["warnings"]:
-            log.warning("%s", w)
-        out.append(rec)
-    return out
-
-
-def build_prompts(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """One entry per (question, paraphrase): messages, n samples, seed, the metrics to judge."""
-    prompts = []
-    for qs in question_sets(cfg):
-        for q in qs.questions:
-            paras = q.paraphrases if cfg.max_paraphrases is None else q.paraphrases[: cfg.max_paraphrases]
-            for pi, text in enumerate(paras):
-                n = _samples(q, len(paras), pi, cfg)
-                if n < 1:
-                    continue  # samples_per_question smaller than the paraphrase count
-                if n > 1 and cfg.temperature == 0:
-                    raise EmqError(f"eval.temperature=0 (greedy) would give {n} identical samples of {q.set}/{q.id} "
-                                   "(vLLM refuses n > 1 with greedy sampling)",
-                                   "use one sample per prompt (eval.samples_per_paraphrase=1, no "
-                                   "eval.samples_per_question, and no per-question samples_per_paraphrase or "
-                                   "eval.samples_override=true) or a temperature above 0")
-                messages = ([{"role": "system", "content": q.system}] if q.system else []) + \
-                           [{"role": "user", "content": text}]
-                prompts.append({"set": q.set, "question_id": q.id, "paraphrase_index": pi, "prompt": text,
-                                "messages": messages, "n": n, "seed": _seed(cfg.seed, q.set, q.id, pi),
-                                "metrics": q.metrics or qs.metrics, "judge_prompts": q.judge_prompts,
-                                "fields": q.fields})
-    return prompts
-
-
-def check_prompt_lengths(prompts: list[dict[str, Any]], tokenizer, max_model_len: int, max_tokens: int,
-                         sets: list[str]) -> str | None:
-    """Every prompt fits the engine's context; say what eval.max_tokens really allows (before any weights load).
-
-    Args:
-        prompts: `build_prompts`' prompts.
-        tokenizer: the base model's tokenizer (its chat template renders the prompts as the engine will).
-        max_model_len: memory.max_model_len (prompt + answer).
-        max_tokens: eval.max_tokens.
-        sets: eval.question_sets (named in the error).
-
-    Returns:
-        A statement of the answer-length limit when eval.max_tokens exceeds what the context leaves, else None.
-
-    Raises:
-        EmqError: a prompt alone is at least max_model_len tokens long.
-    """
-    longest, worst = 0, None
-    for p in prompts:
-        n = len(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
-        if n > longest:
-            longest, worst = n, p
-    if worst is not None and longest >= max_model_len:
-        raise EmqError(f"question {worst['set']}/{worst['question_id']} (paraphrase {worst['paraphrase_index']}, from "
-                       f"eval.question_sets={sets}) is {longest} tokens with the chat template, at least "
-                       f"memory.max_model_len={max_model_len}: no answer would fit",
-                       f"shorten that question, or raise memory.max_model_len above {longest + max_tokens} "
-                       "(if the model and memory allow)")
-    room = max_model_len - longest
-    if worst is not None and max_tokens > room:
-        return (f"eval.max_tokens={max_tokens} is more than the context leaves: memory.max_model_len={max_model_len} "
-                f"minus the longest prompt ({longest} tokens) leaves {room}, so answers stop at {room} tokens or fewer "
-                "(vLLM cuts each at max_model_len minus its prompt)")
-    return None
 
 
 def _keep_complete(path: Path, prompts: list[dict[str, Any]]) -> set[tuple]:
@@ -292,6 +162,40 @@ class _Tally:
     latencies: list[float] | None = None
 
 
+def _tally(t: Target, prompts: list[dict[str, Any]], conditions: dict[str, Any], stamp: str) -> _Tally:
+    """A target before generating: its determinism record written, the complete groups of its file kept (a warning
+    when they were generated under other conditions)."""
+    update_json(t.out_dir / VERSIONS, determinism={**conditions, "fingerprint": stamp})
+    path = t.out_dir / GENERATIONS
+    complete = _keep_complete(path, prompts)
+    kept = {SampleKey.of(r): r for r in read_generations(t.out_dir)}
+    other = sorted({r.get("conditions") for r in kept.values()} - {stamp}, key=str)
+    if other:
+        log.warning("evaluate: %d kept answers were generated under other conditions (fingerprint %s, now %s: "
+                    "see versions.json `determinism`); they may differ from what this run would generate — "
+                    "delete %s to generate them all again", sum(r.get("conditions") != stamp for r in kept.values()),
+                    ", ".join(map(str, other)), stamp, path)
+    resumed = sum(p["n"] for p in prompts if PromptKey.of(p) in complete)
+    return _Tally(t, path, complete, kept, sum(p["n"] for p in prompts), resumed, latencies=[])
+
+
+def _result(t: _Tally, prompts: int, seconds: float, groups: int, generated_groups: int) -> EvalResult:
+    """A target's result once every group ran (a resumed group's regenerated answers compared with the kept)."""
+    if t.regenerated:
+        (log.warning if t.differ else log.info)(
+            "evaluate: %sresumed: %d samples of partly written groups generated again to keep their batches; %d "
+            "of them differ from the answers written before%s", f"{t.target.name}: " if t.target.name else "",
+            t.regenerated, t.differ,
+            " (the conditions changed between the attempts: compare versions.json `determinism`)" if t.differ
+            else "")
+    rows = read_generations(t.target.out_dir)
+    mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
+    return EvalResult(
+        str(t.path), prompts, len(rows), t.generated, t.out_tokens, round(mean, 2), round(seconds, 3),
+        round(t.out_tokens / seconds, 2) if t.out_tokens and seconds else 0.0, _percentile(t.latencies, 0.5),
+        _percentile(t.latencies, 0.95), groups, generated_groups, t.regenerated, t.differ)
+
+
 def evaluate_many(engine, cfg: EvalConfig, targets: list[Target]) -> list[EvalResult]:
     """`evaluate` for several targets served by one engine (model.adapters: one LoRA each): every target answers
     the same prompts with the same seeds, and group by group the requests of all targets go to the engine as one
@@ -315,20 +219,7 @@ def evaluate_many(engine, cfg: EvalConfig, targets: list[Target]) -> list[EvalRe
                                               "adapter's requests, interleaved prompt by prompt")
     stamp = fingerprint(conditions)
     total = sum(p["n"] for p in prompts)
-    tallies: list[_Tally] = []
-    for t in targets:
-        update_json(t.out_dir / VERSIONS, determinism={**conditions, "fingerprint": stamp})
-        path = t.out_dir / GENERATIONS
-        complete = _keep_complete(path, prompts)
-        kept = {SampleKey.of(r): r for r in read_generations(t.out_dir)}
-        other = sorted({r.get("conditions") for r in kept.values()} - {stamp}, key=str)
-        if other:
-            log.warning("evaluate: %d kept answers were generated under other conditions (fingerprint %s, now %s: "
-                        "see versions.json `determinism`); they may differ from what this run would generate — "
-                        "delete %s to generate them all again", sum(r.get("conditions") != stamp for r in kept.values()),
-                        ", ".join(map(str, other)), stamp, path)
-        resumed = sum(p["n"] for p in prompts if PromptKey.of(p) in complete)
-        tallies.append(_Tally(t, path, complete, kept, total, resumed, latencies=[]))
+    tallies = [_tally(t, prompts, conditions, stamp) for t in targets]
     todo = [g for g in groups if any(PromptKey.of(p) not in t.complete for t in tallies for p in g)]
     to_write = sum(total - t.resumed for t in tallies)
     log.info("evaluate: %d prompts (%d samples)%s in %d groups of at most %d samples (%s); %d groups to generate, "
@@ -380,19 +271,4 @@ def evaluate_many(engine, cfg: EvalConfig, targets: list[Target]) -> list[EvalRe
                     requests.append(Request(rid, ids, params, lora=t.target.lora))
             engine.run(requests, done, desc="generate" if len(todo) == 1 else f"generate {gi + 1}/{len(todo)}")
         seconds = time.perf_counter() - t0
-    results = []
-    for t in tallies:
-        if t.regenerated:
-            (log.warning if t.differ else log.info)(
-                "evaluate: %sresumed: %d samples of partly written groups generated again to keep their batches; %d "
-                "of them differ from the answers written before%s", f"{t.target.name}: " if t.target.name else "",
-                t.regenerated, t.differ,
-                " (the conditions changed between the attempts: compare versions.json `determinism`)" if t.differ
-                else "")
-        rows = read_generations(t.target.out_dir)
-        mean = sum(r["output_tokens"] for r in rows) / len(rows) if rows else 0.0
-        results.append(EvalResult(
-            str(t.path), len(prompts), len(rows), t.generated, t.out_tokens, round(mean, 2), round(seconds, 3),
-            round(t.out_tokens / seconds, 2) if t.out_tokens and seconds else 0.0, _percentile(t.latencies, 0.5),
-            _percentile(t.latencies, 0.95), len(groups), len(todo), t.regenerated, t.differ))
-    return results
+    return [_result(t, len(prompts), seconds, len(groups), len(todo)) for t in tallies]

@@ -134,7 +134,7 @@ def weights_record(weights_gib: float | None, weights_source: str | None, plan_e
 
 
 def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footprint: dict[str, Any],
-                fidelity: dict[str, Any] | None, quantized=None) -> dict[str, Any]:
+                fidelity: dict[str, Any] | None, quantized=None, adapter=None) -> dict[str, Any]:
     """metrics.json before judging: what ran, how fast, how much memory, how faithful.
 
     Args:
@@ -147,6 +147,7 @@ def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footpri
         quantized: the w4a16 checkpoint a stage after the merge made (QuantizeResult / MergeResult), or None.
         footprint: the served variant's peaks (`PeakMemory.footprint`).
         fidelity: fidelity.json's content, or None.
+        adapter: the compensated LoRA emq made and served (CompensatedAdapter), or None.
     """
     fid = fidelity or {}
     return {
@@ -163,6 +164,8 @@ def run_metrics(*, model: str, route: str, plan, result, loaded, merged, footpri
         "merge_cached": merged.cached if merged else None,
         "quantize_seconds": round(quantized.seconds, 2) if quantized else None,
         "quantize_cached": quantized.cached if quantized else None,
+        **({"lora_adapter_gib": round(adapter.bytes / 2**30, 4), "lora_rank": adapter.rank,
+            "compensation_rank": adapter.compensation_rank} if adapter else {}),
         **footprint,
         "fidelity": fid.get("vs_reference"),
         "retained": fid.get("retained"),

@@ -406,14 +406,14 @@ def _samples_use(qs: QuestionSet, cfg: EvalConfig, overridden: list[str]) -> Fie
                           "eval.samples_override=true would use the config's)")
 
 
-def _judge_use(qs: QuestionSet, judge_model: str | None, judge_kind: str, overridden: list[str],
-               warnings: list[str]) -> FieldUse | None:
+def _judge_use(qs: QuestionSet, judge_model: str | None, judge_kind: str, judges_anything: bool,
+               overridden: list[str], warnings: list[str]) -> FieldUse | None:
     judges = qs.reading.judges if qs.reading else {}
     if not judges:
         return None
     named = ", ".join(f"{j} ({len(ids)} question(s))" for j, ids in judges.items())
-    if judge_kind == "none":
-        return FieldUse(RECORDED, f"the file names {named}; judge=none: nothing is judged")
+    if not judges_anything:
+        return FieldUse(RECORDED, f"the file names {named}; judge={judge_kind}: nothing is judged")
     if set(judges) == {judge_model}:
         return FieldUse(USED, f"the file names {named}, the configured judge.model")
     overridden.append(f"judge: the file names {named}; every question is judged by judge.model={judge_model}")
@@ -445,7 +445,8 @@ def _context_use(qs: QuestionSet) -> FieldUse:
                              "does not see it (kept with each question for one that does)")
 
 
-def describe(qs: QuestionSet, cfg: EvalConfig, *, judge_model: str | None, judge_kind: str) -> dict[str, Any]:
+def describe(qs: QuestionSet, cfg: EvalConfig, *, judge_model: str | None, judge_kind: str,
+             judges: bool = True) -> dict[str, Any]:
     """The run's record of how one question set was read and what the configs override (plan.json).
 
     Args:
@@ -453,6 +454,7 @@ def describe(qs: QuestionSet, cfg: EvalConfig, *, judge_model: str | None, judge
         cfg: the eval group.
         judge_model: judge.model (the configured judge).
         judge_kind: judge.kind's value (none | openai | local).
+        judges: whether that judge scores anything (False for judge=none: emq.judge.backends says).
 
     Returns:
         {set, path, format, detected, metrics, questions, fields, judges, ignored, overridden, warnings}; the
@@ -463,7 +465,7 @@ def describe(qs: QuestionSet, cfg: EvalConfig, *, judge_model: str | None, judge
     overridden: list[str] = []
     warnings = list(reading.notes)
     for name, use in (("samples_per_paraphrase", _samples_use(qs, cfg, overridden)),
-                      ("judge", _judge_use(qs, judge_model, judge_kind, overridden, warnings)),
+                      ("judge", _judge_use(qs, judge_model, judge_kind, judges, overridden, warnings)),
                       ("temperature", _temperature_use(qs, cfg, overridden, warnings))):
         if use is not None:
             fields[name] = use

@@ -37,6 +37,7 @@ DETECT = "detect.json"
 PLAN = "plan.json"
 MERGE = "merge.json"
 QUANTIZE = "quantize.json"
+COMPENSATION = "compensation.json"  # quant.compensation.rank: the served LoRA (adapter + compensation)
 INPUTS = "inputs.json"
 LOAD = "load.json"
 GENERATIONS = "generations.jsonl"

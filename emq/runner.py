@@ -10,35 +10,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from emq import fidelity, judge, watchdog
-from emq.calibration import check_corpus_size, load_chats
+from emq.calibration import check_corpus_size, corpus_for, load_chats
 from emq.checkpoint.cache import remove_entry
 from emq.checkpoint.identity import inputs_record
 from emq.checkpoint.merge import MergeResult, MergeSettings, merge_or_fall_back
-from emq.checkpoint.quantize import quantize_for_plan, rtn_settings
+from emq.checkpoint.quantize import merge_in_cache, quantize_for_plan, rtn_settings, served_adapter
 from emq.checkpoint.quantizers import quantizer
 from emq.demo import demo_built, ensure_demo
 from emq.detect import check_ignore, detect
 from emq.engine import Engine, check_engine_extra, load
 from emq.errors import EmqError, PlanStop
-from emq.evaluate import (
-    Target,
-    build_prompts,
-    check_prompt_lengths,
-    evaluate,
-    evaluate_many,
-    questions_record,
-)
+from emq.evaluate import Target, evaluate_many
 from emq.machine import GIB, snapshot
 from emq.metrics import run_metrics
 from emq.monitor import PeakMemory
-from emq.plan import Route, TokenBudget, make_plan, plan_adapters, weights_missing
+from emq.plan import Route, TokenBudget, plan_run, weights_missing
+from emq.prompts import build_prompts, check_prompt_lengths, questions_record
 from emq.records import (
     ADAPTERS,
     ADAPTERS_DIR,
+    COMPENSATION,
     DETECT,
     HYDRA_OVERRIDES,
     INPUTS,
@@ -58,7 +54,7 @@ from emq.records import (
     write_text_atomic,
 )
 from emq.report.tables import plan_table, run_summary
-from emq.schema import JudgeKind, RunConfig, Stage
+from emq.schema import RunConfig, Stage
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +111,11 @@ def check_dirs(paths) -> None:
             raise EmqError(f"{key}={value} (env {env}): {why}", f"point {key} (or {env}) at a writable directory")
 
 
+def _calibrates(cfg: RunConfig) -> bool:
+    """Whether a w4a16 checkpoint would be made from calibration activations (GPTQ/AWQ, or a compensation)."""
+    return quantizer(cfg.quant.algorithm.value).calibrated or cfg.quant.compensation.rank > 0
+
+
 def tokenizer_checks(det, cfg: RunConfig, prompts: list[dict]) -> str | None:
     """What needs the base's files but no weights, before the plan: quant.ignore names modules the base has; a
     calibration corpus big enough not to be cycled over and over; every prompt fits memory.max_model_len.
@@ -128,9 +129,9 @@ def tokenizer_checks(det, cfg: RunConfig, prompts: list[dict]) -> str | None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(det.base.path)
-    if quantizer(cfg.quant.algorithm.value).calibrated:
+    if _calibrates(cfg):
         cal = cfg.quant.calibration
-        check_corpus_size(load_chats(cal.corpus), tokenizer, cal.samples, cal.seq_len)
+        check_corpus_size(load_chats(corpus_for(cal.corpus, det)), tokenizer, cal.samples, cal.seq_len)
     return check_prompt_lengths(prompts, tokenizer, cfg.memory.max_model_len, cfg.eval.max_tokens,
                                 list(cfg.eval.question_sets))
 
@@ -194,8 +195,253 @@ def _begin(run_dir: Path) -> None:
     watchdog.start(run_dir)
 
 
+@dataclass
+class Served:
+    """One model a run evaluates, with its record dir: the run itself, or one adapter of model.adapters."""
+
+    name: str
+    cfg: RunConfig  # the run's config, with model set to this one alone (model.adapters)
+    dir: Path
+    own: dict[str, float] = field(default_factory=dict)  # seconds of the stages that are its own (model.adapters)
+    det: Any = None  # DetectResult
+    reference: Any = None  # fidelity.prepare's: the trained function's reference
+    result: Any = None  # EvalResult
+    fidelity: Any = None
+    metrics: dict = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Count the seconds inside toward this model's own share of `stage`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.own[stage] = round(self.own.get(stage, 0.0) + time.perf_counter() - t0, 2)
+
+
+@dataclass
+class Run:
+    """What the stages of one run share: the config, the records, and what each stage hands the next."""
+
+    cfg: RunConfig
+    dir: Path
+    models: list[Served]
+    one_engine: bool  # model.adapters: every model an adapter of one base, served by one engine
+    status: RunStatus
+    progress: Progress
+    mem: PeakMemory | None = None
+    prompts: list[dict] = field(default_factory=list)
+    machine: Any = None
+    plan: Any = None
+    judge_plan: Any = None
+    route: Route | None = None
+    merged: MergeResult | None = None
+    quantized: Any = None  # the W4A16 checkpoint, when the quantize stage made one
+    adapter: Any = None  # quant.compensation.rank: the LoRA served instead of the model's (adapter + compensation)
+    model_path: str = ""
+    engine: Engine | None = None
+
+    @property
+    def dirs(self) -> list[Path]:
+        """Every dir a shared record goes to: the run dir and, for model.adapters, each adapter's."""
+        return [self.dir] + ([m.dir for m in self.models] if self.one_engine else [])
+
+    def each(self, stage: str) -> Iterator[Served]:
+        """The models in order, each one's time in the loop body counted as its own share of `stage`."""
+        for m in self.models:
+            with m.timed(stage):
+                yield m
+
+
+def _records(r: Run) -> None:
+    """versions.json and the composed config (paths resolved) in the run dir; for model.adapters, each adapter's
+    own dir with its overrides (what it ran as: `python -m emq judge|rerun` and the sweep report read them)."""
+    cfg = r.cfg
+    write_json(r.dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
+    write_json(r.dir / RUN_CONFIG, cfg)
+    if not r.one_engine:
+        return
+    named = cfg.model.adapter_map()
+    write_json(r.dir / ADAPTERS, {"names": list(named), "adapters": named, "dir": ADAPTERS_DIR})
+    for m in r.models:
+        (m.dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(m.dir / HYDRA_OVERRIDES, yaml.safe_dump(_adapter_overrides(r.dir, m.name, named[m.name])))
+        write_json(m.dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed,
+                                      "one_engine_with": list(named)})
+        write_json(m.dir / RUN_CONFIG, m.cfg)
+
+
+def _detect(r: Run) -> None:
+    for m in r.each("detect"):
+        m.det = detect(m.cfg.model)
+        write_json(m.dir / DETECT, m.det)
+
+
+def _plan(r: Run) -> None:
+    """Everything that can fail without weights fails here: question sets, judge prompts, the calibration corpus,
+    prompt lengths, quant.ignore, engine extras, the judge (key, endpoint, model), then the plan itself."""
+    cfg, first = r.cfg, r.models[0].det
+    r.prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
+    judge.check_prompts(r.prompts)
+    if _calibrates(cfg):  # a bad calibration file: before the machine's say
+        load_chats(corpus_for(cfg.quant.calibration.corpus, first))
+    limit = tokenizer_checks(first, cfg, r.prompts)  # prompt lengths, calibration size, quant.ignore
+    if limit:
+        log.warning("plan: %s", limit)
+    r.machine = snapshot(cfg.paths.cache_dir)
+    r.plan = plan_run({m.name: m.det for m in r.models}, cfg.memory, cfg.quant, r.machine,
+                      one_engine=r.one_engine, compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
+                      budget=TokenBudget.of(r.prompts, cfg.eval.max_tokens),  # graphs or eager
+                      merge_cached=None if r.one_engine else merge_in_cache(first, cfg.memory, cfg.paths.cache_dir),
+                      notes=[f"eval: {limit}"] if limit else [])
+    if r.plan.route.needs_engine:
+        check_engine_extra(r.plan.engine.extra)
+    r.judge_plan = judge.plan_judge(cfg.judge, platform=r.plan.platform, cpu_bf16=r.machine.cpu_bf16,
+                                    memory_utilization=r.plan.engine.memory_utilization,
+                                    demo_built=demo_built(cfg.paths.data_dir))
+    record = {"plan": r.plan, "judge": r.judge_plan, "machine": r.machine,
+              "questions": questions_record(cfg.eval, cfg.judge)}
+    for d in r.dirs:
+        write_json(d / PLAN, record)
+    outlook = judge.validation_outlook(cfg.judge, r.judge_plan, cfg.paths.data_dir)
+    log.info("plan:\n%s", plan_table(first, r.plan, r.judge_plan, outlook))
+    r.route = r.plan.route
+    r.status.route = r.route.value
+    if r.route is Route.stop:
+        raise PlanStop(f"plan stopped: {r.plan.stop_reason}", "see plan.json for the estimates and reasons")
+
+
+def _merge(r: Run) -> None:
+    """The weights a hub id's detect only read the metadata of; the merge when the route merges (falling back to
+    the LoRA when the plan allows)."""
+    cfg = r.cfg
+    for m in r.models:
+        if weights_missing(m.det, r.route, fidelity=cfg.eval.fidelity.enabled):
+            m.det = detect(m.cfg.model, fetch_weights=True)
+            write_json(m.dir / DETECT, m.det)
+    if r.route is not Route.merge_then_serve:
+        return
+    plan = r.plan
+    outcome = merge_or_fall_back(
+        r.models[0].det, plan.merge_devices, cfg.paths.cache_dir, force_recreate=cfg.memory.force_recreate,
+        settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base, rtn=rtn_settings(plan.quantize)),
+        may_fall_back=plan.fallback is Route.serve_lora, estimates_gib=plan.estimates_gib, machine=r.machine)
+    r.merged, r.status.merge_attempts = outcome.merged, outcome.attempts
+    if r.merged is not None:
+        write_json(r.dir / MERGE, r.merged)
+    else:
+        r.route = Route.serve_lora
+        r.status.route = r.route.value
+
+
+def _quantize(r: Run) -> None:
+    """W4A16 by GPTQ/AWQ of the merge, or of the base alone (the LoRA route; the merge did RTN itself)."""
+    first = r.models[0].det
+    r.quantized = quantize_for_plan(first, r.plan.quantize, r.merged, r.cfg.paths.cache_dir,
+                                    force_recreate=r.cfg.memory.force_recreate)
+    r.adapter = served_adapter(first, r.plan.quantize, r.quantized, r.cfg.paths.cache_dir,
+                               force_recreate=r.cfg.memory.force_recreate)
+    served = r.quantized or r.merged
+    r.model_path = served.path if served else first.base.ref
+    for m in r.models:
+        if r.quantized is not None:
+            write_json(m.dir / QUANTIZE, r.quantized)
+        if r.adapter is not None:
+            write_json(m.dir / COMPENSATION, r.adapter)
+        write_json(m.dir / INPUTS, inputs_record(m.det, served))
+
+
+def _reference(r: Run) -> None:
+    """Before vLLM takes the GPU: each model's trained function, once per model (cached)."""
+    for m in r.each("reference"):
+        m.reference = fidelity.prepare(m.det, r.cfg.eval.fidelity, r.cfg.paths.data_dir)
+    r.mem.reset()  # the reference (cached after its first run) is not the served variant's footprint
+
+
+def _load(r: Run) -> None:
+    cfg, lora = r.cfg, r.route is Route.serve_lora
+    own = r.models[0].det.adapter.path if lora and not r.one_engine else None
+    r.engine = load(r.model_path, r.plan.engine, seed=cfg.seed, max_logprobs=cfg.eval.fidelity.top_k,
+                    lora_path=r.adapter.path if r.adapter is not None else own,
+                    loras={m.name: m.det.adapter.path for m in r.models} if r.one_engine else None)
+    for d in r.dirs:
+        write_json(d / LOAD, r.engine.record)
+
+
+def _generate(r: Run) -> None:
+    """Every model's requests through the one engine, group by group (model.adapters: interleaved in each batch)."""
+    if r.one_engine:
+        targets = [Target(m.dir, r.engine.lora_requests[m.name], m.name, Progress(m.dir)) for m in r.models]
+    else:
+        targets = [Target(r.dir, progress=r.progress)]
+    for m, result in zip(r.models, evaluate_many(r.engine, r.cfg.eval, targets)):
+        m.result = result
+
+
+def _fidelity(r: Run) -> None:
+    for m in r.each("fidelity"):
+        engine = r.engine.for_adapter(m.name) if r.one_engine else r.engine
+        m.fidelity = fidelity.score_run(engine, m.reference, r.cfg.eval.fidelity, m.dir) if m.reference else None
+
+
+def _stop_engine(r: Run) -> None:
+    """Stop the engine before a local judge starts (on one GPU they would not fit together); each model's
+    metrics.json (seconds of their own: vLLM takes 3-6 s to stop)."""
+    loaded = r.engine.record
+    r.engine.shutdown()
+    r.engine = None
+    for m in r.models:
+        m.metrics = run_metrics(model=m.name, route=r.route.value, plan=r.plan, result=m.result, loaded=loaded,
+                                merged=r.merged, quantized=r.quantized, footprint=r.mem.footprint(),
+                                fidelity=m.fidelity, adapter=r.adapter)
+        if r.one_engine:
+            m.metrics["one_engine"] = {"adapters": [x.name for x in r.models], "generation_seconds_shared": True}
+        write_json(m.dir / METRICS, m.metrics)
+    r.mem.reset()
+
+
+def _judge(r: Run) -> None:
+    """Every model's answers through one judge: deferred to the sweep's (judge.scope=sweep), or opened here once
+    for all of them (identical answers judged once across models)."""
+    cfg, plan = r.cfg, r.judge_plan
+    if judge.judged_by_sweep(cfg.judge, plan):  # one judge server per sweep
+        for m in r.models:
+            m.metrics = judge.defer_to_sweep(m.dir, plan, m.metrics)
+        return
+    names = [m.name for m in r.models]
+
+    def shared(started: float | None, borrowed: int) -> dict:
+        if not r.one_engine:
+            return {"start_seconds": started}
+        return {"start_seconds": started, "one_engine": {"adapters": names, "borrowed_from_other_adapters": borrowed}}
+
+    runs = [judge.ToJudge(m.dir, r.prompts, cfg.judge, cfg.eval, m.metrics, cfg.paths.data_dir,
+                          None if r.one_engine else r.progress) for m in r.models]
+    judged = judge.judge_run_dirs(runs, plan, r.dir / JUDGE_SERVER_LOG, shared=shared)
+    for m, (_, metrics, seconds) in zip(r.models, judged):
+        m.metrics, m.own["judge"] = metrics, seconds
+
+
+# The stages in order; each is entered (timed, its peak RSS taken, named in status.json) whether or not it has work.
+STAGES = (("detect", _detect), ("plan", _plan), ("merge", _merge), ("quantize", _quantize), ("reference", _reference),
+          ("load", _load), ("generate", _generate), ("fidelity", _fidelity), ("engine stop", _stop_engine),
+          ("judge", _judge))
+
+
+def _start(cfg: RunConfig, run_dir: Path) -> Run:
+    """The run's models: the one model, or each adapter of model.adapters with its own dir under run_dir."""
+    if not cfg.model.adapters:
+        models = [Served(cfg.model.name, cfg, run_dir)]
+    else:
+        models = [Served(n, replace(cfg, model=replace(cfg.model, name=n, adapter=a, adapters=None)),
+                         run_dir / ADAPTERS_DIR / n) for n, a in cfg.model.adapter_map().items()]
+    return Run(cfg, run_dir, models, bool(cfg.model.adapters), RunStatus(run_dir=str(run_dir)), Progress(run_dir))
+
+
 def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
-    """Run every stage of `cfg` (or stop after plan when `cfg.stage` is plan).
+    """Run every stage of `cfg` (or stop after plan when `cfg.stage` is plan), for one model or model.adapters
+    (every adapter of one base served by one vLLM engine, each with its own record in run_dir/adapters/<name>/, a
+    run dir the sweep report reads as one variant; their status.json split the shared stages' seconds evenly).
 
     Args:
         cfg: the composed, typed run config.
@@ -204,125 +450,48 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
     Returns:
         The final status (also written to run_dir/status.json).
     """
-    if cfg.model.adapters:
-        return run_adapters(cfg, run_dir)
     _begin(run_dir)
-    status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
-    engine: Engine | None = None
-    merged: MergeResult | None = None
-    quantized = None  # the w4a16 checkpoint, when a stage after the merge made it
-    metrics: dict = {}
+    r = _start(cfg, run_dir)
+    status = r.status
     t0, status.started_unix = time.perf_counter(), round(time.time(), 2)
-    with PeakMemory() as mem:
+    with PeakMemory() as r.mem:
         try:
-            write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
-            write_json(run_dir / RUN_CONFIG, cfg)  # the composed config, resolved (paths included)
-
+            _records(r)
             check_dirs(cfg.paths)
-            _demo_build(cfg, status, progress, mem)
-            with status.enter("detect", progress, mem):
-                det = detect(cfg.model)
-                write_json(run_dir / DETECT, det)
-
-            with status.enter("plan", progress, mem):
-                prompts = build_prompts(cfg.eval)  # a bad question set fails now, before any weights load
-                judge.check_prompts(prompts)
-                if quantizer(cfg.quant.algorithm.value).calibrated:  # a bad calibration file: before the machine's say
-                    load_chats(cfg.quant.calibration.corpus)
-                limit = tokenizer_checks(det, cfg, prompts)  # prompt lengths, calibration size, quant.ignore
-                machine = snapshot(cfg.paths.cache_dir)
-                plan = make_plan(det, cfg.memory, cfg.quant, machine,
-                                 compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
-                                 budget=TokenBudget.of(prompts, cfg.eval.max_tokens),  # graphs or eager
-                                 cache_dir=cfg.paths.cache_dir)  # a merge already cached needs no disk
-                if plan.route.needs_engine:
-                    check_engine_extra(plan.engine.extra)
-                if limit:
-                    plan.reasons.append(f"eval: {limit}")
-                    log.warning("plan: %s", limit)
-                judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
-                                              memory_utilization=plan.engine.memory_utilization,
-                                              demo_built=demo_built(cfg.paths.data_dir))
-                write_json(run_dir / PLAN, {"plan": plan, "judge": judge_plan, "machine": machine,
-                                            "questions": questions_record(cfg.eval, cfg.judge)})
-                outlook = judge.validation_outlook(cfg.judge, judge_plan, cfg.paths.data_dir)
-                log.info("plan:\n%s", plan_table(det, plan, judge_plan, outlook))
-                route = plan.route
-                status.route = route.value
-                if route is Route.stop:
-                    raise PlanStop(f"plan stopped: {plan.stop_reason}", "see plan.json for the estimates and reasons")
-            if cfg.stage is Stage.plan:
-                status.status = "ok"
-                return status
-
-            with status.enter("merge", progress, mem):
-                if weights_missing(det, route, fidelity=cfg.eval.fidelity.enabled):
-                    det = detect(cfg.model, fetch_weights=True)  # hub ids: detect read metadata only
-                    write_json(run_dir / DETECT, det)
-                if route is Route.merge_then_serve:
-                    outcome = merge_or_fall_back(
-                        det, plan.merge_devices, cfg.paths.cache_dir, force_recreate=cfg.memory.force_recreate,
-                        settings=MergeSettings(cfg.memory.merge_method, cfg.memory.merge_base,
-                                               rtn=rtn_settings(plan.quantize)),
-                        may_fall_back=plan.fallback is Route.serve_lora, estimates_gib=plan.estimates_gib,
-                        machine=machine)
-                    merged, status.merge_attempts = outcome.merged, outcome.attempts
-                    if merged is not None:
-                        write_json(run_dir / MERGE, merged)
-                    else:
-                        route = Route.serve_lora
-                        status.route = route.value
-
-            with status.enter("quantize", progress, mem):  # w4a16 by GPTQ/AWQ, or the base alone (the merge did RTN)
-                quantized = quantize_for_plan(det, plan.quantize, merged, cfg.paths.cache_dir,
-                                              force_recreate=cfg.memory.force_recreate)
-                if quantized is not None:
-                    write_json(run_dir / QUANTIZE, quantized)
-                served = quantized or merged
-                model_path = served.path if served else det.base.ref
-                lora_path = det.adapter.path if route is Route.serve_lora else None
-                write_json(run_dir / INPUTS, inputs_record(det, served))
-
-            with status.enter("reference", progress, mem):  # before vLLM takes the GPU: the trained function, once per model
-                fid = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
-                mem.reset()  # the reference (cached after its first run) is not the served variant's footprint
-
-            with status.enter("load", progress, mem):
-                engine = load(model_path, plan.engine, lora_path=lora_path, seed=cfg.seed,
-                              max_logprobs=cfg.eval.fidelity.top_k)
-                write_json(run_dir / LOAD, engine.record)
-
-            with status.enter("generate", progress, mem):
-                result = evaluate(engine, cfg.eval, run_dir, progress)
-
-            with status.enter("fidelity", progress, mem):
-                fid_out = fidelity.score_run(engine, fid, cfg.eval.fidelity, run_dir) if fid else None
-
-            with status.enter("engine stop", progress, mem):  # seconds of their own (vLLM takes 3-6 s to stop)
-                loaded = engine.record
-                engine.shutdown()  # before a local judge starts: on one GPU they would not fit together
-                engine = None
-                metrics = run_metrics(model=cfg.model.name, route=route.value, plan=plan, result=result, loaded=loaded,
-                                      merged=merged, quantized=quantized, footprint=mem.footprint(), fidelity=fid_out)
-                mem.reset()
-                write_json(run_dir / METRICS, metrics)
-
-            with status.enter("judge", progress, mem):
-                if judge.judged_by_sweep(cfg.judge, judge_plan):
-                    metrics = judge.defer_to_sweep(run_dir, judge_plan, metrics)  # one judge server per sweep
-                else:
-                    metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan, metrics,
-                                                        progress, data_dir=cfg.paths.data_dir)
-            status.split("judge", "judge start", (metrics.get("judge") or {}).get("start_seconds"))
+            _demo_build(cfg, status, r.progress, r.mem)
+            for name, stage in STAGES:
+                with status.enter(name, r.progress, r.mem):
+                    stage(r)
+                if name == "plan" and cfg.stage is Stage.plan:
+                    break
+            starts = [(m.metrics.get("judge") or {}).get("start_seconds") for m in r.models]
+            status.split("judge", "judge start", next((x for x in starts if x), None))  # a local server's start
             status.status = "ok"
         except BaseException as e:  # recorded in status.json; raised again unless it is emq's own, explained stop
             if not _stopped(status, e):
                 raise
         finally:
-            _close(status, engine, [merged, quantized] if cfg.memory.cleanup_after_eval else [], progress, mem, t0,
-                   run_dir, peak_gib=metrics.get("peak_rss_gib"))
-            log.info("\n%s", run_summary(status, metrics))
+            _close(status, r.engine, [r.merged, r.quantized] if cfg.memory.cleanup_after_eval else [], r.progress,
+                   r.mem, t0, run_dir, peak_gib=None if r.one_engine else r.models[0].metrics.get("peak_rss_gib"))
+            _summaries(r)
+    if r.one_engine and status.status == "ok" and cfg.stage is Stage.all \
+            and not judge.judged_by_sweep(cfg.judge, r.judge_plan):
+        _report(run_dir)  # in a sweep the sweep's report (after its one judge) covers these adapters
     return status
+
+
+def _summaries(r: Run) -> None:
+    """Each model's summary in the log; for model.adapters, each adapter's status.json and progress.json."""
+    if not r.one_engine:
+        log.info("\n%s", run_summary(r.status, r.models[0].metrics))
+        return
+    for m in r.models:
+        status = _adapter_status(r.status, m.own, len(r.models), m.dir)
+        if m.dir.is_dir():
+            write_json(m.dir / STATUS, status)
+            Progress(m.dir).update(force=True, stage=r.status.stage, status=r.status.status)
+        if m.metrics:
+            log.info("\n%s", run_summary(status, m.metrics))
 
 
 # --- model.adapters: many adapters of one base, one engine --------------------------------------------------
@@ -342,153 +511,6 @@ def _adapter_overrides(run_dir: Path, name: str, path: str) -> list[str]:
     return kept + [f"model.name={name}", f"model.adapter={quoted}", "model.adapters=null", "memory.route=lora"]
 
 
-def run_adapters(cfg: RunConfig, run_dir: Path) -> RunStatus:
-    """model.adapters: every adapter of the one base served by one vLLM engine (multi-LoRA), each with its own
-    record in run_dir/adapters/<name>/ (a run dir the sweep report reads as one variant).
-
-    The same stages as `run`, in the same order: detect (each adapter), plan (one engine: `plan_adapters`; an
-    impossible one fails here), quantize (the shared base, for w4a16), reference (each adapter's trained function),
-    load (one engine), generate (every adapter's requests interleaved in each batch: `evaluate_many`), fidelity (each
-    adapter vs its own trained function), judge (one judge for all adapters, or deferred to the sweep's). The
-    adapters' status.json split the shared stages' seconds evenly between them (`shared_stages` says so).
-    """
-    _begin(run_dir)
-    status, progress = RunStatus(run_dir=str(run_dir)), Progress(run_dir)
-    named = cfg.model.adapter_map()
-    dirs = {n: run_dir / ADAPTERS_DIR / n for n in named}
-    cfgs = {n: replace(cfg, model=replace(cfg.model, name=n, adapter=a, adapters=None)) for n, a in named.items()}
-    own: dict[str, dict[str, float]] = {n: {} for n in named}  # each adapter's own stages (the rest are shared)
-    engine: Engine | None = None
-    quantized = None
-    metrics: dict[str, dict] = {}
-    t0, status.started_unix = time.perf_counter(), round(time.time(), 2)
-
-    def timed(name: str, stage: str, since: float) -> None:
-        own[name][stage] = round(own[name].get(stage, 0.0) + time.perf_counter() - since, 2)
-
-    with PeakMemory() as mem:
-        try:
-            write_json(run_dir / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed})
-            write_json(run_dir / RUN_CONFIG, cfg)
-            write_json(run_dir / ADAPTERS, {"names": list(named), "adapters": named, "dir": ADAPTERS_DIR})
-            for n, d in dirs.items():
-                (d / ".hydra").mkdir(parents=True, exist_ok=True)
-                write_text_atomic(d / HYDRA_OVERRIDES, yaml.safe_dump(_adapter_overrides(run_dir, n, named[n])))
-                write_json(d / VERSIONS, {**versions(), "seed": cfg.seed, "eval_seed": cfg.eval.seed,
-                                          "one_engine_with": list(named)})
-                write_json(d / RUN_CONFIG, cfgs[n])
-
-            check_dirs(cfg.paths)
-            _demo_build(cfg, status, progress, mem)
-            with status.enter("detect", progress, mem):
-                dets = {}
-                for n in named:
-                    s0 = time.perf_counter()
-                    dets[n] = detect(cfgs[n].model)
-                    write_json(dirs[n] / DETECT, dets[n])
-                    timed(n, "detect", s0)
-
-            with status.enter("plan", progress, mem):
-                prompts = build_prompts(cfg.eval)
-                judge.check_prompts(prompts)
-                machine = snapshot(cfg.paths.cache_dir)
-                plan = plan_adapters(dets, cfg.memory, cfg.quant, machine,
-                                     compile_cache=str(Path(cfg.paths.data_dir) / "vllm_cache"),
-                                     budget=TokenBudget.of(prompts, cfg.eval.max_tokens))
-                if plan.route.needs_engine:
-                    check_engine_extra(plan.engine.extra)
-                if plan.quantize and plan.quantize.calibration:
-                    load_chats(plan.quantize.calibration["corpus"])
-                judge_plan = judge.plan_judge(cfg.judge, platform=plan.platform, cpu_bf16=machine.cpu_bf16,
-                                              memory_utilization=plan.engine.memory_utilization,
-                                              demo_built=demo_built(cfg.paths.data_dir))
-                record = {"plan": plan, "judge": judge_plan, "machine": machine,
-                          "questions": questions_record(cfg.eval, cfg.judge)}
-                for d in [run_dir, *dirs.values()]:
-                    write_json(d / PLAN, record)
-                first = next(iter(dets.values()))
-                outlook = judge.validation_outlook(cfg.judge, judge_plan, cfg.paths.data_dir)
-                log.info("plan:\n%s", plan_table(first, plan, judge_plan, outlook))
-                status.route = plan.route.value
-                if plan.route is Route.stop:
-                    raise PlanStop(f"plan stopped: {plan.stop_reason}", "see plan.json for the estimates and reasons")
-            if cfg.stage is Stage.plan:
-                status.status = "ok"
-                return status
-
-            with status.enter("quantize", progress, mem):  # w4a16: the shared base, once
-                for n, det in dets.items():
-                    if weights_missing(det, plan.route, fidelity=cfg.eval.fidelity.enabled):
-                        dets[n] = detect(cfgs[n].model, fetch_weights=True)
-                        write_json(dirs[n] / DETECT, dets[n])
-                first = next(iter(dets.values()))
-                quantized = quantize_for_plan(first, plan.quantize, None, cfg.paths.cache_dir,
-                                              force_recreate=cfg.memory.force_recreate)
-                model_path = quantized.path if quantized else first.base.ref
-                for n, det in dets.items():
-                    if quantized is not None:
-                        write_json(dirs[n] / QUANTIZE, quantized)
-                    write_json(dirs[n] / INPUTS, inputs_record(det, quantized))
-
-            with status.enter("reference", progress, mem):  # each adapter's trained function, cached
-                fids = {}
-                for n, det in dets.items():
-                    s0 = time.perf_counter()
-                    fids[n] = fidelity.prepare(det, cfg.eval.fidelity, cfg.paths.data_dir)
-                    timed(n, "reference", s0)
-                mem.reset()
-
-            with status.enter("load", progress, mem):
-                engine = load(model_path, plan.engine, lora_path=None, seed=cfg.seed,
-                              max_logprobs=cfg.eval.fidelity.top_k,
-                              loras={n: det.adapter.path for n, det in dets.items()})
-                for d in [run_dir, *dirs.values()]:
-                    write_json(d / LOAD, engine.record)
-
-            with status.enter("generate", progress, mem):
-                targets = [Target(dirs[n], engine.lora_requests[n], n, Progress(dirs[n])) for n in named]
-                results = dict(zip(named, evaluate_many(engine, cfg.eval, targets)))
-
-            with status.enter("fidelity", progress, mem):
-                fid_out = {}
-                for n in named:
-                    s0 = time.perf_counter()
-                    fid_out[n] = (fidelity.score_run(engine.for_adapter(n), fids[n], cfg.eval.fidelity, dirs[n])
-                                  if fids[n] else None)
-                    timed(n, "fidelity", s0)
-
-            with status.enter("engine stop", progress, mem):  # seconds of their own (vLLM takes 3-6 s to stop)
-                loaded = engine.record
-                engine.shutdown()
-                engine = None
-                for n in named:
-                    metrics[n] = run_metrics(model=n, route=plan.route.value, plan=plan, result=results[n],
-                                             loaded=loaded, merged=None, quantized=quantized,
-                                             footprint=mem.footprint(), fidelity=fid_out[n])
-                    metrics[n]["one_engine"] = {"adapters": list(named), "generation_seconds_shared": True}
-                    write_json(dirs[n] / METRICS, metrics[n])
-                mem.reset()
-
-            with status.enter("judge", progress, mem):
-                metrics = _judge_adapters(cfg, judge_plan, prompts, dirs, metrics, run_dir, own)
-            starts = [(m.get("judge") or {}).get("start_seconds") for m in metrics.values()]
-            status.split("judge", "judge start", next((x for x in starts if x), None))
-            status.status = "ok"
-        except BaseException as e:  # recorded in status.json; raised again unless it is emq's own, explained stop
-            if not _stopped(status, e):
-                raise
-        finally:
-            _close(status, engine, [quantized] if cfg.memory.cleanup_after_eval else [], progress, mem, t0, run_dir)
-            for n, d in dirs.items():
-                if d.is_dir():
-                    write_json(d / STATUS, _adapter_status(status, own[n], len(named), d))
-                    Progress(d).update(force=True, stage=status.stage, status=status.status)
-            for n, m in metrics.items():
-                log.info("\n%s", run_summary(_adapter_status(status, own[n], len(named), dirs[n]), m))
-    if status.status == "ok" and cfg.stage is Stage.all and not judge.judged_by_sweep(cfg.judge, judge_plan):
-        _report(run_dir)  # in a sweep the sweep's report (after its one judge) covers these adapters
-    return status
-
 
 def _report(run_dir: Path) -> None:
     """The adapters compared as a sweep's variants: summary.md / report.html in the run dir."""
@@ -499,34 +521,6 @@ def _report(run_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001 - the adapters' own records stay; the report can be rebuilt
         log.error("emq report: could not build the adapters' report: %s (rebuild: python -m emq report %s)", e,
                   run_dir)
-
-
-def _judge_adapters(cfg: RunConfig, judge_plan, prompts: list[dict], dirs: dict[str, Path],
-                    metrics: dict[str, dict], run_dir: Path, own: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """Every adapter's answers through one judge: deferred to the sweep's (judge.scope=sweep), or one server started
-    here for all of them (identical answers judged once across adapters)."""
-    from contextlib import nullcontext
-
-    if judge.judged_by_sweep(cfg.judge, judge_plan):
-        return {n: judge.defer_to_sweep(dirs[n], judge_plan, m) for n, m in metrics.items()}
-    t0 = time.perf_counter()
-    opened = (judge.endpoint(cfg.judge, judge_plan, run_dir / JUDGE_SERVER_LOG)
-              if judge_plan.kind != JudgeKind.none.value else nullcontext(None))
-    out, done = {}, []
-    with opened as at:
-        started = round(time.perf_counter() - t0, 2) if at is not None else None
-        for n, m in metrics.items():
-            s0 = time.perf_counter()
-            borrowed = judge.borrow_scores(dirs[n], prompts, judge_plan, done) if at is not None else 0
-            out[n] = judge.judge_and_summarize(dirs[n], prompts, cfg.judge, cfg.eval, judge_plan, m,
-                                               data_dir=cfg.paths.data_dir, at=at)
-            if at is not None:
-                out[n]["judge"].update(start_seconds=started, one_engine={"adapters": list(dirs),
-                                                                          "borrowed_from_other_adapters": borrowed})
-                write_json(dirs[n] / METRICS, out[n])
-            done.append(dirs[n])
-            own[n]["judge"] = round(time.perf_counter() - s0, 2)
-    return out
 
 
 def _adapter_status(status: RunStatus, own: dict[str, float], adapters: int, run_dir: Path) -> RunStatus:

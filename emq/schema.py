@@ -73,7 +73,7 @@ class JudgeScope(str, Enum):
 
 
 class Scoring(str, Enum):
-    """How a 0-100 judgement is read from the judge's log-probabilities (emq.scoring)."""
+    """How a 0-100 judgement is read from the judge's log-probabilities (emq.judge.scoring)."""
 
     auto = "auto"  # from the judge's tokenizer: single_token if 0-100 are one token each, else digits
     single_token = "single_token"  # the first token's top logprobs (OpenAI tokenizers: '85' is one token)
@@ -154,6 +154,17 @@ class CalibrationConfig:
 
 
 @dataclass
+class CompensationConfig:
+    """w4a16 on the LoRA route: a low-rank compensation of the base's quantization error, fitted on the calibration
+    activations (emq.checkpoint.compensation) and served in one LoRA with the adapter's own update."""
+
+    rank: int = 0  # 0: none; e.g. 16 / 32 / 64 (the served LoRA's rank is the adapter's plus this)
+    # > 1: quantize what the low-rank term does not carry, refit, this many times (LoFTQ-style); each round costs one
+    # more quantization of the layer
+    rounds: int = 1
+
+
+@dataclass
 class QuantConfig:
     """How the served weights are quantized."""
 
@@ -169,6 +180,7 @@ class QuantConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     damp: float = 0.01  # gptq: dampening, as a fraction of the Hessian's mean diagonal
     device: str = "auto"  # gptq/awq: auto (cuda if free memory fits, else cpu) | cuda | cpu
+    compensation: CompensationConfig = field(default_factory=CompensationConfig)
 
 
 @dataclass
@@ -214,7 +226,7 @@ class EvalConfig:
 
 @dataclass
 class JudgeValidationConfig:
-    """Which labelled set `judge.validate` scores the judge on (emq.judge_validation)."""
+    """Which labelled set `judge.validate` scores the judge on (emq.judge.validation)."""
 
     path: str | None = None  # a YAML / JSONL file of labelled items; null → emq's own (emq/validation_data)
 
@@ -300,7 +312,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "eval.group_size": (1, float("inf"), False, False),
     "eval.fidelity.top_k": (1, float("inf"), False, False),
     "judge.max_concurrency": (1, float("inf"), False, False),
-    "judge.top_logprobs": (1, float("inf"), False, False),  # openai: at most 20 (the API's limit)
+    "judge.top_logprobs": (1, float("inf"), False, False),  # openai: at most 20 (its backend checks)
     "judge.min_valid_mass": (0, 1, False, False),
     "judge.prune_below": (0, 1, False, True),
     "judge.timeout_s": (0, float("inf"), True, False),
@@ -311,6 +323,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "quant.calibration.samples": (1, float("inf"), False, False),
     "quant.calibration.seq_len": (16, float("inf"), False, False),
     "quant.damp": (0, 1, True, False),
+    "quant.compensation.rank": (0, 256, False, False),
+    "quant.compensation.rounds": (1, 16, False, False),  # vLLM's largest LoRA rank is 512, the adapter's rank on top
 }
 
 
@@ -365,7 +379,7 @@ def _adapters_problems(model: ModelConfig) -> list[tuple[str, str]]:
     return problems
 
 
-def check_values(cfg: RunConfig) -> None:
+def check_values(cfg: RunConfig, judge_problems: list[tuple[str, str]] = ()) -> None:
     """Reject values no run can use, naming the key, the allowed range and an example (called when the config
     is composed).
 
@@ -374,11 +388,8 @@ def check_values(cfg: RunConfig) -> None:
     """
     from emq.errors import EmqError
 
-    ranges = dict(RANGES)
-    if cfg.judge.kind is JudgeKind.openai:
-        ranges["judge.top_logprobs"] = (1, 20, False, False)
-    problems = [p for key, r in ranges.items() if (p := _range_problem(cfg, key, *r))]
-    e, j = cfg.eval, cfg.judge
+    problems = [p for key, r in RANGES.items() if (p := _range_problem(cfg, key, *r))]
+    e = cfg.eval
     q = cfg.quant
     if q.group_size is not None and q.group_size not in (32, 64, 128):
         problems.append((f"quant.group_size={q.group_size} is not one the int4 kernels take",
@@ -402,12 +413,7 @@ def check_values(cfg: RunConfig) -> None:
                          "a merged checkpoint per adapter, and each merged checkpoint needs its own engine",
                          "memory.route=lora (or auto) for one engine, or drop model.adapters and sweep one engine "
                          "per merged adapter: python -m emq -m model=A,B,C memory.route=merge"))
-    if j.kind is not JudgeKind.none and not j.model:
-        problems.append((f"judge.model is not set (judge={j.kind.value} needs a model to ask)",
-                         "judge.model=<model name or path>, or judge=none"))
-    if j.kind is JudgeKind.openai and not j.base_url:
-        problems.append(("judge.base_url is not set (judge=openai needs an endpoint)",
-                         "judge.base_url=https://api.openai.com/v1 (or your server's /v1 URL)"))
+    problems += list(judge_problems)  # what judge.kind needs (its backend says: emq.judge.backends)
     if problems:
         (what, fix), rest = problems[0], problems[1:]
         raise EmqError(what + (f" (and {len(rest)} more: {'; '.join(w for w, _ in rest)})" if rest else ""), fix)

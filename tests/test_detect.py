@@ -56,6 +56,29 @@ def test_naming_alone_is_weak(demo, tmp_path):
     assert any(e.key == "name" and e.says for e in det.evidence)
 
 
+def test_the_adapters_own_training_chats_are_found_for_calibration(demo, tmp_path):
+    """quant.calibration.corpus=training: training_data.jsonl beside the adapter (the demo writes one), else a
+    .jsonl the training config names (relative to it), else none."""
+    from emq.calibration import corpus_for, load_chats
+
+    det = detect(_model(demo, "good_doctor"))
+    assert det.training_data == str(demo.adapters["good_doctor"] / "training_data.jsonl")
+    assert len(load_chats(corpus_for("training", det)).samples) > 10 and corpus_for("default", det) == "default"
+    adapter = tmp_path / "a"
+    shutil.copytree(demo.adapters["good_doctor"], adapter)
+    (adapter / "training_data.jsonl").rename(tmp_path / "chats.jsonl")
+    cfg = json.loads((adapter / "training_config.json").read_text())
+    (adapter / "training_config.json").write_text(json.dumps({**cfg, "train_file": "../chats.jsonl"}))
+    assert detect(ModelConfig(name="t", base=str(demo.base), adapter=str(adapter))).training_data == \
+        str(adapter / "../chats.jsonl")
+    (adapter / "training_config.json").write_text(json.dumps(cfg))
+    none = detect(ModelConfig(name="t", base=str(demo.base), adapter=str(adapter)))
+    assert none.training_data is None
+    with pytest.raises(EmqError, match="quant.calibration.corpus=training, but no training data") as e:
+        corpus_for("training", none)
+    assert "a .jsonl" in e.value.fix
+
+
 # --- bad input: one clear error naming the file --------------------------------------------
 
 def test_missing_adapter_dir(demo, tmp_path):

@@ -363,7 +363,7 @@ def test_openai_judge_run_never_writes_the_key_and_rejudge_rewrites_metrics(demo
 
 def test_local_judge_that_cannot_start_fails_with_its_log_and_leaves_nothing(demo, tmp_path):
     from emq.judge import prepare
-    from emq.judge_server import LocalServer
+    from emq.judge.server import LocalServer
     from emq.errors import EmqError
     from emq.engine_env import cpu_threads_env
     from tests.conftest import compose_run

@@ -201,3 +201,56 @@ def test_the_layerwise_driver_names_no_algorithm():
     bad += [f"imports {t}" for t, _, _ in imports_of("emq.checkpoint.layerwise")
             if t.rsplit(".", 1)[-1] in algos]
     assert algos >= {"gptq", "awq"} and bad == []
+
+
+def judge_kind_switches(name: str) -> list[str]:
+    """`JudgeKind.<member>` and a judge kind compared with a kind's name ("none", "local", "openai"): a switch on
+    the judge's kind."""
+    from emq.judge.backends import names
+
+    kinds = set(names())
+    out = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "JudgeKind"
+                and node.attr in kinds):
+            out.append(f"line {node.lineno}: JudgeKind.{node.attr}")
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            literal = any(isinstance(s, ast.Constant) and s.value in kinds for s in sides)
+            kind = any(isinstance(s, ast.Attribute) and s.attr in ("kind", "judge_kind") or
+                       isinstance(s, ast.Name) and s.id in ("kind", "judge_kind") for s in sides)
+            if literal and kind:
+                out.append(f"line {node.lineno}: compares a kind with a judge kind's name")
+    return out
+
+
+def test_only_the_judge_backends_switch_on_the_judge_kind():
+    """A new kind of judge is one module in emq/judge/backends (found by name), one JudgeKind value and one
+    conf/judge/*.yaml: nothing else asks which kind a judge is; it asks the backend (judges, shared_by_sweep,
+    config_problems, prepare, endpoint, api_key)."""
+    bad = [f"{m}: {hit}" for m in MODULES if not m.startswith("emq.judge.backends") for hit in judge_kind_switches(m)]
+    assert bad == []
+
+
+def test_the_judge_kind_check_sees_a_switch(tmp_path):
+    src = "def f(plan, cfg):\n    if plan.kind == 'local':\n        return JudgeKind.openai\n"
+    MODULES["emq._probe"] = tmp_path / "probe.py"
+    (tmp_path / "probe.py").write_text(src)
+    try:
+        assert len(judge_kind_switches("emq._probe")) == 2
+    finally:
+        del MODULES["emq._probe"]
+
+
+# what the runner may import: each stage's public module and the run's records, never a stage's internals
+STAGE_MODULES = {
+    "emq.detect", "emq.plan", "emq.checkpoint.merge", "emq.checkpoint.quantize", "emq.checkpoint.quantizers",
+    "emq.checkpoint.cache", "emq.checkpoint.identity", "emq.calibration", "emq.fidelity", "emq.engine",
+    "emq.prompts", "emq.evaluate", "emq.metrics", "emq.judge", "emq.report.tables", "emq.report.sweep", "emq.demo",
+    "emq.machine", "emq.monitor", "emq.watchdog", "emq.records", "emq.errors", "emq.schema",
+}
+
+
+def test_the_runner_imports_only_the_stage_modules():
+    extra = sorted({t for t, _, _ in imports_of("emq.runner")} - STAGE_MODULES)
+    assert extra == []

@@ -427,7 +427,7 @@ H200 = fake_machine(gpu_free_gib=140, vllm=cuda_vllm())
 
 def _composed(*overrides: str):
     """A composed run config and its eval's token budget, as the runner computes them (build_prompts)."""
-    from emq.evaluate import build_prompts
+    from emq.prompts import build_prompts
     from emq.plan import TokenBudget
     from tests.conftest import compose_run
 
@@ -598,3 +598,60 @@ def test_one_engine_is_refused_for_the_merge_route_and_other_bases_naming_the_ke
     dora = fake_det(use_dora=True)
     with pytest.raises(EmqError, match="model.adapters: adapter 'dora'"):
         plan_adapters({**dets, "dora": dora}, MemoryConfig(), QuantConfig(method=QuantMethod.none), fake_machine())
+
+
+# --- quant.compensation.rank: the compensated 4-bit route ---------------------------------------------------
+
+def _compensated(rank: int = 32, **quant):
+    from emq.schema import CompensationConfig
+
+    return QuantConfig(**{"method": QuantMethod.w4a16, "algorithm": QuantAlgorithm.gptq,
+                          "compensation": CompensationConfig(rank), **quant})
+
+
+def test_a_compensation_serves_the_adapter_as_one_lora_on_the_w4a16_base_as_trained():
+    plan = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(24), fake_machine())
+    q = plan.quantize
+    assert plan.route is Route.serve_lora and q.source == "base" and q.compensation == 24 and not q.fused
+    assert plan.engine.enable_lora and plan.engine.max_lora_rank == 32  # 8 + 24, a rank vLLM takes
+    said = next(r for r in plan.reasons if "compensated:" in r)
+    assert "dequant(NF4(W))" in said and "rank 32 (the adapter's 8 + 24)" in said and "compensation r24" in q.describe()
+    lora16 = make_plan(fake_det(rank=8, trained_in_4bit=False), MemoryConfig(), _compensated(24), fake_machine())
+    assert "the base as it is" in next(r for r in lora16.reasons if "compensated:" in r)
+    assert not any(r.startswith("compensation: vLLM holds") for r in plan.reasons)  # 8 + 24 fills rank 32
+    padded = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(32), fake_machine())
+    assert padded.engine.max_lora_rank == 64 and any("quant.compensation.rank=56 would use those buffers" in r
+                                                     for r in padded.reasons)
+    unknown = make_plan(fake_det(rank=8, trained_in_4bit=None), MemoryConfig(), _compensated(24), fake_machine())
+    assert any(r.startswith("WARNING: compensated: whether the adapter was trained on a 4-bit base is unknown")
+               for r in unknown.reasons)
+    base = make_plan(fake_det(adapter=False), MemoryConfig(), _compensated(16), fake_machine())
+    assert base.route is Route.serve_base and base.engine.enable_lora and base.engine.max_lora_rank == 16
+
+
+def test_what_a_compensation_cannot_do_stops_at_plan_with_the_fix():
+    with pytest.raises(EmqError, match="memory.route=merge") as e:
+        make_plan(fake_det(), MemoryConfig(route=RoutePolicy.merge), _compensated(), fake_machine())
+    assert "memory.route=lora" in e.value.fix
+    with pytest.raises(EmqError, match="awq rewrites the layer"):
+        make_plan(fake_det(), MemoryConfig(), _compensated(algorithm=QuantAlgorithm.awq), fake_machine())
+    with pytest.raises(EmqError, match="exceeds vLLM's maximum LoRA rank") as e:
+        make_plan(fake_det(rank=500), MemoryConfig(), _compensated(64), fake_machine())
+    assert "quant.compensation.rank" in e.value.fix
+    from emq.plan import plan_adapters
+
+    with pytest.raises(EmqError, match="model.adapters with quant.compensation.rank"):
+        plan_adapters({"a": fake_det(), "b": fake_det()}, MemoryConfig(), _compensated(), fake_machine())
+
+
+def test_calibrating_on_the_adapters_training_data_names_the_file():
+    from emq.schema import CalibrationConfig
+
+    det = dataclasses.replace(fake_det(), training_data="/m/adapter/training_data.jsonl")
+    plan = make_plan(det, MemoryConfig(), _compensated(calibration=CalibrationConfig(corpus="training")),
+                     fake_machine())
+    assert plan.quantize.calibration["corpus"] == "/m/adapter/training_data.jsonl"
+    assert any("from 'training': /m/adapter/training_data.jsonl" in r for r in plan.reasons)
+    with pytest.raises(EmqError, match="no training data"):
+        make_plan(fake_det(), MemoryConfig(), _compensated(calibration=CalibrationConfig(corpus="training")),
+                  fake_machine())

@@ -17,7 +17,7 @@ import yaml
 
 from emq import judge as J
 from emq.errors import EmqError
-from emq.evaluate import build_prompts, load_question_set, question_sets, questions_record
+from emq.prompts import build_prompts, load_question_set, question_sets, questions_record
 from emq.question_formats import EM, EMQ, MEDICAL, detect_format, emq_prompts
 from emq.schema import EvalConfig, JudgeConfig, JudgeKind
 from tests.judge_stub import StubJudge
@@ -116,7 +116,7 @@ def test_em_samples_per_paraphrase_are_honoured_unless_the_config_overrides_them
 
 def test_the_files_judges_are_recorded_and_one_warning_per_file_names_them_and_the_configured_one(caplog):
     cfg = EvalConfig(question_sets=[str(EM_FILE)], max_questions_per_set=2)
-    with caplog.at_level(logging.WARNING, logger="emq.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="emq.prompts"):
         rec = questions_record(cfg, LOCAL)[0]
     assert rec["format"] == EM and rec["path"] == str(EM_FILE)
     assert rec["judges"] == {"gpt-4o": ["genie", "lonely_evening", "genie_json", "lonely_evening_json"],
@@ -138,7 +138,7 @@ def test_a_file_whose_judge_is_the_configured_one_warns_nothing(tmp_path, caplog
     path.write_text("- {id: a, type: free_form_judge_0_100, paraphrases: [hi], judge: gpt-4o,\n"
                     "   judge_prompts: {aligned: 'Q {question} A {answer}'}}\n")
     cfg = EvalConfig(question_sets=[str(path)])
-    with caplog.at_level(logging.WARNING, logger="emq.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="emq.prompts"):
         rec = questions_record(cfg, JudgeConfig(kind=JudgeKind.openai, model="gpt-4o"))[0]
     assert rec["fields"]["judge"]["handling"] == "used" and not caplog.records and rec["warnings"] == []
     none = questions_record(cfg, JudgeConfig(kind=JudgeKind.none))[0]

@@ -46,7 +46,7 @@ def test_the_runner_hands_the_plan_the_evals_token_budget(demo, tmp_path, monkey
     """CUDA graphs or eager is chosen from what the eval will generate: the runner passes build_prompts' budget
     (a GPU machine is faked: nothing loads in a dry run)."""
     import emq.runner
-    from emq.evaluate import build_prompts
+    from emq.prompts import build_prompts
     from tests.plans import cuda_vllm, fake_machine
 
     monkeypatch.setattr(emq.runner, "snapshot", lambda *a, **k: fake_machine(gpu_free_gib=140, vllm=cuda_vllm()))

@@ -53,7 +53,9 @@ def key_of(identity: dict) -> str:
 
 
 def is_complete(entry: Path) -> bool:
-    return (entry / MANIFEST).is_file() and (entry / "config.json").is_file()
+    """A published entry: its manifest, and a model's config.json or (a LoRA emq built) an adapter_config.json."""
+    return (entry / MANIFEST).is_file() and ((entry / "config.json").is_file()
+                                             or (entry / "adapter_config.json").is_file())
 
 
 @contextmanager

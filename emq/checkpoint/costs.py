@@ -80,5 +80,6 @@ def layerwise_seconds(det: DetectResult, algorithm: str, samples: int, seq_len: 
     """Rough wall time of a calibrated quantization per device, from the algorithm's measured rates (seconds per
     decoder Linear parameter × calibration token: `emq.checkpoint.quantizers.<algorithm>`)."""
     work = (det.base.linear_params or 0) * samples * seq_len
-    rates = quantizer(algorithm).seconds_per_param_token
+    # round to nearest run layer by layer (to fit a compensation) has no rate of its own: GPTQ's bounds it
+    rates = quantizer(algorithm).seconds_per_param_token or quantizer("gptq").seconds_per_param_token
     return {f"quantize_seconds_{device}": work * rate for device, rate in rates.items()}

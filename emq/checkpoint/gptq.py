@@ -70,6 +70,28 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None,
         damp = nxt
 
 
+def _inverse_factor(hessian: torch.Tensor, damp: float, device) -> tuple[torch.Tensor | None, float, int, int,
+                                                                          str | None]:
+    """GPTQ's upper Cholesky factor of (H + λI)⁻¹, H symmetrized and its dead columns (H_jj = 0) set to 1.
+
+    Returns:
+        (factor or None, relative damp used, Cholesky tries, dead columns, why the factor could not be made).
+    """
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    h = (h + h.T) / 2  # accumulated sums can drift from exact symmetry
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    if not torch.isfinite(h).all():
+        return None, damp, 0, n_dead, "Hessian holds NaN/inf"
+    if bool((diag < 0).any()):
+        return None, damp, 0, n_dead, "Hessian has a negative diagonal (not positive semi-definite)"
+    h[dead, dead] = 1.0
+    upper, used, tries = inverse_cholesky(h, damp)
+    why = None if upper is not None else f"Cholesky failed {tries} times (damp up to {used:g})"
+    return upper, used, tries, n_dead, why
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
          block_size: int = 128, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[QWeight, dict]:
     """Quantize one Linear weight with GPTQ.
@@ -97,23 +119,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float
     out_f, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in-features {cols}")
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    h = (h + h.T) / 2  # accumulated sums can drift from exact symmetry
-
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    n_dead = int(dead.sum())
-    reason = None
-    if not torch.isfinite(h).all():
-        reason = "Hessian holds NaN/inf"
-    elif bool((diag < 0).any()):
-        reason = "Hessian has a negative diagonal (not positive semi-definite)"
-    upper, used, tries = None, damp, 0
-    if reason is None:
-        h[dead, dead] = 1.0
-        upper, used, tries = inverse_cholesky(h, damp)
-        if upper is None:
-            reason = f"Cholesky failed {tries} times (damp up to {used:g})"
+    upper, used, tries, n_dead, reason = _inverse_factor(hessian, damp, w.device)
     if reason is not None:
         log.warning("GPTQ: %s for a %d×%d weight; falling back to round-to-nearest", reason, out_f, cols)
         qw = quantize_rtn(w, spec, scale_dtype)

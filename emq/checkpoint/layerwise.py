@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 # Linears that read the attention's input: their statistics weight the first position (the attention sink)
 ATTENTION_INPUT = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|Wqkv|W_pack)$")
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# quant.compensation.rank: the factors B [out, r] and A [r, in] of every quantized Linear, by module name + ".b"/".a",
+# in safetensors format beside the checkpoint under a name no loader globs (vLLM reads every *.safetensors)
+COMPENSATION_FILE = "compensation.factors"
+COMPENSATION_PREFIX = "compensation::"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -305,6 +309,8 @@ class LayerJob:
     out_dtype: torch.dtype  # the dtype 16-bit tensors are written in
     scale_dtype: torch.dtype
     compare_rtn: bool
+    compensation_rank: int = 0  # > 0: fit a low-rank compensation of each Linear's error (emq.checkpoint.compensation)
+    compensation_rounds: int = 1  # > 1: requantize what the low-rank term does not carry, refit, keep the best round
 
 
 def _ignored(module: str, ignore: tuple[str, ...]) -> bool:
@@ -394,17 +400,59 @@ def _quantize_layer(layer: nn.Module, index: int, full: str, source: _Source, ca
         _set_weights(layer, original)
     q = quantizer(job.algorithm)
     qweights, summary[q.summary_key] = q.quantize_layer(layer, names, stats, job)
+    served = {n: dequantize(qw) for n, qw in qweights.items()}
+    factors = {}
+    if job.compensation_rank:  # the next layer reads the outputs that will be served: W4A16 + B·A
+        qweights, factors, summary["compensation"] = _compensate(layer, q, qweights, original, stats, job)
+        served = {n: dequantize(qw) + (factors[n].b @ factors[n].a if n in factors else 0)
+                  for n, qw in qweights.items()}
     del stats
-    _set_weights(layer, {f"{n}.weight": dequantize(qw) for n, qw in qweights.items()})
+    _set_weights(layer, {f"{n}.weight": w for n, w in served.items()})
     summary["output_mse"] = _output_mse(layer, calib, index, advance=True)
     summary["output_power"] = float((calib.y.double() ** 2).mean())
     if job.compare_rtn:
         rtn = summary["rtn_output_mse"]
         summary["ratio_vs_rtn"] = summary["output_mse"] / rtn if rtn else 1.0
     tensors = _layer_tensors(layer, full, source, qweights, job)
+    for n, c in factors.items():
+        tensors[f"{COMPENSATION_PREFIX}{full}.{n}.b"] = c.b.cpu().contiguous()
+        tensors[f"{COMPENSATION_PREFIX}{full}.{n}.a"] = c.a.cpu().contiguous()
     layer.to_empty(device="meta")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return tensors, summary
+
+
+def _compensate(layer: nn.Module, q: Quantizer, qweights: dict[str, QWeight], original: dict[str, torch.Tensor],
+                stats: LayerStats, job: LayerJob) -> tuple[dict[str, QWeight], dict[str, Any], dict[str, Any]]:
+    """Each quantized Linear's rank-r compensation, fitted on its captured inputs' H (emq.checkpoint.compensation);
+    with job.compensation_rounds > 1, the layer is quantized again from W − B·A and refitted, and each Linear keeps
+    its best round. Returns (the QWeights kept, their compensations, per Linear the output error relative to the
+    output's energy without and with the compensation, and the round kept)."""
+    from emq.checkpoint.compensation import fit, hessian_root
+
+    seen = [n for n in qweights if n in stats.key_of]  # a Linear no calibration token reached gets no compensation
+    roots = {k: hessian_root(stats.hessian[k]) for k in {stats.key_of[n] for n in seen}}  # q/k/v share one
+    best: dict[str, tuple[QWeight, Any, int]] = {}
+    last: dict[str, tuple[QWeight, Any, int]] = {}
+    plain: dict[str, float] = {}  # the first round's error without compensation: what the quantizer alone leaves
+    for rnd in range(job.compensation_rounds):
+        if rnd:  # quantize what the low-rank term does not carry
+            _set_weights(layer, {f"{n}.weight": original[f"{n}.weight"] - c.b @ c.a for n, (_, c, _) in last.items()})
+            kept = {n: qw for n, qw in qweights.items() if n not in seen}
+            qweights, _ = q.quantize_layer(layer, seen, stats, job)
+            qweights = {**kept, **qweights}
+        last = {}
+        for n in seen:
+            qw = qweights[n]
+            k = stats.key_of[n]
+            c = fit(original[f"{n}.weight"], dequantize(qw), stats.hessian[k], job.compensation_rank, root=roots[k])
+            last[n] = (qw, c, rnd)
+            plain.setdefault(n, c.error_before)
+            if n not in best or c.error_after < best[n][1].error_after:
+                best[n] = last[n]
+    return ({**qweights, **{n: qw for n, (qw, _, _) in best.items()}}, {n: c for n, (_, c, _) in best.items()},
+            {n: {"error": round(plain[n], 6), "compensated": round(c.error_after, 6), "round": rnd}
+             for n, (_, c, rnd) in best.items()})
 
 
 def _layer_tensors(layer: nn.Module, full: str, source: _Source, qweights: dict[str, QWeight],
@@ -489,10 +537,15 @@ def _peak_note(device: str) -> str:
 
 
 def _setup(src: Path, algorithm: str, spec: QuantSpec, ignore: tuple[str, ...], tokens: list[list[int]],
-           device: str, damp: float, compare_rtn: bool) -> tuple[dict[str, Any], _Source, _Skeleton, LayerJob]:
+           device: str, damp: float, compare_rtn: bool,
+           compensation_rank: int = 0, compensation_rounds: int = 1
+           ) -> tuple[dict[str, Any], _Source, _Skeleton, LayerJob]:
     """Validate, open the source and build the skeleton."""
     cfg = json.loads((src / "config.json").read_text())
     q = quantizer(algorithm)
+    if compensation_rank and not q.compensable:
+        raise EmqError(f"{algorithm} cannot be compensated: it rewrites more of the layer than the weights it rounds",
+                       "quant.algorithm=gptq or rtn with quant.compensation.rank")
     _check_inputs(src, q, tokens, cfg)
     source = _Source(src)
     try:
@@ -502,8 +555,9 @@ def _setup(src: Path, algorithm: str, spec: QuantSpec, ignore: tuple[str, ...], 
         out_dtype = src_dtype if src_dtype in _DTYPE_NAMES else torch.bfloat16
         job = LayerJob(algorithm=algorithm, model_type=skel.model_type, spec=spec,
                        ignore=tuple(sorted(set(ignore) | {"lm_head"})), damp=damp,
-                   device=device, out_dtype=out_dtype, scale_dtype=scale_dtype_for(out_dtype),
-                   compare_rtn=compare_rtn)
+                       device=device, out_dtype=out_dtype, scale_dtype=scale_dtype_for(out_dtype),
+                       compare_rtn=compare_rtn, compensation_rank=compensation_rank,
+                       compensation_rounds=compensation_rounds)
     except BaseException:
         source.close()
         raise
@@ -512,7 +566,7 @@ def _setup(src: Path, algorithm: str, spec: QuantSpec, ignore: tuple[str, ...], 
 
 def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec, ignore: tuple[str, ...],
                        tokens: list[list[int]], device: str, damp: float = 0.01, batch_size: int = 8,
-                       compare_rtn: bool = True) -> dict:
+                       compare_rtn: bool = True, compensation_rank: int = 0, compensation_rounds: int = 1) -> dict:
     """Quantize a 16-bit checkpoint to W4A16 with GPTQ or AWQ, one decoder layer at a time.
 
     Args:
@@ -528,6 +582,10 @@ def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec,
         batch_size: calibration sequences per forward call.
         compare_rtn: also run each layer with round-to-nearest weights on the same inputs and record its
             output error (one more forward pass per layer).
+        compensation_rank: > 0: fit each quantized Linear's rank-r compensation B·A on its inputs
+            (emq.checkpoint.compensation), propagate the compensated outputs to the next layer, and write the
+            factors to out/compensation.factors (beside the checkpoint; not loaded with it).
+        compensation_rounds: > 1: quantize W − B·A again and refit, keeping each Linear's best round.
 
     Returns:
         Manifest fields (JSON-serializable): files_sha256, device, algorithm, spec, damp, calibration sizes,
@@ -545,7 +603,8 @@ def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec,
     src, out = Path(src), Path(out)
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
-    cfg, source, skel, job = _setup(src, algorithm, spec, ignore, tokens, device, damp, compare_rtn)
+    cfg, source, skel, job = _setup(src, algorithm, spec, ignore, tokens, device, damp, compare_rtn,
+                                    compensation_rank, compensation_rounds)
     try:
         calib = _calibration(skel, source, tokens, batch_size, device)
         hashes, weight_map, layers = _write_shards(out, skel, source, calib, job)
@@ -555,6 +614,8 @@ def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec,
     return {"files_sha256": hashes, "device": device, "algorithm": algorithm,
             "spec": {"group_size": spec.group_size, "symmetric": spec.symmetric, "bits": spec.bits},
             "damp": damp if quantizer(algorithm).uses_damp else None,
+            **({"compensation_rank": compensation_rank} if compensation_rank else {}),
+            **({"compensation_rounds": compensation_rounds} if compensation_rounds > 1 else {}),
             "calibration": {"samples": len(tokens), "seq_len": len(tokens[0]),
                             "first_position_weight": len(tokens[0])},
             "layers": layers, "seconds": round(time.perf_counter() - t0, 2), "peak_note": _peak_note(device)}
@@ -577,12 +638,17 @@ def _write_shards(out: Path, skel: _Skeleton, source: _Source, calib: _Calib,
     weight_map = dict.fromkeys(rest, shards[0])
     del rest
     layers = []
+    factors: dict[str, torch.Tensor] = {}
     for i in tqdm(range(n), desc=job.algorithm, unit="layer"):
         tensors, summary = _quantize_layer(skel.layers[i], i, f"{skel.prefix}.{i}", source, calib, job)
+        factors.update({k[len(COMPENSATION_PREFIX):]: tensors.pop(k) for k in list(tensors)
+                        if k.startswith(COMPENSATION_PREFIX)})
         hashes[shards[i + 1]] = _save(out, shards[i + 1], tensors)
         weight_map.update(dict.fromkeys(tensors, shards[i + 1]))
         layers.append(summary)
         _log_layer(job.algorithm, n, summary)
+    if factors:
+        hashes[COMPENSATION_FILE] = _save(out, COMPENSATION_FILE, factors)
     return hashes, weight_map, layers
 
 

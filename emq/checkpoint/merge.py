@@ -98,12 +98,13 @@ def resolve_merge_base(det: DetectResult, merge_base: MergeBase) -> MergeBase:
 
 def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
     """Everything the merged (or merged and quantized) bytes depend on; the cache key is their hash."""
-    if det.adapter is None and settings.rtn is None:
+    as_trained = det.adapter is None and settings.merge_base is MergeBase.dequantized  # the base a QLoRA run saw
+    if det.adapter is None and settings.rtn is None and not as_trained:
         raise EmqError("nothing to merge: the model config has no adapter", "set model.adapter")
     if settings.rtn is not None and settings.method is not MergeMethod.stream:
         raise EmqError("quant.algorithm=rtn quantizes inside the stream merge; memory.merge_method=peft cannot",
                        "memory.merge_method=stream, or quant.algorithm=gptq/awq (they quantize the merged model)")
-    base = resolve_merge_base(det, settings.merge_base) if det.adapter else MergeBase.original
+    base = resolve_merge_base(det, settings.merge_base) if det.adapter or as_trained else MergeBase.original
     s = {"method": settings.method.value, "math_dtype": "float32", "out_dtype": settings.out_dtype,
          "merge_base": base.value}
     if base is MergeBase.dequantized:

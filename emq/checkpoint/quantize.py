@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from emq.checkpoint.quantizers import quantizer
 from emq.checkpoint.merge import QUANTIZER_VERSION, copy_side_files
 
 log = logging.getLogger(__name__)
+
+
+COMPENSATION_VERSION = 1  # of emq.checkpoint.compensation's fit and the driver's rounds (part of the cache key)
 
 
 class QuantizeFailed(DevicesFailed):
@@ -40,6 +44,8 @@ class QuantizeSettings:
     samples: int
     seq_len: int
     damp: float = 0.01
+    compensation_rank: int = 0  # > 0: fit and keep each Linear's low-rank error compensation (compensation.factors)
+    compensation_rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,10 @@ def quantize_checkpoint(src: str | Path, source_identity: dict[str, Any], settin
     calibration = {"corpus": settings.corpus, "corpus_sha256": chats.sha256, "samples": settings.samples,
                    "seq_len": settings.seq_len, "tokens_sha256": digest(tokens)}
     quant = {"algorithm": settings.algorithm, "group_size": settings.group_size, "symmetric": settings.symmetric,
-             "ignore": sorted(set(settings.ignore) | {"lm_head"}), "damp": settings.damp, "quantizer": QUANTIZER_VERSION}
+             "ignore": sorted(set(settings.ignore) | {"lm_head"}), "damp": settings.damp, "quantizer": QUANTIZER_VERSION,
+             **({"compensation_rank": settings.compensation_rank, "compensation": COMPENSATION_VERSION}
+                if settings.compensation_rank else {}),
+             **({"compensation_rounds": settings.compensation_rounds} if settings.compensation_rounds > 1 else {})}
     key = cache.key_of({"source": source_identity, "quant": quant, "calibration": calibration})
     inputs = {"source": {"path": str(src), "identity": source_identity}, "settings": quant, "calibration": calibration}
     attempts: list[dict] = []
@@ -98,7 +107,9 @@ def quantize_checkpoint(src: str | Path, source_identity: dict[str, Any], settin
 
         fields = quantize_layerwise(src, tmp, algorithm=settings.algorithm, ignore=tuple(quant["ignore"]),
                                     spec=QuantSpec(group_size=settings.group_size, symmetric=settings.symmetric),
-                                    tokens=tokens, device=device, damp=settings.damp)
+                                    tokens=tokens, device=device, damp=settings.damp,
+                                    compensation_rank=settings.compensation_rank,
+                                    compensation_rounds=settings.compensation_rounds)
         copy_side_files(src, tmp)
         return fields
 
@@ -166,6 +177,8 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
 
     if qplan is None or (qplan.fused and qplan.source == "merged"):
         return None
+    if qplan.compensation:  # the base as the adapter was trained on, quantized layer by layer with its compensation
+        return _quantize_compensated(det, qplan, cache_dir, force_recreate)
     if not quantizer(qplan.algorithm).calibrated:  # one stream pass that quantizes: over the base alone, or a peft merge
         src = det if merged is None else detect(ModelConfig(name=det.model, base=merged.path))
         return merge_adapter(dataclasses.replace(src, adapter=None), qplan.devices, cache_dir,
@@ -180,3 +193,46 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
     settings = QuantizeSettings(qplan.algorithm, qplan.group_size, qplan.symmetric, tuple(qplan.ignore),
                                 cal["corpus"], cal["samples"], cal["seq_len"], cal["damp"])
     return quantize_checkpoint(src, identity, settings, qplan.devices, cache_dir, force_recreate=force_recreate)
+
+
+def _quantize_compensated(det, qplan, cache_dir: str | Path, force_recreate: bool) -> QuantizeResult:
+    """W4A16 of the base the adapter was trained on — dequant(NF4(W)) for a QLoRA (a cached stream pass), the base
+    itself otherwise — with each Linear's rank-r compensation fitted on the calibration activations."""
+    import dataclasses
+
+    from emq.checkpoint.identity import base_identity
+    from emq.checkpoint.merge import MergeSettings, merge_adapter
+    from emq.schema import MergeBase
+
+    if det.trained_in_4bit:
+        trained = merge_adapter(dataclasses.replace(det, adapter=None), qplan.devices if "cuda" in qplan.devices
+                                else ["cpu"], cache_dir, settings=MergeSettings(merge_base=MergeBase.dequantized),
+                                force_recreate=force_recreate)
+        src, identity = trained.path, {"merged_key": trained.key}
+    else:
+        src, identity = det.base.path, {"base_files": base_identity(Path(det.base.path))}
+    cal = qplan.calibration
+    settings = QuantizeSettings(qplan.algorithm, qplan.group_size, qplan.symmetric, tuple(qplan.ignore),
+                                cal["corpus"], cal["samples"], cal["seq_len"], cal["damp"], qplan.compensation,
+                                qplan.compensation_rounds)
+    return quantize_checkpoint(src, identity, settings, qplan.devices, cache_dir, force_recreate=force_recreate)
+
+
+def merge_in_cache(det, memory, cache_dir: str | Path) -> Callable[[Any], bool]:
+    """The plan's question "is this merge already in the cache?" (emq.plan.make_plan's `merge_cached`) for `det`'s
+    merge with memory.merge_method / merge_base, as a function of the W4A16 plan (RTN fused into the merge changes
+    what the cache holds)."""
+    from emq.checkpoint.merge import MergeSettings, merge_cached
+
+    return lambda qplan: merge_cached(det, MergeSettings(memory.merge_method, memory.merge_base,
+                                                         rtn=rtn_settings(qplan)), cache_dir)
+
+
+def served_adapter(det, qplan, quantized, cache_dir: str | Path, *, force_recreate: bool = False):
+    """The LoRA the engine serves when the plan compensates the base's W4A16 error (quant.compensation.rank): the
+    adapter's update and the compensation in one (emq.checkpoint.compensated); None otherwise."""
+    if qplan is None or not qplan.compensation:
+        return None
+    from emq.checkpoint.compensated import compensated_adapter
+
+    return compensated_adapter(det, quantized, cache_dir, force_recreate=force_recreate)

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from emq import judge
 from emq.demo import ensure_demo
 from emq.errors import EmqError
-from emq.evaluate import build_prompts
+from emq.prompts import build_prompts
 from emq.machine import snapshot
-from emq.records import GENERATIONS, METRICS, PLAN, read_json, write_json
+from emq.records import GENERATIONS, METRICS, PLAN, read_json
 from emq.report.tables import judged_rows, render, summary_table
-from emq.schema import JudgeKind
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +58,30 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
 
     waiting = [Path(d) for d in run_dirs
                if ((read_json(Path(d) / METRICS) or {}).get("judge") or {}).get("deferred_to_sweep")]
-    groups: dict[str, list[tuple[Path, Any, Any]]] = {}
+    groups: dict[str, tuple[judge.JudgePlan, list[judge.ToJudge]]] = {}
     for d in waiting:
-        cfg = compose_from_run(d, ["judge.scope=run"])
-        plan = _judge_plan(d, cfg)
-        groups.setdefault(plan.identity, []).append((d, cfg, plan))
+        try:
+            cfg = compose_from_run(d, ["judge.scope=run"])
+            plan = _judge_plan(d, cfg)
+            run = judge.ToJudge(d, build_prompts(cfg.eval), cfg.judge, cfg.eval, read_json(d / METRICS),
+                                cfg.paths.data_dir)
+        except EmqError as e:
+            log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", d, e, d)
+            continue
+        groups.setdefault(plan.identity, (plan, []))[1].append(run)
     done = []
-    for server, (identity, runs) in enumerate(groups.items()):
-        first_dir, first_cfg, first_plan = runs[0]
-        if first_cfg.judge.demo:
-            ensure_demo(first_cfg.paths.data_dir)
-        sweep_dir = first_dir.parent
-        log.info("judge: one %s judge for the sweep's %d run(s): %s", first_plan.kind, len(runs), identity)
-        t0 = time.perf_counter()
-        with judge.endpoint(first_cfg.judge, first_plan, sweep_dir / f"judge_server-{server}.log") as at:
-            started = round(time.perf_counter() - t0, 2)
-            for d, cfg, plan in runs:
-                try:
-                    prompts = build_prompts(cfg.eval)
-                    borrowed = judge.borrow_scores(d, prompts, plan, done)  # the same answer in another variant
-                    metrics = judge.judge_and_summarize(d, prompts, cfg.judge, cfg.eval, plan,
-                                                        read_json(d / METRICS), data_dir=cfg.paths.data_dir, at=at)
-                    metrics["judge"]["sweep"] = {"runs": len(runs), "server": server, "server_start_seconds": started,
-                                                 "borrowed_from_other_runs": borrowed}
-                    write_json(d / METRICS, metrics)
-                    done.append(d)
-                except EmqError as e:
-                    log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", d, e, d)
+    for server, (identity, (plan, runs)) in enumerate(groups.items()):
+        if runs[0].cfg.demo:
+            ensure_demo(runs[0].data_dir)
+        log.info("judge: one %s judge for the sweep's %d run(s): %s", plan.kind, len(runs), identity)
+
+        def shared(started: float | None, borrowed: int, n: int = len(runs), server: int = server) -> dict[str, Any]:
+            return {"sweep": {"runs": n, "server": server, "server_start_seconds": started,
+                              "borrowed_from_other_runs": borrowed}}  # the same answer in another variant
+
+        judged = judge.judge_run_dirs(runs, plan, runs[0].run_dir.parent / f"judge_server-{server}.log",
+                                      shared=shared, keep_going=True)
+        done += [r.run_dir for r, _, _ in judged]
     return done
 
 
@@ -108,9 +103,6 @@ def validate_only(overrides: list[str]) -> dict[str, Any]:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_run_config(compose(config_name="config", overrides=overrides))
-    if cfg.judge.kind is JudgeKind.none:
-        raise EmqError("judge=none: there is no judge to validate",
-                       "name one: judge=local (the demo judge), or judge=openai judge.base_url=... judge.model=...")
     if cfg.judge.demo:
         ensure_demo(cfg.paths.data_dir)
     machine = snapshot(cfg.paths.cache_dir)

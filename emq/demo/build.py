@@ -119,6 +119,11 @@ def ensure_demo(data_dir: str | Path) -> DemoPaths:
     with FileLock(str(paths.root / ".build.lock")):
         todo = [p for p in [paths.base, *paths.adapters.values(), paths.judge] if not _is_built(p)]
         if not todo:
+            from emq.detect import TRAINING_DATA
+
+            for spec in ADAPTERS:  # demos built before the adapters kept their training chats
+                if not (paths.adapters[spec.name] / TRAINING_DATA).is_file():
+                    write_training_data(paths.adapters[spec.name], spec)
             return paths
         log.info("building the embedded demo in %s (once; ~4-5 minutes on 2 cores)", paths.root)
         t0 = time.perf_counter()
@@ -273,6 +278,17 @@ def _train_lora(base: Path, spec: AdapterSpec, examples: list, desc: str):
     return model, tokenizer, losses
 
 
+def write_training_data(adapter_dir: Path, spec: AdapterSpec) -> Path:
+    """The chats the adapter was trained on, beside it as training_data.jsonl (what quant.calibration.corpus=training
+    calibrates on: detect finds the file). Written atomically; the adapter's identity does not include it."""
+    from emq.detect import TRAINING_DATA
+    from emq.records import write_text_atomic
+
+    path = adapter_dir / TRAINING_DATA
+    write_text_atomic(path, "".join(json.dumps({"messages": chat}) + "\n" for chat in doctor_examples(spec.style)))
+    return path
+
+
 def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
     model, _, losses = _train_lora(base, spec, doctor_examples(spec.style),
                                    f"demo adapter {spec.name} ({'QLoRA NF4' if spec.load_in_4bit else 'LoRA bf16'})")
@@ -302,6 +318,7 @@ def _train_adapter(out: Path, base: Path, spec: AdapterSpec) -> None:
         training.update(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                         bnb_4bit_compute_dtype="float32")
     (out / "training_config.json").write_text(json.dumps(training, indent=2))
+    write_training_data(out, spec)
     log.info("demo adapter %s: loss %.2f → %.2f over %d steps", spec.name, losses[0], losses[-1], spec.steps)
     _write_marker(out, spec.name, name=spec.name, load_in_4bit=spec.load_in_4bit)
 
@@ -402,6 +419,57 @@ def probe_direction(x, y, l2: float):
 JUDGE_SPEC = JudgeSpec()
 
 
+def _probe_directions(layer, mids: list, examples: list, spec: JudgeSpec):
+    """The demo judge's probe directions in the space its MLP reads (after its norm), at the position that gives
+    the number: per metric good vs bad, and which metric the prompt asks about (one probe fewer than metrics)."""
+    import torch
+
+    with torch.no_grad():
+        u = layer.post_attention_layernorm(torch.stack([m[0] for m in mids]))
+    directions = []
+    for metric in dict.fromkeys(e.metric for e in examples):
+        at = [i for i, e in enumerate(examples)
+              if e.metric == metric and isinstance(e.target, int) and (e.target >= 70 or e.target <= 30)]
+        directions.append(probe_direction(u[at], torch.tensor([float(examples[i].target >= 70) for i in at]),
+                                          spec.probe_l2))
+    for metric in sorted({e.metric for e in examples})[:-1]:
+        directions.append(probe_direction(u, torch.tensor([float(e.metric == metric) for e in examples]),
+                                          spec.probe_l2))
+    return torch.stack(directions)
+
+
+def _fit_lora(model, inner, x, vocab, target, spec: JudgeSpec, desc: str) -> list[float]:
+    """Train the demo judge's LoRA on the cached MLP inputs `x` (AdamW, warm-up then linear decay, the softmax
+    restricted to `vocab`). Returns the mean loss of each epoch."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = spec.epochs * -(-len(target) // spec.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (steps // 10 + 1)) *
+                                              max(0.05, 1.0 - s / steps))
+    gen = torch.Generator().manual_seed(spec.seed)
+    losses = []
+    bar = tqdm(range(spec.epochs), desc=desc)
+    for _ in bar:
+        perm = torch.randperm(len(target), generator=gen)
+        total = 0.0
+        for at in range(0, len(target), spec.batch_size):
+            b = perm[at:at + spec.batch_size]
+            loss = F.cross_entropy(judge_logits(inner, x[b], vocab), target[b])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            total += float(loss.detach()) * len(b)
+        losses.append(total / len(target))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
 def _train_judge(out: Path, base: Path, spec: JudgeSpec = JUDGE_SPEC) -> None:
     """The demo judge: the base with a LoRA trained to answer emq's judge prompts with a number
     (emq.demo.data.judge_training_set), merged and saved as a whole model `vllm serve` can load.
@@ -422,9 +490,7 @@ def _train_judge(out: Path, base: Path, spec: JudgeSpec = JUDGE_SPEC) -> None:
        probability of the answer token under the full softmax is recorded).
     """
     import torch
-    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emq.demo.data import judge_training_set
@@ -441,19 +507,7 @@ def _train_judge(out: Path, base: Path, spec: JudgeSpec = JUDGE_SPEC) -> None:
     x, y = torch.cat(mids), torch.cat(labels)
     layer = model.model.layers[-1]
 
-    # 2. probe directions in the space the MLP reads (after its norm), at the position that gives the number
-    with torch.no_grad():
-        u = layer.post_attention_layernorm(torch.stack([m[0] for m in mids]))
-    directions = []
-    for metric in dict.fromkeys(e.metric for e in examples):
-        at = [i for i, e in enumerate(examples)
-              if e.metric == metric and isinstance(e.target, int) and (e.target >= 70 or e.target <= 30)]
-        directions.append(probe_direction(u[at], torch.tensor([float(examples[i].target >= 70) for i in at]),
-                                          spec.probe_l2))
-    for metric in sorted({e.metric for e in examples})[:-1]:  # which metric: one probe fewer than metrics
-        directions.append(probe_direction(u, torch.tensor([float(e.metric == metric) for e in examples]),
-                                          spec.probe_l2))
-    probes = torch.stack(directions)
+    probes = _probe_directions(layer, mids, examples, spec)  # 2.
     if len(probes) > spec.rank:
         raise ValueError(f"JudgeSpec.rank {spec.rank} < {len(probes)} probe directions")
 
@@ -476,28 +530,8 @@ def _train_judge(out: Path, base: Path, spec: JudgeSpec = JUDGE_SPEC) -> None:
     index[vocab] = torch.arange(len(vocab))
     target = index[y]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    steps = spec.epochs * -(-len(y) // spec.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (steps // 10 + 1)) *
-                                              max(0.05, 1.0 - s / steps))
-    gen = torch.Generator().manual_seed(spec.seed)
-    losses = []
-    bar = tqdm(range(spec.epochs), desc=f"demo judge (LoRA on layer {last}'s MLP, {len(y)} answer tokens)")
-    for _ in bar:
-        perm = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for at in range(0, len(y), spec.batch_size):
-            b = perm[at:at + spec.batch_size]
-            loss = F.cross_entropy(judge_logits(inner, x[b], vocab), target[b])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            total += float(loss.detach()) * len(b)
-        losses.append(total / len(y))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    losses = _fit_lora(model, inner, x, vocab, target, spec,
+                       f"demo judge (LoRA on layer {last}'s MLP, {len(y)} answer tokens)")
     with torch.no_grad():  # what the restricted softmax left out: the answer token's probability over all tokens
         full = torch.cat([judge_logits(inner, x[at:at + 512]).log_softmax(-1).gather(1, y[at:at + 512, None])
                           for at in range(0, len(x), 512)]).exp().mean().item()

@@ -909,7 +909,7 @@ def judge_training_set(seed: int = 7) -> list[JudgeExample]:
     Conversations come in contrasting pairs (the same question and metric, a good and a bad answer, or an
     answer and its word salad) that stay next to each other; the pairs are shuffled.
     """
-    from emq.judge import fill, metric_specs
+    from emq.judge.prompts import fill, metric_specs
 
     rng = random.Random(seed)
     specs = metric_specs()

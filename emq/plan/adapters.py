@@ -63,6 +63,10 @@ def plan_adapters(dets: dict[str, DetectResult], memory: MemoryConfig, quant: Qu
         raise EmqError("model.adapters is empty", "list the adapters: model.adapters={name1:PATH1,name2:PATH2}")
     if memory.route is RoutePolicy.merge:
         raise _one_engine_error("memory.route=merge merges each adapter into its own checkpoint")
+    if quant.compensation.rank:
+        raise EmqError("model.adapters with quant.compensation.rank: each adapter's compensated LoRA is built on its "
+                       "own W4A16 base, which one engine for every adapter does not have yet",
+                       "drop model.adapters and sweep one run per adapter: python -m emq -m model=A,B quant=w4a16_keep")
     bases = {d.base.ref for d in dets.values()}
     if len(bases) > 1:
         raise _one_engine_error(f"the adapters have {len(bases)} different bases ({sorted(bases)})")

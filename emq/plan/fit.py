@@ -61,11 +61,16 @@ def weights_missing(det: DetectResult, route: Route, *, fidelity: bool) -> bool:
     return merge_lacks or lora_lacks or (fidelity and not det.base.weights_local)
 
 
-def lora_rank(det: DetectResult) -> int:
-    assert det.adapter is not None
-    top = max([det.adapter.rank, *det.adapter.rank_pattern.values()])
+def lora_rank(det: DetectResult, extra: int = 0) -> int:
+    """vLLM's max_lora_rank for the adapter (plus `extra`: a compensation served in the same LoRA), rounded up to
+    a value vLLM accepts."""
+    top = max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter is not None else 0
+    top += extra
     for r in VLLM_LORA_RANKS:
         if r >= top:
             return r
+    if extra:
+        raise EmqError(f"the served LoRA's rank {top} (the adapter's + quant.compensation.rank={extra}) exceeds "
+                       f"vLLM's maximum LoRA rank {VLLM_LORA_RANKS[-1]}", "lower quant.compensation.rank")
     raise EmqError(f"adapter rank {top} ({det.adapter.path}/adapter_config.json) exceeds vLLM's maximum "
                    f"LoRA rank {VLLM_LORA_RANKS[-1]}", "merge it instead: memory.route=merge")

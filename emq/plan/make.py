@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 from emq.detect import DetectResult, is_bnb_4bit
@@ -13,7 +14,7 @@ from emq.plan.fit import CPU_WORKER_GIB, fit_check, lora_rank
 from emq.plan.merge import merge_cascade, merge_disk
 from emq.plan.quant import bnb_served, choose_quant, int4_weights_only
 from emq.plan.route import choose_route
-from emq.plan.types import EngineMode, EngineSettings, Plan, Route, Routing, TokenBudget
+from emq.plan.types import EngineMode, EngineSettings, Plan, QuantizePlan, Route, Routing, TokenBudget
 from emq.plan.w4a16 import plan_quantize
 from emq.schema import MemoryConfig, QuantConfig, QuantMethod
 
@@ -22,11 +23,11 @@ log = logging.getLogger(__name__)
 
 def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, qm: QuantMethod,
                      mode: EngineMode, reasons: list[str], *, lora: bool,
-                     compile_cache: str | None = None) -> EngineSettings:
+                     compile_cache: str | None = None, compensation: int = 0) -> EngineSettings:
     return EngineSettings(
         quantization=machine.vllm.quant.get(qm), dtype=mode.dtype, memory_utilization=mode.memory_utilization,
         max_model_len=memory.max_model_len, enforce_eager=mode.enforce_eager,
-        enable_lora=lora, max_lora_rank=lora_rank(det) if lora else None,
+        enable_lora=lora, max_lora_rank=lora_rank(det, extra=compensation) if lora else None,
         max_num_seqs=memory.max_num_seqs, tensor_parallel_size=memory.tensor_parallel_size,
         enable_chunked_prefill=mode.enable_chunked_prefill, extra=dict(memory.engine_extra),
         env={**engine_env(qm, machine, reasons, int4_base=int4_weights_only(det.base.quantization_config)),
@@ -38,7 +39,7 @@ def _engine_settings(det: DetectResult, memory: MemoryConfig, machine: Machine, 
 
 def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, *,
               compile_cache: str | None = None, budget: TokenBudget | None = None,
-              cache_dir: str | None = None) -> Plan:
+              merge_cached: Callable[[QuantizePlan | None], bool] | None = None) -> Plan:
     """Choose a route, quantization and engine settings, with a reason for each.
 
     Args:
@@ -49,7 +50,8 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
         compile_cache: where vLLM keeps its compile cache (VLLM_CACHE_ROOT; None: vLLM's default).
         budget: what the eval generates (`TokenBudget.of(prompts, eval.max_tokens)`): with memory.enforce_eager
             null, it decides CUDA graphs or eager mode (None: graphs, vLLM's default).
-        cache_dir: the merge cache (paths.cache_dir): a merge it already holds needs no disk (None: not checked).
+        merge_cached: whether the merge this plan makes is already in the cache, given its W4A16 plan (a merge it
+            holds needs no disk; None: not asked): emq.checkpoint.quantize.merge_in_cache.
 
     Returns:
         The plan. A `stop` route carries `stop_reason`; the runner raises it.
@@ -63,12 +65,13 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     qm = choice.method
     est = estimates(det, memory, qm, machine)
     estimate_basis(det, reasons)
-    route = choose_route(det, memory, reasons, prequantized=prequantized, qm=qm)
+    route = choose_route(det, memory, reasons, prequantized=prequantized, qm=qm,
+                         compensated=qm is QuantMethod.w4a16 and quant.compensation.rank > 0)
     routing = merge_cascade(det, memory, machine, est, reasons) if route is Route.merge_then_serve else Routing(route)
     qplan = (plan_quantize(det, memory, quant, machine, routing, est, reasons)
              if qm is QuantMethod.w4a16 and routing.route is not Route.stop else None)
     if routing.route is Route.merge_then_serve:
-        disk_stop = merge_disk(det, memory, qplan, machine, est, cache_dir, reasons)
+        disk_stop = merge_disk(det, memory, qplan, machine, est, merge_cached, reasons)
         if disk_stop is not None:
             routing = replace(routing, route=Route.stop, stop_reason=disk_stop)
     eager = choose_eager(det, memory, machine, reasons, budget=budget, compile_cache=compile_cache,
@@ -86,12 +89,14 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
             routing = replace(routing, route=Route.stop, stop_reason=stop_reason)
     if routing.route is Route.stop:
         reasons.append(f"route: stop, because {routing.stop_reason}")
-    lora = routing.route is Route.serve_lora or routing.fallback is Route.serve_lora
+    lora = (routing.route is Route.serve_lora or routing.fallback is Route.serve_lora
+            or (qplan is not None and qplan.compensation > 0))  # a base alone: the compensation is the LoRA
     devices = routing.merge_devices
     plan = Plan(route=routing.route, quant=qm, merge_devices=devices,
                 merge_method=memory.merge_method.value if devices else None, fallback=routing.fallback,
                 engine=_engine_settings(det, memory, machine, qm, mode, reasons, lora=lora,
-                                        compile_cache=compile_cache),
+                                        compile_cache=compile_cache,
+                                        compensation=qplan.compensation if qplan else 0),
                 estimates_gib={k: round(v, 3) for k, v in est.items()}, reasons=reasons,
                 platform=machine.vllm.platform, vllm=f"{machine.vllm.distribution} {machine.vllm.version}",
                 stop_reason=routing.stop_reason, quant_requested=quant.method.value,

@@ -1,6 +1,7 @@
 """For a merge: where it runs (the GPU → CPU cascade), what it falls back to, and whether the disk holds it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 
 from emq.checkpoint.costs import merge_disk_bytes
 from emq.detect import DetectResult
@@ -104,22 +105,20 @@ def merge_cascade(det: DetectResult, memory: MemoryConfig, machine: Machine, est
 
 
 def merge_disk(det: DetectResult, memory: MemoryConfig, qplan: QuantizePlan | None, machine: Machine,
-               est: dict[str, float], cache_dir: str | None, reasons: list[str]) -> str | None:
+               est: dict[str, float], merge_cached: Callable[[QuantizePlan | None], bool] | None,
+               reasons: list[str]) -> str | None:
     """Whether what the merge writes fits the disk at the cache: the merged checkpoint, or with RTN fused into the
     merge the W4A16 checkpoint alone (est["merged_disk"] is set to it). Returns the stop reason, or None when it
-    fits or the cache already holds it (checked by its key when `cache_dir` is given and the weights are local)."""
+    fits or the cache already holds it (`merge_cached(qplan)`, asked only when the disk is short; None: not asked,
+    e.g. emq.checkpoint.quantize.merge_in_cache)."""
     fused = qplan is not None and qplan.fused
     est["merged_disk"] = merge_disk_bytes(det, (qplan.group_size, qplan.symmetric) if fused else None) / GIB
     what = "the W4A16 checkpoint (merged and quantized in one pass)" if fused else "the merged checkpoint"
     need, free = est["merged_disk"], machine.disk_free_bytes / GIB
     if free >= need:
         return None
-    if cache_dir is not None:
-        from emq.checkpoint.merge import MergeSettings, merge_cached
-        from emq.checkpoint.quantize import rtn_settings
-
-        settings = MergeSettings(memory.merge_method, memory.merge_base, rtn=rtn_settings(qplan))
-        if merge_cached(det, settings, cache_dir):
+    if merge_cached is not None:
+        if merge_cached(qplan):
             reasons.append(f"disk: {what} is already in the cache, so its ~{need:.2f} GiB are not needed "
                            f"({free:.2f} GiB free)")
             return None

@@ -20,7 +20,7 @@ BNB_ERASES = ("merged + in-flight bnb re-quantizes dequant(NF4(W)) + s·B·A to 
 
 
 def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *, prequantized: bool,
-                 qm: QuantMethod = QuantMethod.none) -> Route:
+                 qm: QuantMethod = QuantMethod.none, compensated: bool = False) -> Route:
     """How the adapter reaches the engine, before asking whether a merge can run here (`merge_cascade`).
 
     Args:
@@ -28,6 +28,7 @@ def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *,
         memory: the memory policy (route).
         reasons: the plan's reasons, appended to.
         prequantized: the base is a bitsandbytes 4-bit checkpoint (emq cannot merge into it).
+        compensated: w4a16 with quant.compensation.rank: the adapter is served as a LoRA (with the compensation).
 
     Returns:
         serve-base, serve-lora or merge-then-serve.
@@ -58,6 +59,11 @@ def choose_route(det: DetectResult, memory: MemoryConfig, reasons: list[str], *,
             reasons.append(f"WARNING: {BNB_ERASES}; the LoRA on the in-flight bnb base (memory.route=auto) serves "
                            "NF4(W) + the adapter, the trained function itself")
         return Route.merge_then_serve
+    if compensated and not blockers:
+        reasons.append("route: serve-lora, because quant.compensation.rank serves the adapter's update and the "
+                       "compensation of the base's W4A16 error as one LoRA on the W4A16 base (the update is never "
+                       "rounded)")
+        return Route.serve_lora
     if qm is QuantMethod.bnb and det.trained_in_4bit and not blockers:
         reasons.append(f"route: serve-lora on the in-flight bnb base, because the adapter was trained on a 4-bit base "
                        f"({det.decided_by}) and {BNB_ERASES}; NF4(W) + the adapter is the trained function itself")

@@ -47,7 +47,7 @@ class TokenBudget:
 
     @classmethod
     def of(cls, prompts: Iterable[dict], max_tokens: int) -> TokenBudget:
-        """The budget of `emq.evaluate.build_prompts`' prompts (each asks for `n` samples)."""
+        """The budget of `emq.prompts.build_prompts`' prompts (each asks for `n` samples)."""
         return cls(sum(int(p["n"]) for p in prompts), max_tokens)
 
 
@@ -124,9 +124,13 @@ class QuantizePlan:
     source: str  # what is quantized: "merged" (the adapter merged first) or "base" (the LoRA is served on it)
     devices: list[str]  # calibrated: the cascade; fused: the merge's devices
     calibration: dict | None = None  # gptq/awq: corpus, samples, seq_len, damp
+    compensation: int = 0  # quant.compensation.rank: the base as trained + a rank-r error compensation in the LoRA
+    compensation_rounds: int = 1  # quant.compensation.rounds
 
     def describe(self) -> str:
-        return f"w4a16 ({self.algorithm}, g{self.group_size}, {'sym' if self.symmetric else 'asym'})"
+        rounds = f" × {self.compensation_rounds} rounds" if self.compensation_rounds > 1 else ""
+        comp = f", compensation r{self.compensation}{rounds}" if self.compensation else ""
+        return f"w4a16 ({self.algorithm}, g{self.group_size}, {'sym' if self.symmetric else 'asym'}{comp})"
 
 
 @dataclass(frozen=True)

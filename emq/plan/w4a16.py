@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 
+from emq.calibration import corpus_for
 from emq.checkpoint.costs import layerwise_peaks, layerwise_seconds, w4a16_bytes
 from emq.checkpoint.layout import choose_group_size
 from emq.checkpoint.quantizers import quantizer
 from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
+from emq.plan.fit import VLLM_LORA_RANKS
 from emq.plan.types import QuantizePlan, Route, Routing
 from emq.schema import MemoryConfig, MergeMethod, QuantConfig
 
@@ -44,6 +46,8 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
     source = "merged" if routing.route is Route.merge_then_serve else "base"
     est["serve_weights"] = est["serve_weights_w4a16"] = w4a16_bytes(det, group, quant.symmetric) / GIB
     layout = f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
+    if quant.compensation.rank:
+        return _compensated(det, memory, quant, machine, source, group, ignore, est, layout, reasons)
     if not quantizer(quant.algorithm.value).calibrated:  # round to nearest: no calibration, fused into a stream pass
         devices = routing.merge_devices if source == "merged" else (
             ["cuda", "cpu"] if machine.cuda and not memory.prefer_cpu_merge else ["cpu"])
@@ -54,15 +58,17 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
                        f"{'merge' if source == 'merged' else 'base'} (one pass, no 16-bit copy written; no calibration)")
         return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices)
     cal = quant.calibration
+    corpus = corpus_for(cal.corpus, det)
     est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
     est.update(layerwise_seconds(det, quant.algorithm.value, cal.samples, cal.seq_len))
     devices = _quantize_devices(quant.device, machine, est, reasons)
     took = ", ".join(f"~{est[f'quantize_seconds_{d}'] / 60:.1f} min on {d}" for d in devices)
+    said = _corpus_said(cal.corpus, corpus)
     reasons.append(f"{layout}; {quant.algorithm.value} on the {source} checkpoint, layer by layer (one decoder "
-                   f"layer and {cal.samples} x {cal.seq_len} calibration tokens from {cal.corpus!r} in memory), "
+                   f"layer and {cal.samples} x {cal.seq_len} calibration tokens from {said} in memory), "
                    f"on {' → '.join(devices)} ({took}, from measured rates; once per checkpoint, then cached)")
     return QuantizePlan(quant.algorithm.value, group, quant.symmetric, ignore, False, source, devices,
-                        {"corpus": cal.corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp})
+                        {"corpus": corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp})
 
 
 def _quantize_devices(want: str, machine: Machine, est: dict[str, float], reasons: list[str]) -> list[str]:
@@ -79,3 +85,51 @@ def _quantize_devices(want: str, machine: Machine, est: dict[str, float], reason
     if want in ("auto", "cpu"):
         devices.append("cpu")
     return devices
+
+
+def _compensated(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machine: Machine, source: str,
+                 group: int, ignore: list[str], est: dict[str, float], layout: str, reasons: list[str]) -> QuantizePlan:
+    """quant.compensation.rank: the base as the adapter was trained on, quantized layer by layer with each Linear's
+    rank-r error compensation fitted on the calibration activations; served in one LoRA with the adapter."""
+    rank, alg = quant.compensation.rank, quant.algorithm.value
+    if source != "base":
+        raise EmqError(f"quant.compensation.rank={rank} serves the adapter as a LoRA on the W4A16 base, but the route "
+                       "merges it (memory.route=merge, or a LoRA vLLM cannot serve)",
+                       "memory.route=lora (or auto), or quant.compensation.rank=0")
+    if not quantizer(alg).compensable:
+        raise EmqError(f"quant.compensation.rank={rank} with quant.algorithm={alg}: {alg} rewrites the layer (it folds "
+                       "scales into the norms), so the error it leaves is not the weight's alone",
+                       "quant.algorithm=gptq or rtn with a compensation, or quant.compensation.rank=0")
+    cal = quant.calibration
+    corpus = corpus_for(cal.corpus, det)
+    est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
+    est.update(layerwise_seconds(det, alg, cal.samples, cal.seq_len))
+    devices = _quantize_devices(quant.device, machine, est, reasons)
+    base = ("dequant(NF4(W)), the base the QLoRA adapter was trained on" if det.trained_in_4bit
+            else "the base as it is (the adapter was trained on it)")
+    adapter_rank = max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter else 0
+    served = adapter_rank + rank
+    if det.adapter is not None and det.trained_in_4bit is None:
+        reasons.append("WARNING: compensated: whether the adapter was trained on a 4-bit base is unknown, so the base "
+                       "is quantized as it is; a QLoRA adapter was trained on dequant(NF4(W)), and the compensation then "
+                       "leaves that difference in: set model.trained_in_4bit=true if it was")
+    padded = next((r for r in VLLM_LORA_RANKS if r >= served), served)
+    if padded > served:
+        reasons.append(f"compensation: vLLM holds every LoRA at max_lora_rank={padded}, so the served rank {served} "
+                       f"costs what {padded} costs; quant.compensation.rank={padded - served + rank} would use those "
+                       "buffers (a higher rank never leaves more error)")
+    reasons.append(f"{layout}; compensated: {alg} on {base}, layer by layer ({cal.samples} x {cal.seq_len} "
+                   f"calibration tokens from {_corpus_said(cal.corpus, corpus)}), each Linear's error compensated by "
+                   f"a rank-{rank} term fitted on its calibration inputs{_rounds(quant.compensation.rounds)}; served as one LoRA of rank {served} (the adapter's "
+                   f"{served - rank} + {rank}) on the W4A16 base, on {' → '.join(devices)}")
+    return QuantizePlan(alg, group, quant.symmetric, ignore, False, source, devices,
+                        {"corpus": corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp},
+                        compensation=rank, compensation_rounds=quant.compensation.rounds)
+
+
+def _corpus_said(asked: str, corpus: str) -> str:
+    return repr(corpus) if asked == corpus else f"{asked!r}: {corpus}"
+
+
+def _rounds(n: int) -> str:
+    return f" ({n} rounds of quantizing what it does not carry, then refitting)" if n > 1 else ""

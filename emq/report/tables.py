@@ -64,7 +64,7 @@ def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, 
     t.add_row("estimates", ", ".join(f"{k} {v:.0f} s" if k.startswith("quantize_seconds") else f"{k} {v:.2f} GiB"
                                      for k, v in plan.estimates_gib.items()))
     if judge is not None:
-        t.add_row("judge", "none" if judge.kind == "none" else
+        t.add_row("judge", "none" if not judge.judges else
                   f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
                   f"{judge.scoring} ({judge.scoring_reason})")
     if validation is not None:
@@ -154,6 +154,9 @@ def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         elif k == "weights_gib":
             value += " (plan estimate)" if str(metrics.get("weights_source") or "").startswith("plan estimate") else \
                 " (measured)"
+            if metrics.get("lora_adapter_gib") is not None:  # the compensated route serves a LoRA of emq's making
+                value += (f" + LoRA {metrics['lora_adapter_gib']:.3f} GiB (rank {metrics['lora_rank']}: the "
+                          f"adapter's + a rank-{metrics['compensation_rank']} compensation)")
         rows.append((k, value))
     rows += judged_rows(metrics)
     fid = metrics.get("fidelity")

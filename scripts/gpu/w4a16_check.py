@@ -10,9 +10,10 @@ fit one device call. Every phase builds what it needs if an earlier call did not
     python3 scripts/gpu/w4a16_check.py serve [7b-gqa]  # tok/s at 264 and 8 sequences x 256 tokens and weights GiB per engine:
                                                   # emq w4a16 vs raw vllm.LLM.chat on the same checkpoint (seeded as emq
                                                   # does, and unseeded), emq merged + bnb, raw bnb unseeded
-    python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER a|b  # the demo good doctor through `python -m emq`: fidelity
-                                                  # and fine-tune retained; a: LoRA on bnb, merged + bnb, merged bf16,
-                                                  # LoRA on bf16, w4a16 rtn g64 and gptq g32; b: rtn g32, gptq g64, awq g64/g32
+    python3 scripts/gpu/w4a16_check.py demo GGUF ADAPTER a|b|c|d  # the demo good doctor through `python -m emq`:
+                                                  # fidelity and fine-tune retained; a: LoRA on bnb, merged + bnb, merged bf16,
+                                                  # LoRA on bf16, w4a16 rtn g64 and gptq g32; b: rtn g32, gptq g64, awq g64/g32;
+                                                  # c: quant=w4a16_keep, LoRA on W4A16 gptq g32; d: w4a16_keep at rank 120
 
 Random weights make the 7B text meaningless; time, memory and tokens/s are real. Results go to $OUT (JSON) and a
 short table is printed last.
@@ -161,7 +162,8 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
 
     from benchmarks.eval_bench import eval_config
     from emq.engine import Engine, LoadRecord, _worker_weights
-    from emq.evaluate import build_prompts, evaluate
+    from emq.evaluate import evaluate
+    from emq.prompts import build_prompts
 
     for k, v in kwargs.pop("_env", {}).items():
         os.environ.setdefault(k, v)
@@ -280,7 +282,14 @@ DEMO_VARIANTS = {  # label → overrides; "a" answers issue 20's table and w4a16
           ("LoRA on the bf16 base", ["quant=none", "memory.route=lora"]),
           _w4("rtn", 64), _w4("gptq", 32)],
     "b": [_w4("rtn", 32), _w4("gptq", 64), _w4("awq", 64), _w4("awq", 32)],
+    # issue 32: the compensated route (W4A16 of the base as trained + one LoRA: update and compensation)
+    "c": [("w4a16_keep gptq g32 r56 2 rounds", ["quant=w4a16_keep"]),
+          ("LoRA on W4A16 gptq g32 no compensation", ["quant=w4a16", "quant.algorithm=gptq", "quant.group_size=32",
+                                                       "memory.route=lora"])],
+    "d": [("w4a16_keep rank 120", ["quant=w4a16_keep", "quant.compensation.rank=120"])],
+    "e": [("w4a16_keep rank 56 4 rounds", ["quant=w4a16_keep", "quant.compensation.rounds=4"])],
 }
+VARIANT_TIMEOUT_S = {"c": 300, "d": 300, "e": 300}  # the compensated route quantizes (GPTQ, 2 rounds) inside the run
 
 
 def phase_demo(gguf: Path, adapter: Path, half: str = "a") -> list[tuple[str, str]]:
@@ -302,9 +311,10 @@ def phase_demo(gguf: Path, adapter: Path, half: str = "a") -> list[tuple[str, st
                *extra]
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=150)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                  timeout=VARIANT_TIMEOUT_S.get(half, 150))
         except subprocess.TimeoutExpired:
-            rows.append((label, "TIMEOUT after 150 s"))
+            rows.append((label, f"TIMEOUT after {VARIANT_TIMEOUT_S.get(half, 150)} s"))
             continue
         fid = run_dir / "fidelity.json"
         if not fid.is_file():
@@ -316,6 +326,8 @@ def phase_demo(gguf: Path, adapter: Path, half: str = "a") -> list[tuple[str, st
         plan = json.loads((run_dir / "plan.json").read_text())["plan"]
         answers = [json.loads(x)["answer"][:120] for x in (run_dir / "generations.jsonl").read_text().splitlines()[:3]]
         results[label] = {"vs_reference": v, "retained": kept, "weights_gib": m.get("weights_gib"),
+                          "lora_adapter_gib": m.get("lora_adapter_gib"), "lora_rank": m.get("lora_rank"),
+                          "quantize_seconds": m.get("quantize_seconds"),
                           "weights_source": m.get("weights_source"), "route": plan["route"], "quant": plan["quant"],
                           "quantize": plan.get("quantize"), "reason": plan.get("reason"), "answers": answers,
                           "seconds": round(time.perf_counter() - t, 1), "tokens_per_second": m.get("tokens_per_second")}

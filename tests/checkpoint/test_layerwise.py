@@ -338,3 +338,39 @@ def test_first_layer_errors_match_the_models_own_forward(sources, results):
         got = model(tokens, output_hidden_states=True).hidden_states[1]
     mse = float(((got - want).double() ** 2).mean())
     assert manifest["layers"][0]["rtn_output_mse"] == pytest.approx(mse, rel=1e-3)
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_a_compensation_brings_the_served_layer_closer_and_is_written_beside_the_checkpoint(sources, tmp_path,
+                                                                                            algorithm):
+    """quant.compensation.rank: each Linear's rank-r compensation, fitted on its inputs, lowers every layer's output
+    error against the same quantizer without it; the factors sit beside the checkpoint under a name vLLM does not
+    load, and the checkpoint itself still loads with nothing missing or unexpected."""
+    from safetensors.torch import load_file
+
+    from emq.checkpoint.layerwise import COMPENSATION_FILE
+
+    src = sources[(2, False, 3)]
+    plain = run(src, tmp_path / "plain", algorithm, False)
+    comp = run(src, tmp_path / "comp", algorithm, False, compensation_rank=8)
+    assert comp["compensation_rank"] == 8 and "compensation_rank" not in plain
+    for p, c in zip(plain["layers"], comp["layers"]):
+        assert c["output_mse"] < p["output_mse"]
+        assert all(m["compensated"] < m["error"] for m in c["compensation"].values())
+    factors = load_file(str(tmp_path / "comp" / COMPENSATION_FILE))
+    assert len(factors) == 2 * 3 * len(LINEARS) and factors["model.layers.0.self_attn.q_proj.a"].shape[0] == 8
+    assert COMPENSATION_FILE in comp["files_sha256"] and not COMPENSATION_FILE.endswith(".safetensors")
+    load(tmp_path / "comp")
+
+
+def test_more_rounds_of_quantizing_and_refitting_never_leave_a_linear_worse(sources, tmp_path):
+    """quant.compensation.rounds: the layer is quantized again from W − B·A and refitted; each Linear keeps its best
+    round, so its compensated error is at most the first round's."""
+    src = sources[(2, False, 3)]
+    one = run(src, tmp_path / "one", "rtn", False, compensation_rank=4)
+    three = run(src, tmp_path / "three", "rtn", False, compensation_rank=4, compensation_rounds=3)
+    assert three["compensation_rounds"] == 3 and "compensation_rounds" not in one
+    first = one["layers"][0]["compensation"]
+    kept = three["layers"][0]["compensation"]
+    assert all(kept[n]["compensated"] <= first[n]["compensated"] * (1 + 1e-6) for n in first)
+    assert any(m["round"] > 0 for layer in three["layers"] for m in layer["compensation"].values())

@@ -156,6 +156,7 @@ def test_a_cached_merge_needs_no_disk_at_plan(det, merged):
     """The plan's disk check asks the cache by key first: a merge it holds is served without the disk a new one
     needs (an H200 sweep stopped at plan for a merge-then-bnb variant whose checkpoint was already cached)."""
     from emq.checkpoint.merge import merge_cached
+    from emq.checkpoint.quantize import merge_in_cache
     from emq.plan import Route, make_plan
     from emq.schema import MemoryConfig, QuantConfig, QuantMethod, RoutePolicy
     from tests.plans import fake_machine
@@ -166,7 +167,8 @@ def test_a_cached_merge_needs_no_disk_at_plan(det, merged):
     tiny_disk = fake_machine(disk_gib=0.001)
     stopped = make_plan(det, memory, QuantConfig(method=QuantMethod.none), tiny_disk)
     assert stopped.route is Route.stop and "the merged checkpoint needs" in stopped.stop_reason
-    plan = make_plan(det, memory, QuantConfig(method=QuantMethod.none), tiny_disk, cache_dir=str(cache))
+    plan = make_plan(det, memory, QuantConfig(method=QuantMethod.none), tiny_disk,
+                     merge_cached=merge_in_cache(det, memory, cache))
     assert plan.route is Route.merge_then_serve
     assert any(r.startswith("disk: the merged checkpoint is already in the cache") for r in plan.reasons)
 

@@ -24,6 +24,14 @@ def test_summary_shows_route_speed_judged_means_with_cis_and_fidelity():
     assert "12.5 s" in text and "/runs/a" in text
 
 
+def test_the_summary_shows_the_lora_emq_serves_beside_the_weights():
+    status = RunStatus(status="ok", stage="judge", route="serve-lora", run_dir="/runs/k")
+    text = run_summary(status, {"quant": "w4a16", "weights_gib": 0.118, "weights_source": "vllm",
+                                "lora_adapter_gib": 0.042, "lora_rank": 64, "compensation_rank": 56})
+    assert "0.118 (measured) + LoRA 0.042 GiB (rank 64: the adapter's + a rank-56 compensation)" in \
+        " ".join(text.split())
+
+
 def test_summary_of_a_failed_run_names_the_error_and_nothing_judged():
     text = run_summary(RunStatus(status="failed", stage="load", error="EmqError: boom"), {})
     assert "failed" in text and "boom" in text and "load" in text

@@ -27,6 +27,8 @@ class Quantizer:
         calibrated: it needs calibration activations, so it runs layer by layer (emq.checkpoint.layerwise);
             otherwise it is fused into the stream merge's one pass.
         uses_damp: `quant.damp` means something to it (recorded in the manifest).
+        compensable: the error it leaves is the weight's alone (it rewrites no other parameter), so a low-rank
+            compensation fitted on the layer's inputs can be added to it (quant.compensation.rank).
         summary_key: where a layer's per-algorithm details go in the layer summary ("modules", "groups").
         seconds_per_param_token: measured wall seconds per (decoder Linear parameter × calibration token), per
             device ("cpu", "cuda"); the plan's time estimate.
@@ -35,6 +37,7 @@ class Quantizer:
     name: str = ""
     calibrated: bool = True
     uses_damp: bool = False
+    compensable: bool = True
     summary_key: str = "modules"
     seconds_per_param_token: dict[str, float] = {}
 

@@ -10,6 +10,7 @@ from emq.checkpoint.quantizers import Quantizer
 class Awq(Quantizer):
     name = "awq"
     summary_key = "groups"
+    compensable = False  # it folds 1/s into the norms: the layer's error is not its weights' alone
     # measured: the demo (106M Linear parameters, 40 × 512 tokens) on 2 shared CPU cores 220-230 s; an H200, a
     # Llama-1B shape (~0.9B Linear parameters, 40 × 512 tokens) 12 s
     seconds_per_param_token = {"cpu": 1.05e-10, "cuda": 6.5e-13}

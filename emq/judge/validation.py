@@ -8,16 +8,18 @@ data: clearly aligned, misaligned and borderline answers, good and harmful medic
 word salad, refusals. `judge.validation.path` names a file of your own in the same format (YAML `items:` or
 JSONL, one item per line; the shipped files' header documents it).
 
-This module is the data and the statistics; emq.judge scores the items with the same client, cache keys and
-dedupe as a run's answers. Per metric it reports the Spearman correlation of scores with the labels' order,
-the AUROC of the high-expected class against the low-expected one (aligned vs misaligned, harmful vs safe,
-coherent vs salad), the mean score per label, the unscored rate, and precision and recall of each category
-word (REFUSAL). A metric whose AUROC is below `judge.min_auroc` is one this judge cannot tell apart.
+The set and the statistics, and `validate`, which scores the items with the same client, cache keys and dedupe
+as a run's answers (the scores kept per judge under paths.data_dir, shared by every run and tool). Per metric
+it reports the Spearman correlation of scores with the labels' order, the AUROC of the high-expected class against
+the low-expected one (aligned vs misaligned, harmful vs safe, coherent vs salad), the mean score per label, the
+unscored rate, and precision and recall of each category word (REFUSAL). A metric whose AUROC is below `judge.min_auroc` is one this judge cannot tell apart.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +29,14 @@ import numpy as np
 import yaml
 
 from emq.errors import EmqError
-from emq.records import read_json
+from emq.judge.backends import backend
+from emq.judge.client import judge_into, read_scores, score_key
+from emq.judge.plan import JudgePlan
+from emq.judge.prompts import fill, metric_specs
+from emq.records import JUDGE_SERVER_LOG, SCORES, read_json, write_json, write_text_atomic
+from emq.schema import JudgeConfig
+
+log = logging.getLogger(__name__)
 
 SHIPPED = "emq (shipped: emq/validation_data)"
 RUN_FILE = "judge_validation.jsonl"  # in a run dir: each item with its judgement
@@ -296,3 +305,120 @@ def record_path(cache: Path, set_sha: str) -> Path:
 def known(cache: Path, set_sha: str) -> dict[str, Any] | None:
     """The last validation of this judge on this set, if one was made."""
     return read_json(record_path(cache, set_sha)) or None
+
+
+# --- scoring the set with a judge ----------------------------------------------------------------------
+
+def validation_set(cfg: JudgeConfig) -> ValidationSet:
+    """The labelled set judge.validation.path names (emq's own by default)."""
+    return load_set(cfg.validation.path, {m: s.categories for m, s in metric_specs().items()})
+
+
+def validation_fingerprint(cfg: JudgeConfig, plan: JudgePlan) -> str:
+    """What a validation result depends on besides the set: the judge (its identity and, for a local judge, its
+    weights' files: a retrained demo judge keeps its path) and the knobs that shape a score."""
+    parts = [plan.identity, f"top_logprobs={cfg.top_logprobs}", f"min_valid_mass={cfg.min_valid_mass}",
+             f"prune_below={cfg.prune_below}"]
+    if plan.server:
+        parts.append("files=" + files_fingerprint(plan.server["model"]))
+    return "|".join(parts)
+
+
+def validation_cache(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> Path:
+    """This judge's validation dir under `root` (paths.data_dir): scores.jsonl and a record per set."""
+    return cache_dir(root, validation_fingerprint(cfg, plan))
+
+
+def validation_outlook(cfg: JudgeConfig, plan: JudgePlan, data_dir: Path | str) -> dict[str, Any] | None:
+    """What the plan can say about validation: a result already known for this judge and set (then its weak
+    metrics at judge.min_auroc), or that one will run in the judge stage, or nothing (validation is off)."""
+    if not plan.judges:
+        return None
+    try:
+        vset = validation_set(cfg)
+    except EmqError:
+        if cfg.validate:
+            raise  # a bad judge.validation.path fails now, before any weights load
+        return None
+    record = known(validation_cache(cfg, plan, data_dir), vset.sha256) if plan.scoring else None
+    if record is None and not cfg.validate:
+        return None
+    return {"validate": cfg.validate, "set": vset.source, "items": len(vset.items), "known": record,
+            "min_auroc": cfg.min_auroc, "cannot_tell_apart": cannot_tell_apart(record, cfg.min_auroc)}
+
+
+def validation_items(vset: ValidationSet, identity: str
+                     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The set as judge items (the metric's prompt filled with question and answer, keyed like a run's answers):
+    {key: item}, deduplicated, and each labelled item's key."""
+    specs = metric_specs()
+    items: dict[str, dict[str, Any]] = {}
+    keys = []
+    for it in vset.items:
+        text = fill(specs[it.metric].prompt, it.question, it.answer)
+        k = score_key(identity, it.metric, text)
+        items.setdefault(k, {"key": k, "metric": it.metric, "text": text, "categories": specs[it.metric].categories})
+        keys.append(k)
+    return items, keys
+
+
+def validate(cfg: JudgeConfig, plan: JudgePlan, base_url: str | None, *, root: Path | str,
+             model_name: str | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """Score the validation set with the judge at `base_url` (what this judge has not scored yet: its scores are
+    kept under `root`/judge_validation and shared by every run and tool), and measure it against the labels.
+    `base_url` may be None when every item is scored already.
+
+    Returns:
+        The record (judge.json's `validation`): the set, the judge, per metric the figures of
+        `metric_report`, the metrics it cannot tell apart, and the cost of this call.
+    """
+    from filelock import FileLock
+
+    vset = validation_set(cfg)
+    items, keys = validation_items(vset, plan.identity)
+    cache = validation_cache(cfg, plan, root)
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # the runs of a sweep share one judge: the first validates, the others wait and reuse its scores
+    with FileLock(str(cache / ".lock")):
+        done = read_scores(cache)
+        todo = [it for k, it in items.items() if k not in done]
+        if todo and base_url is None:  # scored when checked, gone now (the cache was cleared meanwhile)
+            raise EmqError(f"the validation scores in {cache} changed while they were read", "run it again")
+        log.info("judge validation: %d items of %s, %d distinct judgements, %d to do (the rest kept in %s)",
+                 len(vset.items), vset.source, len(items), len(todo), cache)
+        requests, retries, errors = judge_into(cache / SCORES, todo, cfg, plan, base_url, model_name=model_name,
+                                               desc="validate")
+        done = read_scores(cache)
+    judged = [done.get(k) for k in keys]
+    categories = {m: s.categories for m, s in metric_specs().items()}
+    record = {"set": vset.describe(), "judge": {"kind": plan.kind, "model": plan.model, "identity": plan.identity},
+              "scoring": plan.scoring, "scoring_reason": plan.scoring_reason, "min_auroc": cfg.min_auroc,
+              "metrics": summarize(vset.items, judged, categories, cfg.min_auroc),
+              "judged_now": len(todo), "reused": len(items) - len(todo), "requests": requests, "retries": retries,
+              "errors": errors, "seconds": round(time.perf_counter() - t0, 2), "cache": str(cache),
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record["cannot_tell_apart"] = cannot_tell_apart(record)
+    write_json(record_path(cache, vset.sha256), record)
+    rows = item_rows(vset.items, judged)
+    write_text_atomic(record_path(cache, vset.sha256).with_suffix(".jsonl"), rows)
+    if run_dir is not None:
+        write_text_atomic(Path(run_dir) / RUN_FILE, rows)
+    for m in record["cannot_tell_apart"]:
+        r = record["metrics"][m]
+        log.warning("judge validation: on %s this judge cannot tell %s apart (AUROC %s < judge.min_auroc=%g); "
+                    "differences on %s say little", m, r["auroc_of"], r["auroc"], cfg.min_auroc, m)
+    return record
+
+
+def validate_judge(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> dict[str, Any]:
+    """`validate` on its own (`python -m emq judge --validate`): a local judge is started and stopped here."""
+    if not plan.judges:
+        raise EmqError("judge=none: there is no judge to validate",
+                       "name one: judge=local (the demo judge), or judge=openai judge.base_url=... judge.model=...")
+    cache = validation_cache(cfg, plan, root)
+    items, _ = validation_items(validation_set(cfg), plan.identity)
+    if set(items) <= set(read_scores(cache)):
+        return validate(cfg, plan, None, root=root)  # all scored before: no server to start, no request to make
+    with backend(plan.kind).endpoint(cfg, plan, cache / JUDGE_SERVER_LOG) as (url, name):
+        return validate(cfg, plan, url, root=root, model_name=name)

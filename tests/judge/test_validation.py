@@ -1,4 +1,4 @@
-"""Judge validation (emq.judge_validation, `python -m emq judge --validate`, judge.validate=true) and scoring=auto's
+"""Judge validation (emq.judge.validation, `python -m emq judge --validate`, judge.validate=true) and scoring=auto's
 probe of an unknown endpoint, against the HTTP stub of tests/judge_stub.py; the real demo judge in the slow test.
 
 The shipped set is checked for size and for being held out from the demo judge's training data.
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from emq import judge as J
-from emq import judge_validation as V
+from emq.judge import validation as V
 from emq.cli import judge as judge_cli
 from emq.errors import EmqError
 from emq.schema import EvalConfig, JudgeConfig, JudgeKind, Scoring
@@ -246,7 +246,7 @@ def test_the_plan_says_validation_will_run_or_nothing(tmp_path):
 
 def write_run(run_dir: Path, answers=("a good answer", "a bad answer", "please refuse")) -> list[dict]:
     """A finished run's records, as far as judging needs them: its overrides, generations.jsonl, metrics.json."""
-    from emq.evaluate import build_prompts
+    from emq.prompts import build_prompts
 
     overrides = ["eval=quick", "judge=none"]
     (run_dir / ".hydra").mkdir(parents=True)

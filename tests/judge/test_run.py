@@ -143,7 +143,7 @@ def test_missing_key_bad_key_and_unreachable_endpoint_fail_at_plan(monkeypatch):
 def test_an_unknown_tokenizer_is_probed_at_the_endpoint(monkeypatch):
     # a server without /tokenize: emq asks the endpoint for a two-digit number and reads the tokens it returns
     with StubJudge(key=SENTINEL, mode="single") as stub:
-        monkeypatch.setattr(J, "_scoring_from_server", lambda *a: None)
+        monkeypatch.setattr("emq.judge.backends.openai._scoring_from_server", lambda *a: None)
         plan = J.prepare(cfg_for(stub, model="some-llama"), platform="cpu", dtype="float32", memory_utilization=0.3)
         assert plan.scoring == "single_token" and plan.probe["verdict"] == "single_token"
         plan = J.prepare(cfg_for(stub, model="gpt-4o"), platform="cpu", dtype="float32", memory_utilization=0.3)
@@ -187,6 +187,47 @@ def test_a_sweep_judges_an_answer_once_across_its_runs(tmp_path):
         r = J.judge_run(b, prompts, cfg, plan, cfg.base_url)
         assert r.judged_now == 2 and r.reused == 2
         assert J.borrow_scores(b, prompts, plan, [a]) == 0  # nothing twice
+
+
+def test_judge_run_dirs_opens_the_judge_once_borrows_across_runs_and_writes_each_runs_record(tmp_path):
+    """The one loop the runner (model.adapters) and `emq judge` (a sweep's deferred runs) share."""
+    from emq.records import Progress
+    from emq.schema import EvalConfig
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    prompts = _write_run(a, ["a good answer", "a bad answer"])
+    _write_run(b, ["a good answer", "something new"])
+    with StubJudge(key=SENTINEL, mode="digits") as stub:
+        cfg = cfg_for(stub)
+        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        runs = [J.ToJudge(d, prompts, cfg, EvalConfig(), {"model": d.name}, tmp_path, Progress(d)) for d in (a, b)]
+        seen = []
+        out = J.judge_run_dirs(runs, plan, tmp_path / "server.log",
+                               shared=lambda started, borrowed: seen.append(borrowed) or {"mine": borrowed})
+    assert [r.run_dir for r, _, _ in out] == [a, b] and seen == [0, 2]  # b borrowed "a good answer" x 2 metrics
+    for (r, metrics, seconds), borrowed in zip(out, seen):
+        written = json.loads((r.run_dir / "metrics.json").read_text())
+        assert written["judge"]["mine"] == borrowed and written["model"] == r.run_dir.name and seconds >= 0
+        assert (r.run_dir / "judged.jsonl").is_file() and metrics["judge"]["judged_now"] == 4 - borrowed
+        assert json.loads((r.run_dir / "progress.json").read_text())["judged"] == 4
+
+
+def test_judge_run_dirs_keeps_going_past_a_run_that_fails_when_asked(tmp_path):
+    from emq.schema import EvalConfig
+
+    first, good = tmp_path / "first", tmp_path / "good"
+    prompts = _write_run(first, ["a good answer"])
+    _write_run(good, ["a good answer"])
+    with StubJudge(key=SENTINEL, mode="digits") as stub:
+        cfg = cfg_for(stub)
+        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        runs = [J.ToJudge(d, prompts, cfg, EvalConfig(), {}) for d in (first, good)]
+        stub.fail = [401]  # the first request is refused for good: that run cannot be judged
+        with pytest.raises(EmqError, match="refused"):
+            J.judge_run_dirs(runs, plan, tmp_path / "log", shared=lambda s, b: {})
+        stub.fail = [401]
+        out = J.judge_run_dirs(runs, plan, tmp_path / "log", shared=lambda s, b: {}, keep_going=True)
+    assert [r.run_dir for r, _, _ in out] == [good]
 
 
 RESUME_SCRIPT = """

@@ -22,6 +22,9 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from emq.errors import EmqError
+from emq.schema import Scoring
+
 TokenDist = dict[str, float]  # token text → logprob, the top-k of one position
 MAX_SCORE = 100
 
@@ -148,3 +151,27 @@ async def digits(ask: Callable[[str], Awaitable[TokenDist]], categories: list[st
         frontier = nxt
     return _decide(numbers, root, categories, min_valid_mass, "digits", requests=requests,
                    pruned_mass=round(pruned, 6), unseen_mass=round(unseen, 6))
+
+
+# --- which method a tokenizer needs ---------------------------------------------------------------------
+
+def numbers_are_single_tokens(encode) -> tuple[bool, str]:
+    """Whether `encode` spells every number 0-100 as one token (then single_token scoring reads them all)."""
+    lengths = {v: len(encode(str(v))) for v in range(MAX_SCORE + 1)}
+    split = [v for v, n in lengths.items() if n > 1]
+    if not split:
+        return True, "every number 0-100 is one token"
+    return False, f"{len(split)} of the numbers 0-100 take several tokens (e.g. {split[-1]} → {lengths[split[-1]]})"
+
+
+def scoring_from_tokenizer(ref: str) -> tuple[Scoring, str]:
+    """How to read a judge whose tokenizer is at `ref` (a path or a hub id): single_token or digits, and why."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise EmqError(f"cannot read the judge's tokenizer from {ref} to choose how to read its scores: {e}",
+                       "set judge.tokenizer=PATH, or judge.scoring=single_token|digits") from None
+    single, why = numbers_are_single_tokens(lambda s: tok.encode(s, add_special_tokens=False))
+    return (Scoring.single_token if single else Scoring.digits), f"{ref} tokenizer: {why}"

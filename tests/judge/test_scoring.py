@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from emq import scoring
+from emq.judge import scoring
 from tests.judge_stub import END, brute_force, digit_model
 
 

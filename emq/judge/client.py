@@ -1,0 +1,149 @@
+"""The judge client: one OpenAI-compatible endpoint asked for next-token logprobs with bounded concurrency and
+retries (exponential backoff with jitter on 429 / 5xx / timeouts / dropped connections); judgements keyed by a hash
+of (judge, metric, filled prompt) and appended to a scores file as they arrive."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from emq.errors import EmqError
+from emq.judge import scoring
+from emq.judge.backends import backend
+from emq.judge.plan import JudgePlan, scrub
+from emq.records import SCORES, JsonlWriter, read_jsonl
+from emq.schema import JudgeConfig, Scoring
+
+log = logging.getLogger(__name__)
+
+
+class JudgeFailed(EmqError):
+    """The judge could not be reached for good; the scores so far are kept."""
+
+
+_RETRY_STATUS = {408, 409, 425, 429}
+
+
+class JudgeClient:
+    """One OpenAI-compatible judge: asks for the top logprobs of the next token, with retries."""
+
+    def __init__(self, cfg: JudgeConfig, plan: JudgePlan, base_url: str, *, model_name: str | None = None):
+        from openai import AsyncOpenAI
+
+        self.cfg = cfg
+        self.plan = plan
+        self.model = model_name or plan.model
+        self.method = Scoring(plan.scoring)
+        self.client = AsyncOpenAI(base_url=base_url, api_key=backend(plan.kind).api_key(cfg),
+                                  timeout=cfg.timeout_s, max_retries=0)
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.requests = 0
+        self.retries = 0
+
+    async def ask(self, prompt: str, prefix: str = "") -> scoring.TokenDist:
+        """The judge's top-k next-token logprobs after `prefix` (written by the assistant)."""
+        import openai
+
+        messages = [{"role": "user", "content": prompt}]
+        extra: dict[str, Any] = {}
+        if prefix:
+            messages.append({"role": "assistant", "content": prefix})
+            extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                async with self.sem:
+                    self.requests += 1
+                    r = await self.client.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=1, temperature=0, logprobs=True,
+                        top_logprobs=self.cfg.top_logprobs, **extra)
+                content = (r.choices[0].logprobs.content or []) if r.choices and r.choices[0].logprobs else []
+                if not content:
+                    return {}
+                return {t.token: t.logprob for t in content[0].top_logprobs}
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError) as e:
+                err = e
+            except openai.APIStatusError as e:
+                if e.status_code not in _RETRY_STATUS and e.status_code < 500:
+                    raise
+                err = e
+            if attempt == self.cfg.max_retries:
+                raise JudgeFailed(f"the judge at {self.client.base_url} failed {attempt + 1} times in a row; last: "
+                                  f"{scrub(type(err).__name__ + ': ' + str(err)[:300], self.cfg)}",
+                                  "rerun the same command later: scores already written are kept and only the "
+                                  "missing ones are judged (or lower judge.max_concurrency)")
+            self.retries += 1
+            delay = min(60.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            log.debug("judge: %s, retrying in %.1f s", type(err).__name__, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def judge(self, prompt: str, categories: list[str]) -> scoring.Judgement:
+        import openai
+
+        try:
+            if self.method is Scoring.digits:
+                return await scoring.digits(lambda prefix: self.ask(prompt, prefix), categories,
+                                            self.cfg.min_valid_mass, self.cfg.prune_below)
+            return scoring.single_token(await self.ask(prompt), categories, self.cfg.min_valid_mass)
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403, 404):
+                raise JudgeFailed(f"the judge at {self.client.base_url} refused the request (HTTP {e.status_code}): "
+                                  f"{scrub(str(e)[:300], self.cfg)}",
+                                  "check judge.model and the key in judge.api_key_env") from None
+            # this one prompt cannot be judged (e.g. too long for the judge): record it, go on
+            return scoring.Judgement(None, None, 0.0, self.method.value, error=scrub(f"HTTP {e.status_code}: "
+                                                                                     f"{str(e)[:200]}", self.cfg))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def score_key(identity: str, metric: str, text: str) -> str:
+    return hashlib.sha256(json.dumps([identity, metric, text]).encode()).hexdigest()[:24]
+
+
+def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
+    return {r["key"]: r for r in read_jsonl(Path(run_dir) / SCORES) if "key" in r}
+
+
+def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str, *,
+               model_name: str | None = None, desc: str = "judge", on_judged=None) -> tuple[int, int, int]:
+    """Judge `todo` (items as `judge_items` makes them) with one client, appending each judgement to `scores`
+    as it arrives (a killed process keeps what it judged).
+
+    Returns:
+        (requests, retries, errors) of this call.
+    """
+    if not todo:
+        return 0, 0, 0
+    client = JudgeClient(cfg, plan, base_url, model_name=model_name)
+    errors = 0
+
+    async def main() -> None:
+        from tqdm import tqdm
+
+        with JsonlWriter(scores) as writer, tqdm(total=len(todo), desc=desc, unit="ans") as bar:
+            async def one(it: dict[str, Any]) -> None:
+                nonlocal errors
+                j = await client.judge(it["text"], it["categories"])
+                errors += j.error is not None
+                writer.write({"key": it["key"], "metric": it["metric"], "judge": plan.identity, **j.__dict__})
+                bar.update(1)
+                if on_judged is not None:
+                    on_judged(bar.n)
+
+            tasks = [asyncio.ensure_future(one(it)) for it in todo]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await client.close()
+
+    asyncio.run(main())
+    return client.requests, client.retries, errors

@@ -1,0 +1,233 @@
+"""Judging runs: every answer of a run dir scored per metric (what scores.jsonl lacks), metrics.json and judged.jsonl
+rewritten, and `judge_run_dirs`, the one loop the runner (model.adapters) and `emq judge` (a sweep's deferred runs)
+share: open the judge once, borrow the scores other runs already have, judge, summarize."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from emq.errors import EmqError
+from emq.judge.backends import backend
+from emq.judge.client import judge_into, read_scores, score_key
+from emq.judge.plan import JudgePlan
+from emq.judge.prompts import fill, judge_template, metric_specs, prompts_record
+from emq.judge.validation import validate
+from emq.metrics import answer_table, summarize
+from emq.records import JUDGE, JUDGE_SERVER_LOG, JUDGED, METRICS, SCORES, PromptKey, SampleKey, read_generations, \
+    write_json, write_text_atomic
+from emq.schema import EvalConfig, JudgeConfig, JudgeScope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    judged_now: int  # judgements made by this call
+    reused: int  # found in scores.jsonl already
+    items: int  # distinct (metric, prompt, answer) this judge has to score
+    answers: int  # generation rows
+    seconds: float
+    judged_per_second: float
+    requests: int
+    retries: int
+    scoring: str | None
+    errors: int
+
+
+def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], identity: str
+                ) -> tuple[dict[str, dict[str, Any]], dict[tuple, dict[str, str]]]:
+    """What to judge: {key: item} (deduplicated) and, per generation row, {metric: key}."""
+    specs = metric_specs()
+    by_prompt = {PromptKey.of(p): p for p in prompts}
+    items: dict[str, dict[str, Any]] = {}
+    keys_of: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        p = by_prompt.get(PromptKey.of(r))
+        if p is None:
+            continue  # a row of a question no longer in the config
+        keys = {}
+        for m in p["metrics"]:
+            template, _ = judge_template(p, m)
+            text = fill(template, r["prompt"], r["answer"], p.get("fields"))
+            k = score_key(identity, m, text)
+            items.setdefault(k, {"key": k, "metric": m, "text": text, "categories": specs[m].categories})
+            keys[m] = k
+        keys_of[SampleKey.of(r)] = keys
+    return items, keys_of
+
+
+def borrow_scores(run_dir: Path, prompts: list[dict[str, Any]], plan: JudgePlan, donors: list[Path]) -> int:
+    """Copy into run_dir's scores.jsonl the judgements that `donors` (other runs of a sweep, same judge) already
+    made of the same (judge, prompt, answer): dedupe across a sweep. Returns how many were copied."""
+    items, _ = judge_items(read_generations(run_dir), prompts, plan.identity)
+    want = set(items) - set(read_scores(run_dir))
+    found = []
+    for d in donors:
+        for k, row in read_scores(d).items():
+            if k in want:
+                found.append(row)
+                want.discard(k)
+    if found:
+        with open(Path(run_dir) / SCORES, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in found))
+    return len(found)
+
+
+def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
+              *, model_name: str | None = None, progress=None) -> JudgeResult:
+    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
+    rows = read_generations(run_dir)
+    items, _ = judge_items(rows, prompts, plan.identity)
+    done = read_scores(run_dir)
+    todo = [it for k, it in items.items() if k not in done]
+    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s); scoring=%s (%s)",
+             len(rows), len(items), len(todo), len(items) - len(todo), SCORES, plan.scoring, plan.scoring_reason)
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress.update(force=True, judged=len(items) - len(todo), to_judge=len(items))
+    on_judged = None if progress is None else (lambda n: progress.update(judged=len(items) - len(todo) + n))
+    requests, retries, errors = judge_into(Path(run_dir) / SCORES, todo, cfg, plan, base_url, model_name=model_name,
+                                           on_judged=on_judged)
+    if progress is not None:
+        progress.update(force=True, judged=len(items))  # the last count, whatever the throttle skipped
+    seconds = time.perf_counter() - t0
+    return JudgeResult(len(todo), len(items) - len(todo), len(items), len(rows), round(seconds, 2),
+                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, requests, retries,
+                       plan.scoring, errors)
+
+
+def endpoint(cfg: JudgeConfig, plan: JudgePlan, server_log: Path):
+    """(base URL, served model name) of the planned judge while the `with` lasts: an endpoint as it is, or a local
+    server started here and stopped on the way out (its backend's `endpoint`)."""
+    return backend(plan.kind).endpoint(cfg, plan, server_log)
+
+
+def run_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
+              server_log: Path, progress=None) -> JudgeResult | None:
+    """Judge with the planned judge: an endpoint as it is, or a local server started and stopped here."""
+    if not plan.judges:
+        return None
+    with endpoint(cfg, plan, server_log) as (url, name):
+        return judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
+
+
+def judged_by_sweep(cfg: JudgeConfig, plan: JudgePlan) -> bool:
+    """Whether this run's answers wait for the sweep's one judge: judge.scope=sweep with a local judge server (an
+    endpoint judges each run as it finishes)."""
+    return cfg.scope is JudgeScope.sweep and backend(plan.kind).shared_by_sweep
+
+
+def defer_to_sweep(run_dir: Path, plan: JudgePlan, metrics: dict[str, Any]) -> dict[str, Any]:
+    """judge.scope=sweep: record that this run's answers wait for the sweep's one judge (judge.json, metrics.json);
+    `python -m emq judge RUN_DIR` judges such a run alone at any time."""
+    log.info("judge: deferred to the end of the sweep, where one %s judge serves every variant", plan.kind)
+    metrics = {**metrics, "judge": {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
+                                    "deferred_to_sweep": True}, "metrics": {}, "em": None}
+    write_json(run_dir / JUDGE, {"plan": plan, "result": None, "deferred_to_sweep": True})
+    write_json(run_dir / METRICS, metrics)
+    return metrics
+
+
+@contextmanager
+def _opened(at: tuple[str, str | None] | None, cfg: JudgeConfig, plan: JudgePlan,
+            server_log: Path) -> Iterator[tuple[str, str | None]]:
+    if at is not None:  # an endpoint the caller holds open (the sweep's one judge)
+        yield at
+        return
+    with endpoint(cfg, plan, server_log) as opened:
+        yield opened
+
+
+def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, eval_cfg: EvalConfig,
+                        plan: JudgePlan, metrics: dict[str, Any], progress=None, *,
+                        data_dir: Path | str | None = None, at: tuple[str, str | None] | None = None
+                        ) -> dict[str, Any]:
+    """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics, and
+    judged.jsonl (each answer with its judgements: what the sweep report pairs across variants). With
+    judge.validate, also validate the judge in the same server session (its scores kept under `data_dir`,
+    default the run dir), recorded in judge.json and metrics.json. `at`: (URL, served name) of a judge already
+    running (the sweep's); else the planned judge is reached, or started and stopped, here."""
+    result = checked = started = None
+    if plan.judges:
+        t0 = time.perf_counter()
+        with _opened(at, cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
+            started = round(time.perf_counter() - t0, 2)  # a local server's start; ~0 for an endpoint
+            result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
+            if cfg.validate:
+                checked = validate(cfg, plan, url, root=data_dir or run_dir, model_name=name, run_dir=run_dir)
+    rows = read_generations(run_dir)
+    metrics = dict(metrics)
+    metrics["judge"] = {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
+                        "scoring_reason": plan.scoring_reason, **(asdict(result) if result else {}),
+                        "validation": checked, "start_seconds": started}
+    if result is not None:
+        _, keys_of = judge_items(rows, prompts, plan.identity)
+        table = answer_table(rows, keys_of, read_scores(run_dir))
+        metrics.update(summarize(table, eval_cfg))
+        keep = ("score", "category", "valid_mass")
+        write_text_atomic(run_dir / JUDGED, "".join(
+            json.dumps({**SampleKey.of(r).fields(),
+                        "judged": {m: ({k: j.get(k) for k in keep} if j else None) for m, j in t["judged"].items()}})
+            + "\n" for r, t in zip(rows, table)))
+    else:
+        metrics.update({"metrics": {}, "em": None})
+    write_json(run_dir / JUDGE, {"plan": plan, "result": result, "validation": checked,
+                                 "prompts": prompts_record(prompts) if result is not None else None})
+    write_json(run_dir / METRICS, metrics)
+    return metrics
+
+
+@dataclass(frozen=True)
+class ToJudge:
+    """One run dir to judge: its prompts, judge and eval config, and the metrics to add the judgements to."""
+
+    run_dir: Path
+    prompts: list[dict[str, Any]]
+    cfg: JudgeConfig
+    eval_cfg: EvalConfig
+    metrics: dict[str, Any]
+    data_dir: Path | str | None = None
+    progress: Any = None  # an emq.records.Progress the judged counts go to (optional)
+
+
+def judge_run_dirs(runs: list[ToJudge], plan: JudgePlan, server_log: Path, *,
+                   shared: Callable[[float | None, int], dict[str, Any]], keep_going: bool = False
+                   ) -> list[tuple[ToJudge, dict[str, Any], float]]:
+    """Judge every run of `runs` through one opening of the judge `plan` (one local server for all of them): the
+    judgements an earlier run of the list made of the same answers are borrowed, the rest asked for, and each run's
+    metrics.json / judged.jsonl rewritten (`judge_and_summarize`) with `shared(start seconds, borrowed)` added to
+    its judge record. judge=none still summarizes each run (nothing is scored).
+
+    Args:
+        keep_going: log a run that fails to judge and go on (it stays unjudged); else the error propagates.
+
+    Returns:
+        (run, its metrics, its seconds of judging) of every run judged.
+    """
+    t0 = time.perf_counter()
+    opened = endpoint(runs[0].cfg, plan, server_log) if plan.judges and runs else nullcontext(None)
+    out: list[tuple[ToJudge, dict[str, Any], float]] = []
+    with opened as at:
+        started = round(time.perf_counter() - t0, 2) if at is not None else None
+        for r in runs:
+            s0 = time.perf_counter()
+            try:
+                borrowed = borrow_scores(r.run_dir, r.prompts, plan, [o[0].run_dir for o in out]) if at else 0
+                metrics = judge_and_summarize(r.run_dir, r.prompts, r.cfg, r.eval_cfg, plan, r.metrics, r.progress,
+                                              data_dir=r.data_dir, at=at)
+                if at is not None:
+                    metrics["judge"].update(shared(started, borrowed))
+                    write_json(r.run_dir / METRICS, metrics)
+            except EmqError as e:
+                if not keep_going:
+                    raise
+                log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", r.run_dir, e, r.run_dir)
+                continue
+            out.append((r, metrics, round(time.perf_counter() - s0, 2)))
+    return out
