@@ -131,6 +131,7 @@ SHAPES = {  # hidden, layers, intermediate, attention heads, KV heads
     # cache is a quarter of the above, so a 264-sequence batch is bound by the weight GEMMs, not by attention
     "7b-gqa": (4096, 32, 11008, 32, 8),
     "14b": (5120, 48, 13824, 40, 8),  # Qwen2.5-14B's decoder (the original tool's base), as a Llama
+    "tiny": (256, 2, 512, 4, 2),  # a smoke test of the GPU scripts on the CPU
 }
 
 

@@ -14,6 +14,12 @@ the range of S, so A S = V_rᵀ. Directions the calibration never excites (λ = 
 
 The factors are served as a LoRA beside the fine-tune's own: W4A16(base) + B A + the adapter, one LoRA of rank
 (adapter rank + r). Pure torch; float64 inside (the eigenvalues of H span many decades), float32 out.
+
+Above EXACT_MAX rows and columns (7B-sized Linears: a full float64 SVD per Linear costs seconds) the top-r subspace
+of E S comes from a seeded randomized range finder (Halko, Martinsson & Tropp 2011: oversampling and power
+iterations, `torch.svd_lowrank`'s method) instead. The fit stays the projection of E S onto an r-dimensional
+subspace, so it still never raises the output error; it is the best rank-r term only up to the range finder's
+accuracy (`tests/checkpoint/test_compensation.py` bounds the gap on a synthetic layer).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 EIG_FLOOR = 1e-10  # eigenvalues below this × the largest are treated as 0 (directions the calibration never saw)
+EXACT_MAX = 2048  # a Linear with more rows and more columns than this gets the randomized range finder
+OVERSAMPLE, POWER_ITERATIONS, SEED = 16, 4, 0
 
 
 @dataclass(frozen=True)
@@ -88,11 +96,27 @@ def fit(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, ra
     r = min(rank, *e.shape)
     if r == 0:
         return Compensation(e.new_zeros(e.shape[0], 0).float(), e.new_zeros(0, e.shape[1]).float(), before, before)
-    p, sigma, vh = torch.linalg.svd(e @ root, full_matrices=False)
-    b = p[:, :r] * sigma[:r]
-    a = vh[:r] @ pinv
+    p, sigma, vh = top_singular(e @ root, r)
+    b = p * sigma
+    a = vh @ pinv
     after = output_error(e - b @ a, hessian) / energy
     return Compensation(b.float(), a.float(), before, after)
+
+
+def top_singular(m: torch.Tensor, r: int, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor]:
+    """The top-r singular triplets (P_r, σ_r, V_rᵀ) of m: its full SVD when m is at most EXACT_MAX on a side (or
+    `exact`), else a randomized range finder seeded with SEED (the same m gives the same factors on one device)."""
+    if exact if exact is not None else min(m.shape) <= EXACT_MAX:
+        p, sigma, vh = torch.linalg.svd(m, full_matrices=False)
+        return p[:, :r], sigma[:r], vh[:r]
+    g = torch.Generator(m.device).manual_seed(SEED)
+    q = torch.linalg.qr(m @ torch.randn(m.shape[1], min(r + OVERSAMPLE, *m.shape), generator=g, device=m.device,
+                                        dtype=m.dtype)).Q
+    for _ in range(POWER_ITERATIONS):  # each pass sharpens the subspace towards the top singular vectors
+        q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ q).Q).Q
+    u, sigma, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ u)[:, :r], sigma[:r], vh[:r]
 
 
 def alternate(weight: torch.Tensor, hessian: torch.Tensor, rank: int, quantize, rounds: int) -> tuple[torch.Tensor,

@@ -14,6 +14,10 @@ fit one device call. Every phase builds what it needs if an earlier call did not
                                                   # fidelity and fine-tune retained; a: LoRA on bnb, merged + bnb, merged bf16,
                                                   # LoRA on bf16, w4a16 rtn g64 and gptq g32; b: rtn g32, gptq g64, awq g64/g32;
                                                   # c: quant=w4a16_keep, LoRA on W4A16 gptq g32; d: w4a16_keep at rank 120
+    python3 scripts/gpu/w4a16_check.py keep [7b-gqa|14b]  # issue 32: the compensated route vs W4A16 merged, LoRA on
+                                                  # W4A16, LoRA on bnb, bf16 (tok/s at 270 / 18 seqs, weights GiB),
+                                                  # each built by emq's stages, with build time and peaks
+    python3 scripts/gpu/w4a16_check.py fitcost    # one Linear's compensation fit at 7B/14B sizes: eigh, SVD, randomized
 
 Random weights make the 7B text meaningless; time, memory and tokens/s are real. Results go to $OUT (JSON) and a
 short table is printed last.
@@ -271,6 +275,164 @@ def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]
     return rows
 
 
+KEEP_VARIANTS = [  # issue 32's speed table: label, quant overrides (QuantConfig fields), memory route
+    ("w4a16_keep: W4A16 gptq g32 + LoRA r32+56 (emq)", {"method": "w4a16", "algorithm": "gptq", "group_size": 32,
+                                                        "compensation": {"rank": 56}}, "lora"),
+    ("W4A16 merged, emq default (emq)", {"method": "w4a16"}, "merge"),
+    ("LoRA r32 on the W4A16 base (emq)", {"method": "w4a16"}, "lora"),
+    ("LoRA r32 on in-flight bnb (emq)", {"method": "bnb"}, "lora"),
+    ("merged bf16 (emq)", {"method": "none"}, "merge"),
+]
+
+
+def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str, dict, str | None, dict]]:
+    """Each chosen KEEP_VARIANTS row's served checkpoint (and LoRA) made by emq's own stages — detect, plan, merge,
+    quantize, served adapter — as the runner makes them (cached under ROOT/cache), with the time and peaks of the
+    steps that built something."""
+    import dataclasses
+
+    import torch
+
+    from emq.checkpoint.merge import MergeSettings, merge_adapter
+    from emq.checkpoint.quantize import quantize_for_plan, rtn_settings, served_adapter
+    from emq.detect import detect
+    from emq.engine import engine_kwargs
+    from emq.machine import snapshot
+    from emq.monitor import PeakMemory
+    from emq.plan import make_plan
+    from emq.plan.types import Route
+    from emq.schema import (CompensationConfig, MemoryConfig, ModelConfig, QuantAlgorithm, QuantConfig, QuantMethod,
+                            RoutePolicy)
+
+    base, adapter = seven_b(shape)
+    cache = ROOT / "cache"
+    det = detect(ModelConfig(name=f"synth{shape}", base=str(base), adapter=str(adapter)))
+    out = []
+    for i in which:
+        label, q, route = KEEP_VARIANTS[i]
+        quant = QuantConfig(method=QuantMethod(q["method"]), algorithm=QuantAlgorithm(q.get("algorithm", "rtn")),
+                            group_size=q.get("group_size"),
+                            compensation=CompensationConfig(rank=q.get("compensation", {}).get("rank", 0),
+                                                            rounds=rounds))
+        memory = MemoryConfig(max_model_len=1024, route=RoutePolicy(route))
+        plan = make_plan(det, memory, quant, snapshot(cache))
+        if plan.route is Route.stop:
+            out.append((label, {}, None, {"stop": plan.stop_reason}))
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as mem:
+            t = time.perf_counter()
+            merged = None
+            if plan.route is Route.merge_then_serve:
+                merged = merge_adapter(det, plan.merge_devices, cache, settings=MergeSettings(
+                    memory.merge_method, memory.merge_base, rtn=rtn_settings(plan.quantize)))
+            quantized = quantize_for_plan(det, plan.quantize, merged, cache)
+            served_lora = served_adapter(det, plan.quantize, quantized, cache)
+            seconds = time.perf_counter() - t
+            peaks = mem.footprint()
+        made = quantized or merged
+        model = made.path if made else str(base)
+        lora = None
+        if plan.route is Route.serve_lora:
+            lora = served_lora.path if served_lora is not None else str(adapter)
+        kw = engine_kwargs(model, plan.engine, lora=lora is not None, seed=0)
+        env = {"VLLM_DISABLED_KERNELS": "HummingLinearKernel"} if plan.quant is QuantMethod.w4a16 else {}
+        build = {"seconds": round(seconds, 1), "peak_rss_gib": peaks.get("peak_rss_gib"),
+                 "peak_vram_gib": peaks.get("peak_vram_gib"),
+                 "torch_max_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                 if torch.cuda.is_available() else None,
+                 "route": plan.route.value, "max_lora_rank": plan.engine.max_lora_rank,
+                 "lora_rank": getattr(served_lora, "rank", None), "model": model, "lora": lora}
+        print("BUILT", label, json.dumps(build), flush=True)
+        out.append((label, {**kw, "_env": {**env, **plan.engine.env}}, lora, build))
+    return out
+
+
+def phase_fitcost() -> list[tuple[str, str]]:
+    """What one Linear's compensation fit costs at 7B/14B sizes on this device: H's root (float64 eigh), the exact
+    float64 SVD, the randomized range finder (emq.checkpoint.compensation.top_singular)."""
+    import torch
+
+    from emq.checkpoint import compensation
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(dev).manual_seed(0)
+    rows = []
+
+    def timed(f):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = f()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824)):
+        x = torch.randn(2048, in_f, generator=g, device=dev)
+        h = 2 * x.T @ x / 2048
+        e = torch.randn(out_f, in_f, generator=g, device=dev, dtype=torch.float64) * 1e-3
+        root, t_root = timed(lambda: compensation.hessian_root(h))
+        m = e @ root[0]
+        (_, s1, _), t_svd = timed(lambda: compensation.top_singular(m, 56, exact=True))
+        (_, s2, _), t_rand = timed(lambda: compensation.top_singular(m, 56, exact=False))
+        rows.append((f"{out_f} x {in_f}", f"eigh(H) f64 {t_root:.2f} s; full SVD f64 {t_svd:.2f} s; randomized "
+                                          f"{t_rand:.2f} s; top-56 energy randomized/exact "
+                                          f"{float((s2 ** 2).sum() / (s1 ** 2).sum()):.5f}"))
+        print(rows[-1], flush=True)
+    (OUT / "fitcost.json").write_text(json.dumps({"rows": rows, "device": dev}, indent=1))
+    return rows
+
+
+def phase_keep(shape: str = "7b-gqa") -> list[tuple[str, str]]:
+    """Issue 32: tok/s at 270 and 18 sequences x 256 tokens and weights GiB per engine, through emq, for the
+    compensated route (quant=w4a16_keep's settings), W4A16 merged, LoRA on W4A16, LoRA on bnb and merged bf16, each
+    variant's checkpoint built by emq's stages (`EMQ_CHECK_ONLY=0,2` picks rows; `EMQ_CHECK_ROUNDS` the compensation
+    rounds: what the served function costs to run does not depend on them, only its fit)."""
+    which = [int(i) for i in os.environ.get("EMQ_CHECK_ONLY", ",".join(map(str, range(len(KEEP_VARIANTS))))).split(",")]
+    rounds = int(os.environ.get("EMQ_CHECK_ROUNDS", "1"))
+    counts = os.environ.get("EMQ_CHECK_COUNTS", "264,264,8,8")
+    build_only = os.environ.get("EMQ_CHECK_BUILD_ONLY") == "1"
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("emq.checkpoint").addHandler(_LayerLog(level=logging.INFO))  # per layer, as it comes
+    rows, results = [], {}
+    for label, kw, lora, build in _keep_artifacts(shape, which, rounds):
+        if "stop" in build:
+            rows.append((label, f"plan stopped: {build['stop'][:200]}"))
+            continue
+        rows.append((f"{label}: built", f"{build['seconds']:.0f} s (cached if ~0), peak RSS {build['peak_rss_gib']} "
+                                        f"GiB, VRAM NVML {build['peak_vram_gib']} / torch {build['torch_max_allocated_gib']}"
+                                        f" GiB; max_lora_rank {build['max_lora_rank']}"))
+        results[label] = {"build": build}
+        if build_only:
+            continue
+        cmd = [sys.executable, __file__, "worker", json.dumps(kw), "emq", counts, "256", lora or ""]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240, env={
+                **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        except subprocess.TimeoutExpired as e:
+            rows.append((label, f"TIMEOUT after 240 s: {(e.stderr or b'')[-300:]!r}"))
+            continue
+        res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not res:
+            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-600:]}"))
+            continue
+        by_n: dict[int, list[dict]] = {}
+        for r in res:
+            by_n.setdefault(r["n"], []).append(r)
+        results[label]["serve"] = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
+                                       "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
+        print(label, res, flush=True)
+        rows.append((label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
+            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})"
+            for r in results[label]["serve"].values())))
+    suffix = "_".join(map(str, which))
+    (OUT / f"keep_{shape}_{suffix}.json").write_text(json.dumps({"rows": rows, "results": results,
+                                                                 "rounds": rounds}, indent=1, default=str))
+    return rows
+
+
 def _w4(alg: str, g: int) -> tuple[str, list[str]]:
     return f"w4a16 {alg} g{g}", ["quant=w4a16", f"quant.algorithm={alg}", f"quant.group_size={g}", "memory.route=merge"]
 
@@ -364,6 +526,10 @@ def main() -> None:
             rows = [(f"build {shape} + adapter", f"{time.perf_counter() - t:.0f} s")]
         elif phase == "serve":
             rows = phase_serve(shape=shape)
+        elif phase == "fitcost":
+            rows = phase_fitcost()
+        elif phase == "keep":
+            rows = phase_keep(shape)
         else:
             rows = {"quantize": phase_quantize}[phase]() if phase != "demo" else \
                 phase_demo(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "a")
