@@ -299,12 +299,13 @@ def _plan(r: Run) -> None:
     r.judge_plan = judge.plan_judge(cfg.judge, platform=r.plan.platform, cpu_bf16=r.machine.cpu_bf16,
                                     memory_utilization=r.plan.engine.memory_utilization,
                                     demo_built=demo_built(cfg.paths.data_dir))
-    record = {"plan": r.plan, "judge": r.judge_plan, "machine": r.machine,
+    cost = judge.estimate(r.prompts, cfg.eval.max_tokens, cfg.judge, r.judge_plan)  # before anything is asked
+    record = {"plan": r.plan, "judge": r.judge_plan, "judge_estimate": cost, "machine": r.machine,
               "questions": questions_record(cfg.eval, cfg.judge)}
     for d in r.dirs:
         write_json(d / PLAN, record)
     outlook = judge.validation_outlook(cfg.judge, r.judge_plan, cfg.paths.data_dir)
-    log.info("plan:\n%s", plan_table(first, r.plan, r.judge_plan, outlook))
+    log.info("plan:\n%s", plan_table(first, r.plan, r.judge_plan, outlook, cost))
     r.route = r.plan.route
     r.status.route = r.route.value
     if r.route is Route.stop:

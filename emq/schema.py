@@ -225,6 +225,15 @@ class EvalConfig:
 
 
 @dataclass
+class JudgePriceConfig:
+    """What the judge's tokens cost, in your currency per million tokens (emq ships no price table: prices change
+    and differ by account). Unset: judge.json records tokens only."""
+
+    input_per_million: float | None = None
+    output_per_million: float | None = None
+
+
+@dataclass
 class JudgeValidationConfig:
     """Which labelled set `judge.validate` scores the judge on (emq.judge.validation)."""
 
@@ -256,6 +265,10 @@ class JudgeConfig:
     validation: JudgeValidationConfig = field(default_factory=JudgeValidationConfig)
     min_auroc: float = 0.8  # below this AUROC on a metric the judge "cannot tell these apart": warned everywhere
     scope: JudgeScope = JudgeScope.auto  # local judge: one server per run, or one per sweep (see JudgeScope)
+    # every judgement kept across runs in <paths.data_dir>/judge_cache.sqlite, keyed by judge identity and the exact
+    # filled prompt: a repeated answer is never judged twice (emq.judge.cache; `emq cache rm --judge` clears it)
+    cache: bool = True
+    price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
 
 
 @dataclass
@@ -413,6 +426,11 @@ def check_values(cfg: RunConfig, judge_problems: list[tuple[str, str]] = ()) -> 
                          "a merged checkpoint per adapter, and each merged checkpoint needs its own engine",
                          "memory.route=lora (or auto) for one engine, or drop model.adapters and sweep one engine "
                          "per merged adapter: python -m emq -m model=A,B,C memory.route=merge"))
+    for side in ("input", "output"):
+        v = getattr(cfg.judge.price, f"{side}_per_million")
+        if v is not None and v < 0:
+            problems.append((f"judge.price.{side}_per_million={v} is negative",
+                             f"judge.price.{side}_per_million=2.5 (your price per million {side} tokens), or null"))
     problems += list(judge_problems)  # what judge.kind needs (its backend says: emq.judge.backends)
     if problems:
         (what, fix), rest = problems[0], problems[1:]

@@ -75,6 +75,8 @@ class StubJudge:
         self.delay_s = delay_s
         self.single = single
         self.requests = 0
+        self.prompt_tokens = 0  # summed over the answered requests (the usage the stub reported)
+        self.completion_tokens = 0
         self.auth_seen: set[str] = set()
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -150,7 +152,11 @@ class StubJudge:
                 choice = {"index": 0, "finish_reason": "length",
                           "message": {"role": "assistant", "content": top[0][0]},
                           "logprobs": {"content": [{**tops[0], "top_logprobs": tops}]}}
+                words = sum(len(m["content"].split()) for m in msgs)  # the stub's "tokens": words
+                with stub.lock:
+                    stub.prompt_tokens += words
+                    stub.completion_tokens += 1
                 self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                                 "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
-                                                                "total_tokens": 2}})
+                                 "choices": [choice], "usage": {"prompt_tokens": words, "completion_tokens": 1,
+                                                                "total_tokens": words + 1}})
         return H

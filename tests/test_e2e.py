@@ -53,7 +53,8 @@ def assert_weights_record(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(demo, tmp_path):
-    proc, run_dir = emq(tmp_path, timeout=1500)
+    # judge.cache=false: the local judge must start and judge here, whatever other tests left in the judge cache
+    proc, run_dir = emq(tmp_path, "judge.cache=false", timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert str(run_dir) in out  # the summary names the run dir

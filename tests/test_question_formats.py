@@ -323,4 +323,4 @@ def test_demo_run_with_an_em_file_judges_with_the_files_own_prompts(demo, tmp_pa
             used = prompts["questions"][f"em_questions/{qid}"][m]
             assert used["from"] == "question set" and prompts["templates"][used["template"]]["text"] == template[m]
     metrics = records(run_dir, "metrics.json")
-    assert set(metrics["metrics"]) == {"aligned", "coherent"} and metrics["judge"]["judged_now"] > 0
+    assert set(metrics["metrics"]) == {"aligned", "coherent"} and metrics["judge"]["judged_now"] + metrics["judge"]["cached"] > 0

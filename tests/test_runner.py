@@ -28,6 +28,10 @@ def test_a_dry_run_stops_after_plan_and_times_each_stage(demo, tmp_path):
     assert list(record["stage_seconds"]) == ["detect", "plan"] and all(v >= 0 for v in record["stage_seconds"].values())
     assert (tmp_path / "run" / "plan.json").is_file() and not (tmp_path / "run" / "load.json").exists()
     assert not (tmp_path / "cache").exists()  # nothing merged, nothing loaded
+    # what judging will ask, before anything runs: every sample x metric (the demo judge reads digits)
+    cost = json.loads((tmp_path / "run" / "plan.json").read_text())["judge_estimate"]
+    assert cost["judgements_at_most"] > 0 and cost["requests_at_most"] >= cost["judgements_at_most"]
+    assert cost["prompt_tokens_at_most"] > cost["judgements_at_most"] * cfg.eval.max_tokens
 
 
 def test_a_stage_part_is_split_out_in_order():

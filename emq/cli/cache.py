@@ -1,15 +1,19 @@
-"""`python -m emq cache ls|du|rm|verify`: manage emq's checkpoint cache (merged, and later quantized, models).
+"""`python -m emq cache ls|du|rm|verify`: manage emq's checkpoint cache (merged and quantized models) and the judge
+cache (every judgement made, in the data dir: `rm --judge` clears it).
 
 Output is for people (one line per entry); the exit code says whether the command did what was asked.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from emq.checkpoint.cache import debris, default_root, entries, remove_all_debris, remove_entry, verify
+from emq.judge.cache import FILE as JUDGE_CACHE_FILE
+from emq.judge.cache import JudgeCache
 
 
 def _gib(n: int) -> str:
@@ -24,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the cache command; 1 when nothing matched or an entry fails verification."""
     parser = argparse.ArgumentParser(prog="python -m emq cache", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="cache root (default: EMQ_CACHE or ~/.cache/emq/merged)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the judge cache is (default: EMQ_HOME or ~/.cache/emq, as paths.data_dir)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls", help="entries with size, inputs and last use")
     sub.add_parser("du", help="total size")
@@ -33,10 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--all", action="store_true")
     rm.add_argument("--debris", action="store_true",
                     help="remove the temp dirs of interrupted builds that no running build holds")
+    rm.add_argument("--judge", nargs="?", const="", default=None, metavar="IDENTITY",
+                    help="clear the judge cache (only the judges whose identity contains IDENTITY, if given)")
     ver = sub.add_parser("verify", help="re-hash entries against their manifests")
     ver.add_argument("keys", nargs="*")
     args = parser.parse_args(argv)
     root = (args.root or default_root()).expanduser()
+    data_dir = (args.data_dir or Path(os.environ.get("EMQ_HOME", "~/.cache/emq"))).expanduser()
+    judged = data_dir / JUDGE_CACHE_FILE
+    if args.cmd == "rm" and args.judge is not None:
+        if not judged.is_file():
+            print(f"no judge cache at {judged}", file=sys.stderr)
+            return 1
+        with JudgeCache(data_dir) as jc:
+            n = jc.clear(args.judge or None)
+        print(f"removed {n} judgement(s) from {judged}" + (f" (judges matching {args.judge!r})" if args.judge else ""))
+        return 0 if n or not args.judge else 1
+    if args.cmd in ("ls", "du") and judged.is_file():
+        with JudgeCache(data_dir) as jc:
+            st = jc.stats()
+        if args.cmd == "ls":
+            for ident, n in st.judgements.items():
+                print(f"judge cache  {n:>8} judgements  {ident}")
+        print(f"judge cache: {sum(st.judgements.values())} judgements of {len(st.judgements)} judge(s), "
+              f"{_size(st.bytes)} at {st.path}; clear with `python -m emq cache rm --judge`")
     found = entries(root)
     left = debris(root) if root.is_dir() else []
     if args.cmd in ("ls", "du", "verify") and left:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ class JudgeClient:
         self.sem = asyncio.Semaphore(cfg.max_concurrency)
         self.requests = 0
         self.retries = 0
+        self.prompt_tokens = 0  # from the responses' usage fields (an endpoint that reports none adds 0)
+        self.completion_tokens = 0
 
     async def ask(self, prompt: str, prefix: str = "") -> scoring.TokenDist:
         """The judge's top-k next-token logprobs after `prefix` (written by the assistant)."""
@@ -60,6 +63,9 @@ class JudgeClient:
                     r = await self.client.chat.completions.create(
                         model=self.model, messages=messages, max_tokens=1, temperature=0, logprobs=True,
                         top_logprobs=self.cfg.top_logprobs, **extra)
+                if r.usage is not None:
+                    self.prompt_tokens += r.usage.prompt_tokens or 0
+                    self.completion_tokens += r.usage.completion_tokens or 0
                 content = (r.choices[0].logprobs.content or []) if r.choices and r.choices[0].logprobs else []
                 if not content:
                     return {}
@@ -110,16 +116,24 @@ def read_scores(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in read_jsonl(Path(run_dir) / SCORES) if "key" in r}
 
 
-def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str, *,
-               model_name: str | None = None, desc: str = "judge", on_judged=None) -> tuple[int, int, int]:
-    """Judge `todo` (items as `judge_items` makes them) with one client, appending each judgement to `scores`
-    as it arrives (a killed process keeps what it judged).
+@dataclass(frozen=True)
+class Calls:
+    """What judging asked of the endpoint: requests (retries included), failed judgements, tokens as the endpoint
+    counted them (usage fields)."""
 
-    Returns:
-        (requests, retries, errors) of this call.
-    """
+    requests: int = 0
+    retries: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str, *,
+               model_name: str | None = None, desc: str = "judge", on_judged=None) -> Calls:
+    """Judge `todo` (items as `judge_items` makes them) with one client, appending each judgement to `scores`
+    as it arrives (a killed process keeps what it judged)."""
     if not todo:
-        return 0, 0, 0
+        return Calls()
     client = JudgeClient(cfg, plan, base_url, model_name=model_name)
     errors = 0
 
@@ -146,4 +160,4 @@ def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan:
                 await client.close()
 
     asyncio.run(main())
-    return client.requests, client.retries, errors
+    return Calls(client.requests, client.retries, errors, client.prompt_tokens, client.completion_tokens)

@@ -14,10 +14,11 @@ from typing import Any
 
 from emq.errors import EmqError
 from emq.judge.backends import backend
+from emq.judge.cache import JudgeCache, open_cache
 from emq.judge.client import judge_into, read_scores, score_key
 from emq.judge.plan import JudgePlan
 from emq.judge.prompts import fill, judge_template, metric_specs, prompts_record
-from emq.judge.validation import validate
+from emq.judge.validation import validate, validation_scored
 from emq.metrics import answer_table, summarize
 from emq.records import JUDGE, JUDGE_SERVER_LOG, JUDGED, METRICS, SCORES, PromptKey, SampleKey, read_generations, \
     write_json, write_text_atomic
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class JudgeResult:
-    judged_now: int  # judgements made by this call
+    judged_now: int  # judgements asked of the judge by this call
     reused: int  # found in scores.jsonl already
     items: int  # distinct (metric, prompt, answer) this judge has to score
     answers: int  # generation rows
@@ -38,6 +39,25 @@ class JudgeResult:
     retries: int
     scoring: str | None
     errors: int
+    cached: int = 0  # taken from the judge cache (emq.judge.cache) by this call, without a request
+    prompt_tokens: int = 0  # of this call's requests, as the endpoint counted them
+    completion_tokens: int = 0
+    cost: float | None = None  # judge.price × the tokens (None: no price set)
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """The share of what this call had to score that came from the judge cache."""
+        asked = self.cached + self.judged_now
+        return round(self.cached / asked, 4) if asked else None
+
+
+def cost_of(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """judge.price (per million input / output tokens, the user's figures: emq ships no price table) × the tokens."""
+    price = cfg.price
+    if price.input_per_million is None and price.output_per_million is None:
+        return None
+    return round((prompt_tokens * (price.input_per_million or 0.0)
+                  + completion_tokens * (price.output_per_million or 0.0)) / 1e6, 6)
 
 
 def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], identity: str
@@ -79,27 +99,56 @@ def borrow_scores(run_dir: Path, prompts: list[dict[str, Any]], plan: JudgePlan,
     return len(found)
 
 
-def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str,
-              *, model_name: str | None = None, progress=None) -> JudgeResult:
-    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl."""
+def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str | None,
+              *, model_name: str | None = None, progress=None, cache: JudgeCache | None = None) -> JudgeResult:
+    """Judge every generation of `run_dir` not yet scored by this judge; append to scores.jsonl. With `cache`,
+    what it already holds is copied in without a request (base_url may then be None if nothing is left to ask),
+    and every judgement of this run is stored in it."""
     rows = read_generations(run_dir)
     items, _ = judge_items(rows, prompts, plan.identity)
     done = read_scores(run_dir)
     todo = [it for k, it in items.items() if k not in done]
-    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s); scoring=%s (%s)",
-             len(rows), len(items), len(todo), len(items) - len(todo), SCORES, plan.scoring, plan.scoring_reason)
+    hits = cache.get(it["key"] for it in todo) if cache is not None and todo else {}
+    if hits:
+        with open(Path(run_dir) / SCORES, "a") as f:
+            f.write("".join(json.dumps({**hits[it["key"]], "cached": True}) + "\n" for it in todo if it["key"] in hits))
+        todo = [it for it in todo if it["key"] not in hits]
+    log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s, %d from the judge cache); "
+             "scoring=%s (%s)", len(rows), len(items), len(todo), len(items) - len(todo) - len(hits), SCORES,
+             len(hits), plan.scoring, plan.scoring_reason)
+    if todo and base_url is None:
+        raise EmqError(f"{len(todo)} judgements of {run_dir} are neither in scores.jsonl nor in the judge cache, and no "
+                       "judge is open", "run `python -m emq judge RUN_DIR` to judge them")
     t0 = time.perf_counter()
     if progress is not None:
         progress.update(force=True, judged=len(items) - len(todo), to_judge=len(items))
     on_judged = None if progress is None else (lambda n: progress.update(judged=len(items) - len(todo) + n))
-    requests, retries, errors = judge_into(Path(run_dir) / SCORES, todo, cfg, plan, base_url, model_name=model_name,
-                                           on_judged=on_judged)
+    calls = judge_into(Path(run_dir) / SCORES, todo, cfg, plan, base_url, model_name=model_name, on_judged=on_judged)
     if progress is not None:
         progress.update(force=True, judged=len(items))  # the last count, whatever the throttle skipped
     seconds = time.perf_counter() - t0
-    return JudgeResult(len(todo), len(items) - len(todo), len(items), len(rows), round(seconds, 2),
-                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, requests, retries,
-                       plan.scoring, errors)
+    if cache is not None:
+        scored = read_scores(run_dir)
+        cache.put(scored[k] for k in items if k in scored and not scored[k].get("cached"))
+    return JudgeResult(len(todo), len(items) - len(todo) - len(hits), len(items), len(rows), round(seconds, 2),
+                       round(len(todo) / seconds, 2) if todo and seconds else 0.0, calls.requests, calls.retries,
+                       plan.scoring, calls.errors, cached=len(hits), prompt_tokens=calls.prompt_tokens,
+                       completion_tokens=calls.completion_tokens,
+                       cost=cost_of(cfg, calls.prompt_tokens, calls.completion_tokens))
+
+
+def left_to_judge(run_dir: Path, prompts: list[dict[str, Any]], plan: JudgePlan, cache: JudgeCache | None) -> int:
+    """How many judgements of `run_dir` neither its scores.jsonl nor the judge cache holds."""
+    items, _ = judge_items(read_generations(run_dir), prompts, plan.identity)
+    want = set(items) - set(read_scores(run_dir))
+    return len(want - set(cache.get(want))) if cache is not None and want else len(want)
+
+
+def needs_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
+                cache: JudgeCache | None, root: Path | str) -> bool:
+    """Whether judging `run_dir` (and validating, with judge.validate) asks the judge anything: if not, no local
+    server is started and no endpoint is reached."""
+    return left_to_judge(run_dir, prompts, plan, cache) > 0 or (cfg.validate and not validation_scored(cfg, plan, root))
 
 
 def endpoint(cfg: JudgeConfig, plan: JudgePlan, server_log: Path):
@@ -155,12 +204,19 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
     running (the sweep's); else the planned judge is reached, or started and stopped, here."""
     result = checked = started = None
     if plan.judges:
-        t0 = time.perf_counter()
-        with _opened(at, cfg, plan, run_dir / JUDGE_SERVER_LOG) as (url, name):
-            started = round(time.perf_counter() - t0, 2)  # a local server's start; ~0 for an endpoint
-            result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress)
-            if cfg.validate:
-                checked = validate(cfg, plan, url, root=data_dir or run_dir, model_name=name, run_dir=run_dir)
+        cache = open_cache(data_dir, cfg.cache)
+        try:
+            t0 = time.perf_counter()
+            needed = at is not None or needs_judge(run_dir, prompts, cfg, plan, cache, data_dir or run_dir)
+            with _opened(at, cfg, plan, run_dir / JUDGE_SERVER_LOG) if needed else nullcontext((None, None)) \
+                    as (url, name):
+                started = round(time.perf_counter() - t0, 2) if needed else None  # a local server's start
+                result = judge_run(run_dir, prompts, cfg, plan, url, model_name=name, progress=progress, cache=cache)
+                if cfg.validate:
+                    checked = validate(cfg, plan, url, root=data_dir or run_dir, model_name=name, run_dir=run_dir)
+        finally:
+            if cache is not None:
+                cache.close()
     rows = read_generations(run_dir)
     metrics = dict(metrics)
     metrics["judge"] = {"kind": plan.kind, "model": plan.model, "scoring": plan.scoring,
@@ -196,6 +252,15 @@ class ToJudge:
     progress: Any = None  # an emq.records.Progress the judged counts go to (optional)
 
 
+def _needs_judge(run: ToJudge, plan: JudgePlan) -> bool:
+    cache = open_cache(run.data_dir, run.cfg.cache)
+    try:
+        return needs_judge(run.run_dir, run.prompts, run.cfg, plan, cache, run.data_dir or run.run_dir)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
 def judge_run_dirs(runs: list[ToJudge], plan: JudgePlan, server_log: Path, *,
                    shared: Callable[[float | None, int], dict[str, Any]], keep_going: bool = False
                    ) -> list[tuple[ToJudge, dict[str, Any], float]]:
@@ -211,7 +276,8 @@ def judge_run_dirs(runs: list[ToJudge], plan: JudgePlan, server_log: Path, *,
         (run, its metrics, its seconds of judging) of every run judged.
     """
     t0 = time.perf_counter()
-    opened = endpoint(runs[0].cfg, plan, server_log) if plan.judges and runs else nullcontext(None)
+    needed = plan.judges and any(_needs_judge(r, plan) for r in runs)
+    opened = endpoint(runs[0].cfg, plan, server_log) if needed else nullcontext(None)
     out: list[tuple[ToJudge, dict[str, Any], float]] = []
     with opened as at:
         started = round(time.perf_counter() - t0, 2) if at is not None else None

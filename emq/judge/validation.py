@@ -387,16 +387,15 @@ def validate(cfg: JudgeConfig, plan: JudgePlan, base_url: str | None, *, root: P
             raise EmqError(f"the validation scores in {cache} changed while they were read", "run it again")
         log.info("judge validation: %d items of %s, %d distinct judgements, %d to do (the rest kept in %s)",
                  len(vset.items), vset.source, len(items), len(todo), cache)
-        requests, retries, errors = judge_into(cache / SCORES, todo, cfg, plan, base_url, model_name=model_name,
-                                               desc="validate")
+        calls = judge_into(cache / SCORES, todo, cfg, plan, base_url, model_name=model_name, desc="validate")
         done = read_scores(cache)
     judged = [done.get(k) for k in keys]
     categories = {m: s.categories for m, s in metric_specs().items()}
     record = {"set": vset.describe(), "judge": {"kind": plan.kind, "model": plan.model, "identity": plan.identity},
               "scoring": plan.scoring, "scoring_reason": plan.scoring_reason, "min_auroc": cfg.min_auroc,
               "metrics": summarize(vset.items, judged, categories, cfg.min_auroc),
-              "judged_now": len(todo), "reused": len(items) - len(todo), "requests": requests, "retries": retries,
-              "errors": errors, "seconds": round(time.perf_counter() - t0, 2), "cache": str(cache),
+              "judged_now": len(todo), "reused": len(items) - len(todo), **asdict(calls),
+              "seconds": round(time.perf_counter() - t0, 2), "cache": str(cache),
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     record["cannot_tell_apart"] = cannot_tell_apart(record)
     write_json(record_path(cache, vset.sha256), record)
@@ -411,14 +410,19 @@ def validate(cfg: JudgeConfig, plan: JudgePlan, base_url: str | None, *, root: P
     return record
 
 
+def validation_scored(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> bool:
+    """Whether every item of the validation set already has this judge's score (validating asks nothing)."""
+    items, _ = validation_items(validation_set(cfg), plan.identity)
+    return set(items) <= set(read_scores(validation_cache(cfg, plan, root)))
+
+
 def validate_judge(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> dict[str, Any]:
     """`validate` on its own (`python -m emq judge --validate`): a local judge is started and stopped here."""
     if not plan.judges:
         raise EmqError("judge=none: there is no judge to validate",
                        "name one: judge=local (the demo judge), or judge=openai judge.base_url=... judge.model=...")
     cache = validation_cache(cfg, plan, root)
-    items, _ = validation_items(validation_set(cfg), plan.identity)
-    if set(items) <= set(read_scores(cache)):
+    if validation_scored(cfg, plan, root):
         return validate(cfg, plan, None, root=root)  # all scored before: no server to start, no request to make
     with backend(plan.kind).endpoint(cfg, plan, cache / JUDGE_SERVER_LOG) as (url, name):
         return validate(cfg, plan, url, root=root, model_name=name)

@@ -494,6 +494,30 @@ def time_table(runs: list[Run]) -> tuple[list[str], list[list[str]], str]:
     return head, body, line.strip()
 
 
+def judge_cost_line(runs: list[Run]) -> str:
+    """What judging the sweep cost, summed per judge: judgements asked and from the judge cache, requests, tokens,
+    and the cost where judge.price was set."""
+    per: dict[str, dict[str, float]] = {}
+    for r in runs:
+        j = r.metrics.get("judge") or {}
+        if not j.get("kind") or j["kind"] == "none" or j.get("items") is None:
+            continue
+        t = per.setdefault(f"{j['kind']} {j.get('model')} ({j.get('scoring')})", {})
+        for k in ("judged_now", "cached", "requests", "prompt_tokens", "completion_tokens"):
+            t[k] = t.get(k, 0) + (j.get(k) or 0)
+        if j.get("cost") is not None:
+            t["cost"] = t.get("cost", 0.0) + j["cost"]
+    parts = []
+    for name, t in per.items():
+        done = t["judged_now"] + t["cached"]
+        parts.append(f"{name}: {t['judged_now']:.0f} judged, {t['cached']:.0f} from the judge cache"
+                     + (f" ({100 * t['cached'] / done:.0f}% hits)" if done else "")
+                     + f", {t['requests']:.0f} requests, {t['prompt_tokens']:,.0f} prompt + "
+                       f"{t['completion_tokens']:,.0f} completion tokens"
+                     + (f", cost {t['cost']:.4f}" if "cost" in t else ""))
+    return ("Judging: " + "; ".join(parts) + ".") if parts else ""
+
+
 def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out_dir: Path, *, title: str | None,
                when: str) -> Summary:
     """Write out_dir/summary.md: the readable columns, the paired differences to the reference, notes.
@@ -513,6 +537,7 @@ def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out
     head, body = _main_table(runs, rows, names)
     diff_head, diff_body = _diff_table(rows, names)
     time_head, time_body, time_line = time_table(runs)
+    time_line = " ".join(x for x in (time_line, judge_cost_line(runs)) if x)
     s = Summary(title=_title(runs, title),
                 ref_line=f"Reference variant: {ref.label if ref else 'none found (no finished unquantized run)'}",
                 head=head, body=body, diff_head=diff_head, diff_body=diff_body, notes=_notes(rows),

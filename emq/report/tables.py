@@ -24,7 +24,8 @@ def _where(path: str) -> str:
     return f"hub:{m.group(1)}/{m.group(2)}" if m else path
 
 
-def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, Any] | None = None) -> str:
+def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, Any] | None = None,
+               judge_estimate: dict[str, Any] | None = None) -> str:
     """The plan as a user reads it: what was found, what will happen, and why."""
     t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
     t.add_column("", style="bold", no_wrap=True)
@@ -67,6 +68,10 @@ def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, 
         t.add_row("judge", "none" if not judge.judges else
                   f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
                   f"{judge.scoring} ({judge.scoring_reason})")
+    if judge_estimate is not None:
+        from emq.judge.estimate import estimate_text
+
+        t.add_row("judge cost (estimate)", estimate_text(judge_estimate))
     if validation is not None:
         t.add_row("judge validation", validation_outlook_text(validation))
     for r in plan.reasons:
@@ -118,12 +123,24 @@ def validation_outlook_text(o: dict[str, Any]) -> str:
     return f"runs in the judge stage: {o.get('items')} labelled items of {o.get('set')}"
 
 
+def judge_cost_text(j: dict[str, Any]) -> str:
+    """What judging a run cost: judgements asked and from the cache, requests, tokens, the price's cost."""
+    cached, asked = j.get("cached", 0), j.get("judged_now", 0)
+    text = (f"{asked} judged now, {cached} from the judge cache"
+            + (f" ({100 * cached / (cached + asked):.0f}% hits)" if cached + asked else "")
+            + f", {j.get('reused', 0)} already in the run; {j.get('requests', 0)} requests, "
+            f"{j.get('prompt_tokens', 0):,} prompt + {j.get('completion_tokens', 0):,} completion tokens")
+    return text + (f", cost {j['cost']:.4f} (judge.price)" if j.get("cost") is not None else "")
+
+
 def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     j = metrics.get("judge") or {}
     if j.get("kind") and j["kind"] != "none":
         rows.append(("judge", f"{j['kind']} {j.get('model')} (scoring: {j.get('scoring')}; "
                               f"{j.get('judged_per_second', 0)} judgements/s)"))
+        if j.get("items") is not None:
+            rows.append(("judge cost", judge_cost_text(j)))
     for m, s in (metrics.get("metrics") or {}).items():
         rows.append((f"{m} (mean, 95% CI)", _ci(s) + (f", unscored {100 * s['unscored_rate']:.0f}%"
                                                       if s.get("unscored_rate") else "")))

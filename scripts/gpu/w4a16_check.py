@@ -310,6 +310,9 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
     out = []
     for i in which:
         label, q, route = KEEP_VARIANTS[i]
+        if q.get("compensation") and os.environ.get("EMQ_CHECK_KEEP_ALGORITHM"):  # the served shapes stay the same
+            q = {**q, "algorithm": os.environ["EMQ_CHECK_KEEP_ALGORITHM"]}
+            label = label.replace("gptq", q["algorithm"])
         quant = QuantConfig(method=QuantMethod(q["method"]), algorithm=QuantAlgorithm(q.get("algorithm", "rtn")),
                             group_size=q.get("group_size"),
                             compensation=CompensationConfig(rank=q.get("compensation", {}).get("rank", 0),

@@ -109,6 +109,22 @@ def test_where_the_time_went_counts_the_judge_a_sweep_ran_at_its_end(sweep):
             "(not in the wall above).") in table
 
 
+def test_the_judges_cost_is_summed_per_judge_with_the_cache_hits(sweep):
+    runs = sorted(d for d in sweep.iterdir() if (d / "metrics.json").is_file())
+    for i, d in enumerate(runs):
+        m = json.loads((d / "metrics.json").read_text())
+        m["judge"] = {**(m.get("judge") or {}), "kind": "openai", "model": "gpt-x", "scoring": "single_token",
+                      "items": 10, "judged_now": 10 if i == 0 else 0, "cached": 0 if i == 0 else 10,
+                      "requests": 10 if i == 0 else 0, "prompt_tokens": 1000 if i == 0 else 0,
+                      "completion_tokens": 10 if i == 0 else 0, "cost": 0.0026 if i == 0 else 0.0}
+        (d / "metrics.json").write_text(json.dumps(m))
+    report.build([sweep])
+    md = (sweep / "summary.md").read_text()
+    n = len(runs)
+    assert (f"Judging: openai gpt-x (single_token): 10 judged, {10 * (n - 1)} from the judge cache "
+            f"({round(100 * (n - 1) / n)}% hits), 10 requests, 1,000 prompt + 10 completion tokens, cost 0.0026.") in md
+
+
 def test_rows_match_each_runs_metrics(sweep):
     html_path = report.build([sweep])
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
@@ -306,7 +322,8 @@ def test_two_variant_sweep_through_submitit_local_aggregates_every_run(demo, tmp
     cmd = [sys.executable, "-m", "emq", "-m", "hydra/launcher=local", "+experiment=lora_vs_bnb", "memory.route=merge",
            "quant=none,bnb", "judge=local", "eval.max_questions_per_set=1", "eval.samples_per_paraphrase=2",
            "eval.max_tokens=8", "eval.fidelity.enabled=false", f"hydra.sweep.dir={sweep}",
-           f"paths.cache_dir={tmp_path / 'cache'}"]
+           f"paths.cache_dir={tmp_path / 'cache'}",
+           "judge.cache=false"]  # the sweep's one judge server must judge (other tests' judgements are cached)
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO)})
     out = proc.stdout + proc.stderr
