@@ -289,7 +289,6 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
     """Each chosen KEEP_VARIANTS row's served checkpoint (and LoRA) made by emq's own stages — detect, plan, merge,
     quantize, served adapter — as the runner makes them (cached under ROOT/cache), with the time and peaks of the
     steps that built something."""
-    import dataclasses
 
     import torch
 
