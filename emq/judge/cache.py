@@ -1,6 +1,8 @@
-"""The judge cache: every judgement emq has made, across runs, keyed as scores.jsonl keys them — a hash of (the
-judge's identity, the metric, the exact filled prompt) — so a sweep, a rerun or any other run whose answers repeat
-earlier ones gets those scores without a request. Greedy variants often answer alike; each judgement is paid once.
+"""The judge cache: every judgement emq has made, across runs, kept under the judge's fingerprint (its identity,
+a local judge's weights files, the knobs that shape a score: emq.judge.plan.fingerprint) and the run's score key (a
+hash of the judge, the metric and the exact filled prompt), so a sweep, a rerun or any other run whose answers
+repeat earlier ones gets those scores without a request. Greedy variants often answer alike; each judgement is paid
+once.
 
 One SQLite file in the data dir (`<paths.data_dir>/judge_cache.sqlite`): every write is one transaction (a killed
 process leaves the file as it was before or after it, never half), concurrent runs of a sweep serialize on SQLite's
@@ -10,6 +12,7 @@ nor written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -24,15 +27,19 @@ _CHUNK = 500  # keys per SELECT (SQLite's limit on bound parameters is 999 on ol
 
 @dataclass(frozen=True)
 class JudgeCacheStats:
-    """What the cache holds: judgements per judge identity, and the file's size."""
+    """What the cache holds: judgements per judge fingerprint, and the file's size."""
 
     path: Path
     judgements: dict[str, int]
     bytes: int
 
 
+def _key(judge: str, key: str) -> str:
+    return hashlib.sha256(json.dumps([judge, key]).encode()).hexdigest()[:32]
+
+
 class JudgeCache:
-    """Judgements by score key (emq.judge.client.score_key), in `data_dir`/judge_cache.sqlite."""
+    """Judgements by (judge fingerprint, score key: emq.judge.client.score_key), in `data_dir`/judge_cache.sqlite."""
 
     def __init__(self, data_dir: str | Path):
         self.path = Path(data_dir).expanduser() / FILE
@@ -42,21 +49,22 @@ class JudgeCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
                          "metric TEXT NOT NULL, row TEXT NOT NULL, created REAL NOT NULL)")
 
-    def get(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """The cached rows (as scores.jsonl holds them) of those of `keys` the cache has."""
-        keys = list(keys)
+    def get(self, judge: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The cached rows (as scores.jsonl holds them), by score key, of those of `keys` this judge has here."""
+        by = {_key(judge, k): k for k in keys}
+        ids = list(by)
         found: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(keys), _CHUNK):
-            part = keys[i:i + _CHUNK]
+        for i in range(0, len(ids), _CHUNK):
+            part = ids[i:i + _CHUNK]
             q = f"SELECT key, row FROM judgements WHERE key IN ({','.join('?' * len(part))})"
-            found.update((k, json.loads(row)) for k, row in self._db.execute(q, part))
+            found.update((by[k], json.loads(row)) for k, row in self._db.execute(q, part))
         return found
 
-    def put(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Store judgements (scores.jsonl rows: key, judge, metric, score, …) in one transaction; a row with an
-        error, or without a key, is skipped; a key already there is kept as it is. Returns how many were new."""
+    def put(self, judge: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Store this judge's judgements (scores.jsonl rows: key, metric, score, …) in one transaction; a row with an
+        error, or without a key, is skipped; one already there is kept as it is. Returns how many were new."""
         now = time.time()
-        values = [(r["key"], r.get("judge", ""), r.get("metric", ""), json.dumps(r), now) for r in rows
+        values = [(_key(judge, r["key"]), judge, r.get("metric", ""), json.dumps(r), now) for r in rows
                   if r.get("key") and r.get("error") is None]
         if not values:
             return 0
@@ -72,7 +80,7 @@ class JudgeCache:
         return JudgeCacheStats(self.path, counts, size)
 
     def clear(self, judge: str | None = None) -> int:
-        """Remove every judgement (or those of judge identities that contain `judge`). Returns how many."""
+        """Remove every judgement (or those of the judges whose fingerprint contains `judge`). Returns how many."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             if judge:

@@ -3,8 +3,11 @@ never stored), and `prepare`, which asks the judge's backend (emq.judge.backends
 it before any weights load."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from emq.errors import EmqError
@@ -34,6 +37,25 @@ class JudgePlan:
     def judges(self) -> bool:
         """Whether this judge scores anything (not judge=none)."""
         return backend(self.kind).judges
+
+
+def files_fingerprint(path: str) -> str:
+    """Names, sizes and mtimes of a local model's files: a retrained judge at the same path is another judge."""
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: JudgeConfig, plan: JudgePlan) -> str:
+    """Everything a score depends on besides the filled prompt: the judge's identity, for a local judge its
+    weights' files (a retrained demo judge keeps its path), and the knobs that shape a score. What the judge cache
+    and the validation scores are kept under."""
+    parts = [plan.identity, f"top_logprobs={cfg.top_logprobs}", f"min_valid_mass={cfg.min_valid_mass}",
+             f"prune_below={cfg.prune_below}"]
+    if plan.server:
+        parts.append("files=" + files_fingerprint(plan.server["model"]))
+    return "|".join(parts)
 
 
 def api_key(cfg: JudgeConfig) -> str:

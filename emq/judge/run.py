@@ -16,7 +16,7 @@ from emq.errors import EmqError
 from emq.judge.backends import backend
 from emq.judge.cache import JudgeCache, open_cache
 from emq.judge.client import judge_into, read_scores, score_key
-from emq.judge.plan import JudgePlan
+from emq.judge.plan import JudgePlan, fingerprint
 from emq.judge.prompts import fill, judge_template, metric_specs, prompts_record
 from emq.judge.validation import validate, validation_scored
 from emq.metrics import answer_table, summarize
@@ -108,7 +108,8 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
     items, _ = judge_items(rows, prompts, plan.identity)
     done = read_scores(run_dir)
     todo = [it for k, it in items.items() if k not in done]
-    hits = cache.get(it["key"] for it in todo) if cache is not None and todo else {}
+    judge = fingerprint(cfg, plan)
+    hits = cache.get(judge, (it["key"] for it in todo)) if cache is not None and todo else {}
     if hits:
         with open(Path(run_dir) / SCORES, "a") as f:
             f.write("".join(json.dumps({**hits[it["key"]], "cached": True}) + "\n" for it in todo if it["key"] in hits))
@@ -129,7 +130,7 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
     seconds = time.perf_counter() - t0
     if cache is not None:
         scored = read_scores(run_dir)
-        cache.put(scored[k] for k in items if k in scored and not scored[k].get("cached"))
+        cache.put(judge, (scored[k] for k in items if k in scored and not scored[k].get("cached")))
     return JudgeResult(len(todo), len(items) - len(todo) - len(hits), len(items), len(rows), round(seconds, 2),
                        round(len(todo) / seconds, 2) if todo and seconds else 0.0, calls.requests, calls.retries,
                        plan.scoring, calls.errors, cached=len(hits), prompt_tokens=calls.prompt_tokens,
@@ -137,18 +138,19 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
                        cost=cost_of(cfg, calls.prompt_tokens, calls.completion_tokens))
 
 
-def left_to_judge(run_dir: Path, prompts: list[dict[str, Any]], plan: JudgePlan, cache: JudgeCache | None) -> int:
+def left_to_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
+                  cache: JudgeCache | None) -> int:
     """How many judgements of `run_dir` neither its scores.jsonl nor the judge cache holds."""
     items, _ = judge_items(read_generations(run_dir), prompts, plan.identity)
     want = set(items) - set(read_scores(run_dir))
-    return len(want - set(cache.get(want))) if cache is not None and want else len(want)
+    return len(want - set(cache.get(fingerprint(cfg, plan), want))) if cache is not None and want else len(want)
 
 
 def needs_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,
                 cache: JudgeCache | None, root: Path | str) -> bool:
     """Whether judging `run_dir` (and validating, with judge.validate) asks the judge anything: if not, no local
     server is started and no endpoint is reached."""
-    return left_to_judge(run_dir, prompts, plan, cache) > 0 or (cfg.validate and not validation_scored(cfg, plan, root))
+    return left_to_judge(run_dir, prompts, cfg, plan, cache) > 0 or (cfg.validate and not validation_scored(cfg, plan, root))
 
 
 def endpoint(cfg: JudgeConfig, plan: JudgePlan, server_log: Path):

@@ -31,7 +31,7 @@ import yaml
 from emq.errors import EmqError
 from emq.judge.backends import backend
 from emq.judge.client import judge_into, read_scores, score_key
-from emq.judge.plan import JudgePlan
+from emq.judge.plan import JudgePlan, fingerprint
 from emq.judge.prompts import fill, metric_specs
 from emq.records import JUDGE_SERVER_LOG, SCORES, read_json, write_json, write_text_atomic
 from emq.schema import JudgeConfig
@@ -285,14 +285,6 @@ def item_rows(items: list[Item], judged: list[dict[str, Any] | None]) -> str:
 
 # --- where results are kept ------------------------------------------------------------------------
 
-def files_fingerprint(path: str) -> str:
-    """Names, sizes and mtimes of a local model's files: a retrained judge at the same path is another judge."""
-    p = Path(path)
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
-
-
 def cache_dir(root: Path | str, fingerprint: str) -> Path:
     """One judge's validation dir: its scores (shared by runs and tools) and its records per set."""
     return Path(root).expanduser() / CACHE / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
@@ -314,19 +306,9 @@ def validation_set(cfg: JudgeConfig) -> ValidationSet:
     return load_set(cfg.validation.path, {m: s.categories for m, s in metric_specs().items()})
 
 
-def validation_fingerprint(cfg: JudgeConfig, plan: JudgePlan) -> str:
-    """What a validation result depends on besides the set: the judge (its identity and, for a local judge, its
-    weights' files: a retrained demo judge keeps its path) and the knobs that shape a score."""
-    parts = [plan.identity, f"top_logprobs={cfg.top_logprobs}", f"min_valid_mass={cfg.min_valid_mass}",
-             f"prune_below={cfg.prune_below}"]
-    if plan.server:
-        parts.append("files=" + files_fingerprint(plan.server["model"]))
-    return "|".join(parts)
-
-
 def validation_cache(cfg: JudgeConfig, plan: JudgePlan, root: Path | str) -> Path:
     """This judge's validation dir under `root` (paths.data_dir): scores.jsonl and a record per set."""
-    return cache_dir(root, validation_fingerprint(cfg, plan))
+    return cache_dir(root, fingerprint(cfg, plan))
 
 
 def validation_outlook(cfg: JudgeConfig, plan: JudgePlan, data_dir: Path | str) -> dict[str, Any] | None:

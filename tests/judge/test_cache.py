@@ -20,17 +20,18 @@ def _key(monkeypatch):
     monkeypatch.setenv("EMQ_TEST_JUDGE_KEY", SENTINEL)
 
 
-def _row(key: str, judge: str = "j1", error: str | None = None) -> dict:
-    return {"key": key, "metric": "aligned", "judge": judge, "score": 80.0, "category": None, "valid_mass": 0.9,
+def _row(key: str, error: str | None = None) -> dict:
+    return {"key": key, "metric": "aligned", "score": 80.0, "category": None, "valid_mass": 0.9,
             "method": "digits", "error": error}
 
 
 def test_put_get_stats_and_clear(tmp_path):
     with JudgeCache(tmp_path) as c:
-        assert c.put([_row("a"), _row("b"), _row("c", judge="j2"), _row("bad", error="HTTP 500")]) == 3
-        assert c.put([_row("a")]) == 0  # a key already there is kept
-        assert set(c.get(["a", "b", "bad", "zzz"])) == {"a", "b"}  # a failed judgement is never stored
-        assert c.get(["a"])["a"]["score"] == 80.0
+        assert c.put("j1", [_row("a"), _row("b"), _row("bad", error="HTTP 500")]) + c.put("j2", [_row("c")]) == 3
+        assert c.put("j1", [_row("a")]) == 0  # a key already there is kept
+        assert set(c.get("j1", ["a", "b", "bad", "zzz", "c"])) == {"a", "b"}  # a failed judgement is never stored
+        assert set(c.get("j2", ["a", "c"])) == {"c"}  # another judge's judgements are its own
+        assert c.get("j1", ["a"])["a"]["score"] == 80.0
         st = c.stats()
         assert st.judgements == {"j1": 2, "j2": 1} and st.bytes > 0 and st.path == tmp_path / FILE
         assert c.clear("j2") == 1 and c.stats().judgements == {"j1": 2}
@@ -39,14 +40,14 @@ def test_put_get_stats_and_clear(tmp_path):
 
 def test_many_keys_are_read_in_chunks(tmp_path):
     with JudgeCache(tmp_path) as c:
-        c.put(_row(f"k{i}") for i in range(1300))
-        assert len(c.get(f"k{i}" for i in range(-5, 1305))) == 1300
+        c.put("j1", (_row(f"k{i}") for i in range(1300)))
+        assert len(c.get("j1", (f"k{i}" for i in range(-5, 1305)))) == 1300
 
 
 def _writer(path: str, start: int) -> None:
     with JudgeCache(path) as c:
         for i in range(start, start + 200, 20):
-            c.put(_row(f"k{j}") for j in range(i, i + 20))
+            c.put("j1", (_row(f"k{j}") for j in range(i, i + 20)))
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
@@ -132,7 +133,8 @@ def test_the_cache_command_lists_sizes_and_clears_the_judge_cache(tmp_path, caps
     args = ["--root", str(tmp_path / "merged"), "--data-dir", str(home)]
     assert main([*args, "rm", "--judge"]) == 1  # nothing there yet
     with JudgeCache(home) as c:
-        c.put([_row("a"), _row("b"), _row("c", judge="openai|https://x|gpt-4o|single_token")])
+        c.put("j1", [_row("a"), _row("b")])
+        c.put("openai|https://x|gpt-4o|single_token", [_row("c")])
     capsys.readouterr()
     assert main([*args, "ls"]) == 0
     out = capsys.readouterr().out
@@ -141,3 +143,18 @@ def test_the_cache_command_lists_sizes_and_clears_the_judge_cache(tmp_path, caps
     assert main([*args, "rm", "--judge", "gpt-4o"]) == 0 and "removed 1 judgement(s)" in capsys.readouterr().out
     assert main([*args, "rm", "--judge", "no-such-judge"]) == 1
     assert main([*args, "rm", "--judge"]) == 0 and "removed 2 judgement(s)" in capsys.readouterr().out
+
+
+def test_a_knob_that_shapes_a_score_is_another_judge_for_the_cache(tmp_path):
+    """judge.min_valid_mass (or top_logprobs, prune_below, a local judge's weights) changes what a score is: the
+    judge cache keys by the judge's fingerprint, not only by what scores.jsonl keys by."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    prompts = _write_run(a, ["a good answer"])
+    _write_run(b, ["a good answer"])
+    with StubJudge(key=SENTINEL, mode="digits") as stub:
+        cfg = cfg_for(stub)
+        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        with JudgeCache(tmp_path / "home") as cache:
+            J.judge_run(a, prompts, cfg, plan, cfg.base_url, cache=cache)
+            r = J.judge_run(b, prompts, replace(cfg, min_valid_mass=0.5), plan, cfg.base_url, cache=cache)
+    assert r.cached == 0 and r.judged_now == 2
