@@ -629,6 +629,12 @@ def test_a_compensation_serves_the_adapter_as_one_lora_on_the_w4a16_base_as_trai
     assert base.route is Route.serve_base and base.engine.enable_lora and base.engine.max_lora_rank == 16
 
 
+def test_a_compensation_rank_the_plan_cannot_use_is_said_not_dropped_silently():
+    plan = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(24, method=QuantMethod.none), fake_machine())
+    assert plan.quantize is None and any(r.startswith("WARNING: quant.compensation.rank=24 is not used") and
+                                         "serves none" in r for r in plan.reasons)
+
+
 def test_what_a_compensation_cannot_do_stops_at_plan_with_the_fix():
     with pytest.raises(EmqError, match="memory.route=merge") as e:
         make_plan(fake_det(), MemoryConfig(route=RoutePolicy.merge), _compensated(), fake_machine())

@@ -63,6 +63,9 @@ def make_plan(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, machi
     prequantized = is_bnb_4bit(det.base.quantization_config)
     choice = choose_quant(det, memory, quant, machine, reasons, prequantized=prequantized)
     qm = choice.method
+    if quant.compensation.rank and qm is not QuantMethod.w4a16:
+        reasons.append(f"WARNING: quant.compensation.rank={quant.compensation.rank} is not used: it compensates a "
+                       f"W4A16 base, and this plan serves {qm.value} (quant=w4a16_keep asks for W4A16)")
     est = estimates(det, memory, qm, machine)
     estimate_basis(det, reasons)
     route = choose_route(det, memory, reasons, prequantized=prequantized, qm=qm,
