@@ -158,6 +158,17 @@ def _clean_up(entry: str | Path) -> None:
                     entry, entry.name)
 
 
+def _made(r: Run) -> list[str]:
+    """What memory.cleanup_after_eval drops: the cache entries this run served or built them from — the merge, the
+    W4A16 checkpoint, the dequantized base a compensated W4A16 was made from, the compensated LoRA. Never a path
+    outside paths.cache_dir (a base model GPTQ read in place is the user's)."""
+    cache = Path(r.cfg.paths.cache_dir).expanduser().resolve()
+    paths = [x.path for x in (r.merged, r.quantized, r.adapter) if x is not None]
+    if r.quantized is not None and getattr(r.quantized, "source", None):
+        paths.append(r.quantized.source)
+    return [p for p in dict.fromkeys(paths) if Path(p).expanduser().resolve().parent == cache]
+
+
 def _stopped(status: RunStatus, e: BaseException) -> bool:
     """Record how a run ended in `status`. True for emq's own errors (explained: the run stops, status.json says
     why); False for what must propagate: Ctrl-C, SIGTERM (the entry point raises Interrupted for it), a bug."""
@@ -179,9 +190,8 @@ def _close(status: RunStatus, engine: Engine | None, made: list, progress: Progr
     removed (`made`), progress.json and status.json written."""
     if engine is not None:
         engine.shutdown()
-    for m in made:
-        if m is not None:
-            _clean_up(m.path)
+    for path in made:
+        _clean_up(path)
     progress.update(force=True, stage=status.stage, status=status.status)
     status.seconds, status.finished_unix = round(time.perf_counter() - t0, 2), round(time.time(), 2)
     status.peak_rss_gib = peak_gib or round(max(mem.peak_rss_bytes, mem.sample()) / GIB, 3)
@@ -472,7 +482,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
             if not _stopped(status, e):
                 raise
         finally:
-            _close(status, r.engine, [r.merged, r.quantized] if cfg.memory.cleanup_after_eval else [], r.progress,
+            _close(status, r.engine, _made(r) if cfg.memory.cleanup_after_eval else [], r.progress,
                    r.mem, t0, run_dir, peak_gib=None if r.one_engine else r.models[0].metrics.get("peak_rss_gib"))
             _summaries(r)
     if r.one_engine and status.status == "ok" and cfg.stage is Stage.all \

@@ -128,3 +128,23 @@ def test_two_adapters_in_one_engine_answer_as_each_does_alone(demo, tmp_path):
     assert same >= len(together) // 2, f"{same}/{len(together)} answers identical"
     summary = (build([one]).parent / "summary.md").read_text()
     assert "model.name=good_doctor" in summary and "model.name=lora16" in summary
+
+
+def test_cleanup_after_eval_drops_every_cache_entry_the_run_made_and_nothing_outside_the_cache(tmp_path):
+    """memory.cleanup_after_eval: the merge, the W4A16 checkpoint, the dequantized base a compensated W4A16 was
+    made from and the compensated LoRA are the run's cache entries; a base model GPTQ read in place is not."""
+    from types import SimpleNamespace as NS
+
+    from emq.runner import _made
+
+    cache = tmp_path / "cache"
+    cfg = NS(paths=NS(cache_dir=str(cache)))
+    compensated = NS(cfg=cfg, merged=None, quantized=NS(path=str(cache / "w4"), source=str(cache / "dequant")),
+                     adapter=NS(path=str(cache / "lora")))
+    assert _made(compensated) == [str(cache / "w4"), str(cache / "lora"), str(cache / "dequant")]
+    in_place = NS(cfg=cfg, merged=None, quantized=NS(path=str(cache / "w4"), source=str(tmp_path / "my-base")),
+                  adapter=None)
+    assert _made(in_place) == [str(cache / "w4")]
+    merged = NS(cfg=cfg, merged=NS(path=str(cache / "m")), quantized=NS(path=str(cache / "q"), source=str(cache / "m")),
+                adapter=None)
+    assert _made(merged) == [str(cache / "m"), str(cache / "q")]
