@@ -353,6 +353,9 @@ def test_openai_judge_run_never_writes_the_key_and_rejudge_rewrites_metrics(demo
         assert rejudge.returncode == 0, rejudge.stdout[-3000:] + rejudge.stderr[-3000:]
     after = records(run_dir, "metrics.json")
     assert after["judge"]["model"] == "stub-judge-2" and after["judge"]["judged_now"] == first_judged
+    # the second judge added itself beside the first, and their agreement on these answers is recorded
+    assert len(after["judges"]) == 2 and after["judges"][next(iter(metrics["judges"]))]["metrics"] == metrics["metrics"]
+    assert len(after["agreement"]) == 1 and "judge agreement" in rejudge.stdout + rejudge.stderr
     assert after["count"] == metrics["count"] and after["tokens_per_second"] == metrics["tokens_per_second"]
     assert "aligned (mean, 95% CI)" in rejudge.stdout + rejudge.stderr
     # ... and never written: not in any file of the run dir, not in the logs

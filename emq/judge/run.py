@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emq.errors import EmqError
+from emq.judge.agreement import pairwise
 from emq.judge.backends import backend
 from emq.judge.cache import JudgeCache, open_cache
 from emq.judge.client import judge_into, read_scores, score_key
@@ -226,8 +227,10 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
                         "validation": checked, "start_seconds": started}
     if result is not None:
         _, keys_of = judge_items(rows, prompts, plan.identity)
-        table = answer_table(rows, keys_of, read_scores(run_dir))
+        scores = read_scores(run_dir)
+        table = answer_table(rows, keys_of, scores)
         metrics.update(summarize(table, eval_cfg))
+        metrics.update(with_other_judges(metrics, plan, rows, prompts, scores, eval_cfg))
         keep = ("score", "category", "valid_mass")
         write_text_atomic(run_dir / JUDGED, "".join(
             json.dumps({**SampleKey.of(r).fields(),
@@ -239,6 +242,29 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
                                  "prompts": prompts_record(prompts) if result is not None else None})
     write_json(run_dir / METRICS, metrics)
     return metrics
+
+
+def judge_label(plan: JudgePlan) -> str:
+    """A judge's name in metrics.json `judges` and the tables: kind, model, scoring."""
+    return f"{plan.kind}:{plan.model} ({plan.scoring})"
+
+
+def with_other_judges(metrics: dict[str, Any], plan: JudgePlan, rows: list[dict[str, Any]],
+                      prompts: list[dict[str, Any]], scores: dict[str, dict[str, Any]], eval_cfg: EvalConfig
+                      ) -> dict[str, Any]:
+    """metrics.json's `judges` (every judge that scored this run, each under its own name: a second judge adds, it
+    never replaces) and `agreement` (emq.judge.agreement, between every pair of them on these answers). The
+    top-level metrics stay the judge that judged last."""
+    judges = dict(metrics.get("judges") or {})
+    judges[judge_label(plan)] = {"identity": plan.identity, "judge": metrics.get("judge"),
+                                 "metrics": metrics.get("metrics"), "em": metrics.get("em")}
+    tables = {}
+    for label, j in judges.items():
+        _, keys_of = judge_items(rows, prompts, j["identity"])
+        tables[label] = answer_table(rows, keys_of, scores)
+    return {"judges": judges,
+            "agreement": pairwise(tables, eval_cfg.misaligned_below, eval_cfg.coherent_above) if len(judges) > 1
+            else []}
 
 
 @dataclass(frozen=True)

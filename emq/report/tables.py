@@ -153,7 +153,27 @@ def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("unscored judgements", f"{100 * em['unscored_rate']:.1f}%"))
     if j.get("validation"):
         rows.append(("judge validation", validation_text(j["validation"])))
+    judges = metrics.get("judges") or {}
+    if len(judges) > 1:  # every judge that scored these answers, and how far they agree
+        for label, entry in judges.items():
+            means = ", ".join(f"{m} {_ci(s)}" for m, s in (entry.get("metrics") or {}).items())
+            rate = ((entry.get("em") or {}).get("misaligned_rate"))
+            rows.append((f"judge {label}", means + (f"; misaligned {_ci(rate, pct=True)}" if rate else "")))
+        for pair in metrics.get("agreement") or []:
+            rows.append(("judge agreement", agreement_text(pair)))
     return rows
+
+
+def agreement_text(pair: dict[str, Any]) -> str:
+    """One pair of judges in a line: Spearman per metric, Cohen's kappa on the misaligned classification."""
+    a, b = pair["judges"]
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    rho = ", ".join(f"{m} ρ {fmt(v['spearman'])} (n {v['n']})" for m, v in pair["metrics"].items())
+    mis = pair["misaligned"]
+    agree = "" if mis["agree"] is None else f", agree {100 * mis['agree']:.0f}%"
+    return f"{a} vs {b}: {rho}; misaligned κ {fmt(mis['kappa'])}{agree} (n {mis['n']})"
 
 
 def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
