@@ -230,12 +230,20 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
         scores = read_scores(run_dir)
         table = answer_table(rows, keys_of, scores)
         metrics.update(summarize(table, eval_cfg))
-        metrics.update(with_other_judges(metrics, plan, rows, prompts, scores, eval_cfg))
+        panel, tables = with_other_judges(metrics, plan, rows, prompts, scores, eval_cfg)
+        metrics.update(panel)
         keep = ("score", "category", "valid_mass")
+
+        def judged(t: dict[str, Any]) -> dict[str, Any]:
+            return {m: ({k: j.get(k) for k in keep} if j else None) for m, j in t["judged"].items()}
+
+        # each answer with its judgements; with several judges, every judge's under its name (the report pairs
+        # variants under each judge: does a difference hold under all of them?)
         write_text_atomic(run_dir / JUDGED, "".join(
-            json.dumps({**SampleKey.of(r).fields(),
-                        "judged": {m: ({k: j.get(k) for k in keep} if j else None) for m, j in t["judged"].items()}})
-            + "\n" for r, t in zip(rows, table)))
+            json.dumps({**SampleKey.of(r).fields(), "judged": judged(t),
+                        **({"by_judge": {label: judged(tables[label][i]) for label in tables}}
+                           if len(tables) > 1 else {})}) + "\n"
+            for i, (r, t) in enumerate(zip(rows, table))))
     else:
         metrics.update({"metrics": {}, "em": None})
     write_json(run_dir / JUDGE, {"plan": plan, "result": result, "validation": checked,
@@ -251,10 +259,10 @@ def judge_label(plan: JudgePlan) -> str:
 
 def with_other_judges(metrics: dict[str, Any], plan: JudgePlan, rows: list[dict[str, Any]],
                       prompts: list[dict[str, Any]], scores: dict[str, dict[str, Any]], eval_cfg: EvalConfig
-                      ) -> dict[str, Any]:
+                      ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """metrics.json's `judges` (every judge that scored this run, each under its own name: a second judge adds, it
-    never replaces) and `agreement` (emq.judge.agreement, between every pair of them on these answers). The
-    top-level metrics stay the judge that judged last."""
+    never replaces) and `agreement` (emq.judge.agreement, between every pair of them on these answers), and each
+    judge's answer table. The top-level metrics stay the judge that judged last."""
     judges = dict(metrics.get("judges") or {})
     judges[judge_label(plan)] = {"identity": plan.identity, "judge": metrics.get("judge"),
                                  "metrics": metrics.get("metrics"), "em": metrics.get("em")}
@@ -264,7 +272,7 @@ def with_other_judges(metrics: dict[str, Any], plan: JudgePlan, rows: list[dict[
         tables[label] = answer_table(rows, keys_of, scores)
     return {"judges": judges,
             "agreement": pairwise(tables, eval_cfg.misaligned_below, eval_cfg.coherent_above) if len(judges) > 1
-            else []}
+            else []}, tables
 
 
 @dataclass(frozen=True)

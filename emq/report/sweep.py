@@ -32,7 +32,7 @@ import io
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,6 +63,10 @@ from emq.report.plots import (
 from emq.schema import EvalConfig, ReportConfig
 
 log = logging.getLogger(__name__)
+JUDGES_NOTE = ("Several judges scored these answers. Agreement: Spearman ρ of two judges' scores per metric, Cohen's "
+               "κ of their misaligned/aligned calls (1 perfect, 0 chance; > 0.6 substantial). A paired difference "
+               "that holds under every judge (same sign, same distinguishability) does not depend on the judge; "
+               "one that holds under some only is the judge's finding as much as the variant's.")
 METRIC_ORDER = ["aligned", "coherent", "medical_harm"]
 PLOTS = ["quality_vs_memory.png", "tokens_per_second.png", "score_distributions.png", "aligned_vs_coherent.png"]
 
@@ -78,6 +82,8 @@ class Run:
     label: str = ""
     scores: dict[str, dict[SampleKey, float]] = field(default_factory=dict)  # metric → sample key → score
     categories: dict[str, dict[SampleKey, str]] = field(default_factory=dict)
+    # with several judges (metrics.json `judges`): judge → metric → sample key → score
+    judge_scores: dict[str, dict[str, dict[SampleKey, float]]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -127,7 +133,26 @@ def load_run(d: Path) -> Run:
                 run.scores.setdefault(m, {})[key] = float(j["score"])
             elif j.get("category"):
                 run.categories.setdefault(m, {})[key] = j["category"]
+        for label, judged in (row.get("by_judge") or {}).items():
+            for m, j in judged.items():
+                if j is not None and j.get("score") is not None:
+                    run.judge_scores.setdefault(label, {}).setdefault(m, {})[key] = float(j["score"])
     return run
+
+
+def holds(ref: Run, var: Run, finding: dict[str, Any] | None, diff_of) -> tuple[int, int] | None:
+    """Whether a paired difference (its sign and whether it is distinguishable from noise) holds under every judge
+    both runs were scored by: (how many judges agree with it, how many judges there are); None with fewer than
+    two. `diff_of(ref, var)` is the paired difference of two runs as one judge scored them."""
+    common = sorted(set(ref.judge_scores) & set(var.judge_scores))
+    if finding is None or len(common) < 2:
+        return None
+    agree = 0
+    for label in common:
+        d = diff_of(replace(ref, scores=ref.judge_scores[label]), replace(var, scores=var.judge_scores[label]))
+        agree += bool(d and np.sign(d["diff"]) == np.sign(finding["diff"])
+                      and d["distinguishable"] == finding["distinguishable"])
+    return agree, len(common)
 
 
 def label_runs(runs: list[Run]) -> None:
@@ -259,6 +284,8 @@ def rows_of(runs: list[Run], ref: Run | None, thresholds: Thresholds | None = No
             row[f"{name}_diff_vs_ref"] = d["diff"] if d else None
             row[f"{name}_diff_ci_low"], row[f"{name}_diff_ci_high"] = (d["ci95"] if d and d["ci95"] else [None, None])
             row[f"{name}_diff_distinguishable"] = d["distinguishable"] if d else None
+            held = holds(ref, r, d, lambda a, b, m=name: paired(a, b, m)) if d else None
+            row[f"{name}_diff_holds"], row[f"{name}_diff_judges"] = held or (None, None)
         # the misaligned rate, paired: answers coherent in both variants, misaligned (100) or not (0)
         d = paired_values(ref_mis, misaligned(r, thresholds)) if (ref is not None and r is not ref and r.ok) else None
         row["misaligned_rate_diff_vs_ref"] = d["diff"] if d else None
@@ -266,6 +293,9 @@ def rows_of(runs: list[Run], ref: Run | None, thresholds: Thresholds | None = No
             (d["ci95"] if d and d["ci95"] else [None, None])
         row["misaligned_rate_diff_distinguishable"] = d["distinguishable"] if d else None
         row["misaligned_rate_diff_pairs"] = d["pairs"] if d else None
+        held = holds(ref, r, d, lambda a, b: paired_values(misaligned(a, thresholds), misaligned(b, thresholds))) \
+            if d else None
+        row["misaligned_rate_diff_holds"], row["misaligned_rate_diff_judges"] = held or (None, None)
         checked = judge_validation(r)
         for name in metric_names(runs):
             v = (checked.get("metrics") or {}).get(name) or {}
@@ -347,6 +377,8 @@ class Summary:
     time_head: list[str] = field(default_factory=list)  # where the time went: stage seconds per variant
     time_body: list[list[str]] = field(default_factory=list)
     time_line: str = ""  # the sweep's wall against the sum of its parts
+    judges_head: list[str] = field(default_factory=list)  # runs scored by several judges: each judge's figures
+    judges_body: list[list[str]] = field(default_factory=list)
 
 
 def _title(runs: list[Run], title: str | None) -> str:
@@ -426,9 +458,12 @@ def _diff_table(rows: list[dict[str, Any]], names: list[str]) -> tuple[list[str]
 
     def cell(row: dict[str, Any], key: str) -> str:
         d = row[f"{key}_diff_vs_ref"]
-        return "" if d is None else (f"{d:+.1f} [{row[f'{key}_diff_ci_low']:+.1f}, {row[f'{key}_diff_ci_high']:+.1f}]"
-                                     + (" **distinguishable**" if row[f"{key}_diff_distinguishable"]
-                                        else " (within noise)"))
+        if d is None:
+            return ""
+        judges = row.get(f"{key}_diff_judges")
+        return (f"{d:+.1f} [{row[f'{key}_diff_ci_low']:+.1f}, {row[f'{key}_diff_ci_high']:+.1f}]"
+                + (" **distinguishable**" if row[f"{key}_diff_distinguishable"] else " (within noise)")
+                + (f", holds under {row[f'{key}_diff_holds']} of {judges} judges" if judges else ""))
 
     body = []
     for row in rows:
@@ -518,6 +553,29 @@ def judge_cost_line(runs: list[Run]) -> str:
     return ("Judging: " + "; ".join(parts) + ".") if parts else ""
 
 
+def judges_table(runs: list[Run], names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Runs scored by several judges: per variant and judge, each metric's mean [CI], the misaligned rate [CI],
+    the judge's validation AUROC where known, and per pair of judges their agreement (emq.judge.agreement)."""
+    from emq.report.tables import agreement_text
+
+    if not any(len(r.metrics.get("judges") or {}) > 1 for r in runs):
+        return [], []
+    head = ["variant", "judge", *(f"{m} mean [95% CI]" for m in names), "misaligned rate [95% CI]",
+            "judge AUROC (validation)"]
+    body = []
+    for r in runs:
+        judges = r.metrics.get("judges") or {}
+        for label, j in judges.items():
+            ms, em = j.get("metrics") or {}, j.get("em") or {}
+            checked = ((j.get("judge") or {}).get("validation") or {}).get("metrics") or {}
+            auroc = ", ".join(f"{m} {v['auroc']:.2f}" for m, v in checked.items() if v.get("auroc") is not None)
+            body.append([r.label, label, *(_mean_ci(ms.get(m)) for m in names),
+                         _mean_ci(em.get("misaligned_rate"), 100.0), auroc or "not validated"])
+        for pair in r.metrics.get("agreement") or []:
+            body.append([r.label, "agreement", agreement_text(pair), *[""] * (len(head) - 3)])
+    return head, body
+
+
 def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out_dir: Path, *, title: str | None,
                when: str) -> Summary:
     """Write out_dir/summary.md: the readable columns, the paired differences to the reference, notes.
@@ -538,12 +596,16 @@ def summary_md(runs: list[Run], rows: list[dict[str, Any]], ref: Run | None, out
     diff_head, diff_body = _diff_table(rows, names)
     time_head, time_body, time_line = time_table(runs)
     time_line = " ".join(x for x in (time_line, judge_cost_line(runs)) if x)
+    judges_head, judges_body = judges_table(runs, names)
     s = Summary(title=_title(runs, title),
                 ref_line=f"Reference variant: {ref.label if ref else 'none found (no finished unquantized run)'}",
                 head=head, body=body, diff_head=diff_head, diff_body=diff_body, notes=_notes(rows),
                 footer=f"{len(runs)} runs, {sum(r.ok for r in runs)} ok; generated {when}",
-                time_head=time_head, time_body=time_body, time_line=time_line)
+                time_head=time_head, time_body=time_body, time_line=time_line, judges_head=judges_head,
+                judges_body=judges_body)
     diffs = _md_table(diff_head, diff_body) if diff_body else "_no judged variants to pair_"
+    if judges_body:
+        diffs += f"\n\n## Judges\n\n{_md_table(judges_head, judges_body)}\n\n{JUDGES_NOTE}"
     times = f"## Where the time went (seconds)\n\n{_md_table(time_head, time_body)}\n\n{time_line}\n\n" \
         if time_body else ""
     write_text_atomic(out_dir / "summary.md",
@@ -598,6 +660,8 @@ th{{background:#f3f3f3}} figure{{margin:1.5em 0}} img{{max-width:100%}} .note{{c
 {_html_table(s.head, s.body)}
 <h2>Paired differences to the reference</h2>
 {_html_table(s.diff_head, s.diff_body) if s.diff_body else '<p>no judged variants to pair</p>'}
+{('<h2>Judges</h2>' + _html_table(s.judges_head, s.judges_body) + f'<p class="note">{html.escape(JUDGES_NOTE)}</p>')
+   if s.judges_body else ''}
 {('<h2>Where the time went (seconds)</h2>' + _html_table(s.time_head, s.time_body)
    + f'<p class="note">{html.escape(s.time_line)}</p>') if s.time_body else ''}
 <p class="note">{html.escape(s.notes)}</p>

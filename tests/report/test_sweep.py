@@ -125,6 +125,36 @@ def test_the_judges_cost_is_summed_per_judge_with_the_cache_hits(sweep):
             f"({round(100 * (n - 1) / n)}% hits), 10 requests, 1,000 prompt + 10 completion tokens, cost 0.0026.") in md
 
 
+def test_each_difference_says_under_how_many_judges_it_holds(sweep):
+    """Two judges scored every run (judged.jsonl `by_judge`): judge a as the run's own scores, judge b the same but
+    for int8, where b scores 20 higher — its -10 on aligned turns into +10 under b: it holds under 1 of 2 judges."""
+    for d in sorted(p for p in sweep.iterdir() if (p / "judged.jsonl").is_file()):
+        rows = [json.loads(x) for x in (d / "judged.jsonl").read_text().splitlines()]
+        for row in rows:
+            b = {m: (None if j is None else {**j, "score": j["score"] + (20 if "int8" in d.name else 0)})
+                 for m, j in row["judged"].items()}
+            row["by_judge"] = {"a": row["judged"], "b": b}
+        (d / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.build([sweep])
+    rows = {r["variant"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert (rows["quant=int8"]["aligned_diff_holds"], rows["quant=int8"]["aligned_diff_judges"]) == ("1", "2")
+    assert rows["quant=none"]["aligned_diff_judges"] == ""  # the reference has no difference
+    md = (sweep / "summary.md").read_text()
+    assert "**distinguishable**, holds under 1 of 2 judges" in md
+    assert "## Judges" not in md  # metrics.json names no second judge: no per-judge table
+    d = sweep / "1_quant=int8"
+    m = json.loads((d / "metrics.json").read_text())
+    m["judges"] = {"a": {"metrics": m["metrics"], "em": m.get("em")}, "b": {"metrics": m["metrics"], "em": m.get("em")}}
+    m["agreement"] = [{"judges": ["a", "b"], "metrics": {"aligned": {"n": 12, "spearman": 1.0}},
+                       "misaligned": {"n": 10, "kappa": 1.0, "agree": 1.0}}]
+    (d / "metrics.json").write_text(json.dumps(m))
+    report.build([sweep])
+    judges = (sweep / "summary.md").read_text().split("## Judges")[1]
+    assert "| quant=int8 | a |" in judges and "| quant=int8 | agreement | a vs b: aligned ρ 1.00 (n 12); " \
+        "misaligned κ 1.00, agree 100% (n 10) |" in judges and "Cohen's κ" in judges
+    assert "<h2>Judges</h2>" in (sweep / "report.html").read_text()
+
+
 def test_rows_match_each_runs_metrics(sweep):
     html_path = report.build([sweep])
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
