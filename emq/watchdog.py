@@ -18,7 +18,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -26,6 +25,7 @@ import psutil
 log = logging.getLogger(__name__)
 PIDS = "pids.json"  # the run's descendants, as the watchdog last saw them: {pid: start time}
 POLL_S = 0.5
+GRACE_S = 3.0  # after emq is gone: how long its children get to end by themselves before they are stopped
 _started: subprocess.Popen | None = None
 
 
@@ -41,6 +41,14 @@ def start(run_dir: Path | None = None) -> None:
             _started.stdin.flush()
         except OSError:  # the watchdog died (killed by hand): the run goes on without it
             log.warning("watchdog: not running; a killed run may leave vLLM processes behind")
+
+
+def _name(p: psutil.Process) -> str:
+    """What a process is, for the message that says it was stopped (its command line, shortened)."""
+    try:
+        return " ".join(p.cmdline())[:80] or p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
 
 
 def _alive(pid: int, created: float) -> psutil.Process | None:
@@ -101,6 +109,7 @@ def watch(parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = psutil.Process(parent_pid)
     known: dict[int, float] = {}
+    names: dict[int, str] = {}
     run_dir: Path | None = None
     buf = b""
     fd = sys.stdin.fileno()
@@ -116,18 +125,25 @@ def watch(parent_pid: int) -> None:
                 run_dir = Path(line.decode())
                 known = {}
         try:
-            seen = {c.pid: c.create_time() for c in parent.children(recursive=True) if c.pid != os.getpid()}
+            children = [c for c in parent.children(recursive=True) if c.pid != os.getpid()]
+            seen = {c.pid: c.create_time() for c in children}
         except psutil.NoSuchProcess:
             break
         if seen.keys() - known.keys():
+            for c in children:
+                if c.pid not in known:
+                    names[c.pid] = _name(c)
             known |= seen
             _write(run_dir, known)
         known = {pid: t for pid, t in known.items() if _alive(pid, t) is not None}
-    time.sleep(0.2)  # let a normal exit finish its own shutdown first
-    killed = kill_all(known)
+    # a normal exit's helpers (vLLM's engine core as it shuts down, multiprocessing's resource tracker) end by
+    # themselves once emq is gone: give them a moment, then stop what is still running
+    procs = [p for pid, t in known.items() if (p := _alive(pid, t)) is not None]
+    _, procs = psutil.wait_procs(procs, timeout=GRACE_S)
+    killed = kill_all({p.pid: known[p.pid] for p in procs})
     if killed:
         print(f"[emq watchdog] emq (pid {parent_pid}) is gone; stopped {len(killed)} process(es) it left: "
-              f"{', '.join(map(str, killed))}", file=sys.stderr, flush=True)
+              + ", ".join(f"{pid} ({names.get(pid, '?')})" for pid in killed), file=sys.stderr, flush=True)
     if run_dir is not None:
         (run_dir / PIDS).unlink(missing_ok=True)
 
