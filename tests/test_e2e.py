@@ -131,7 +131,8 @@ def test_default_demo_run_merges_quantizes_generates_judges_and_scores_fidelity(
 
 @pytest.mark.slow
 def test_lora16_is_served_through_vllm_lora(demo, tmp_path):
-    proc, run_dir = emq(tmp_path, "model=demo_lora16", "quant=none", "judge=none")
+    # fidelity off: LoRA fidelity scoring through vLLM is test_fidelity's "lora" variant (minutes on 2 cores here)
+    proc, run_dir = emq(tmp_path, "model=demo_lora16", "quant=none", "judge=none", "eval.fidelity.enabled=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     plan = records(run_dir, "plan.json")["plan"]
     assert plan["route"] == "serve-lora" and plan["engine"]["enable_lora"]
