@@ -199,6 +199,29 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
                                       "weights_gib": round(weights, 3)}), flush=True)
 
 
+def _served(label: str, kw: dict, side: str, counts: str, lora: str | None, timeout: int
+            ) -> tuple[tuple[str, str], dict | None]:
+    """One engine in a worker process: (its table row, per sequence count the median of the repeats) — None
+    when it timed out or failed (the row says how)."""
+    cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, counts, "256", lora or ""]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env={
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    except subprocess.TimeoutExpired as e:
+        return (label, f"TIMEOUT after {timeout} s: {(e.stderr or b'')[-300:]!r}"), None
+    res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not res:
+        return (label, f"FAILED rc {proc.returncode}: {proc.stderr[-600:]}"), None
+    by_n: dict[int, list[dict]] = {}
+    for r in res:
+        by_n.setdefault(r["n"], []).append(r)
+    served = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
+                  "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
+    print(label, res, flush=True)
+    return (label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
+        f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})" for r in served.values())), served
+
+
 def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]:
     import emq
     from emq.detect import detect
@@ -239,27 +262,10 @@ def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]
     counts = os.environ.get("EMQ_CHECK_COUNTS", "264,8")
     results = {}
     for label, model, quant, side, lora in variants:
-        kw = kwargs_for(model, quant, lora is not None)
-        cmd = [sys.executable, __file__, "worker", json.dumps(kw), side, counts, "256", lora or ""]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=170, env={
-                **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-        except subprocess.TimeoutExpired as e:
-            rows.append((label, f"TIMEOUT after 170 s: {(e.stderr or b'')[-300:]!r}"))
-            continue
-        res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not res:
-            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-400:]}"))
-            continue
-        by_n: dict[int, list[dict]] = {}
-        for r in res:
-            by_n.setdefault(r["n"], []).append(r)
-        results[label] = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
-                              "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
-        print(label, res, flush=True)
-        rows.append((label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
-            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})"
-            for r in results[label].values())))
+        row, served = _served(label, kwargs_for(model, quant, lora is not None), side, counts, lora, 170)
+        rows.append(row)
+        if served is not None:
+            results[label] = served
     if "w4a16 merged (emq)" in results:
         e = results["w4a16 merged (emq)"]
         for other, target in (("w4a16 merged (raw LLM.chat)", "≥ 0.95 vs raw"), ("merged + bnb (emq)", "vs bnb")):
@@ -289,7 +295,6 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
     """Each chosen KEEP_VARIANTS row's served checkpoint (and LoRA) made by emq's own stages — detect, plan, merge,
     quantize, served adapter — as the runner makes them (cached under ROOT/cache), with the time and peaks of the
     steps that built something."""
-
     import torch
 
     from emq.checkpoint.merge import MergeSettings, merge_adapter
@@ -409,26 +414,10 @@ def phase_keep(shape: str = "7b-gqa") -> list[tuple[str, str]]:
         results[label] = {"build": build}
         if build_only:
             continue
-        cmd = [sys.executable, __file__, "worker", json.dumps(kw), "emq", counts, "256", lora or ""]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240, env={
-                **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-        except subprocess.TimeoutExpired as e:
-            rows.append((label, f"TIMEOUT after 240 s: {(e.stderr or b'')[-300:]!r}"))
-            continue
-        res = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not res:
-            rows.append((label, f"FAILED rc {proc.returncode}: {proc.stderr[-600:]}"))
-            continue
-        by_n: dict[int, list[dict]] = {}
-        for r in res:
-            by_n.setdefault(r["n"], []).append(r)
-        results[label]["serve"] = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
-                                       "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
-        print(label, res, flush=True)
-        rows.append((label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
-            f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})"
-            for r in results[label]["serve"].values())))
+        row, served = _served(label, kw, "emq", counts, lora, 240)
+        rows.append(row)
+        if served is not None:
+            results[label]["serve"] = served
     suffix = "_".join(map(str, which))
     (OUT / f"keep_{shape}_{suffix}.json").write_text(json.dumps({"rows": rows, "results": results,
                                                                  "rounds": rounds}, indent=1, default=str))
