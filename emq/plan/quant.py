@@ -31,7 +31,10 @@ W4A16_WHY = ("offline int4 weights with group-wise scales (compressed-tensors), 
              "measured through emq on an H200 (7B-shaped, 8 KV heads) at 1.21x merged + bnb's tokens/s at 270 "
              "sequences and 2.7x at 18 with 0.95x its weights (3.60 vs 3.77 GiB), and on the demo's QLoRA merge it "
              "keeps 50% (RTN g64) to 86% "
-             "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md)")
+             "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md); "
+             "quant=w4a16_keep keeps 95.0% of it (the LoRA on W4A16 of the base as trained, with a low-rank "
+             "compensation; vLLM 0.23 on an H100 and vLLM CPU 0.32: benchmarks/results/keep_demo_cpu.md) at "
+             "0.57x bf16's weights with its LoRA, its speed at 7B not measured yet")
 
 
 # vLLM's CPU shorthand int8_per_channel_weight_only declares `moe=` only: dense linear layers stay unquantized
