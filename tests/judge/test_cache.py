@@ -11,7 +11,7 @@ import pytest
 from emq import judge as J
 from emq.judge.cache import FILE, JudgeCache
 from emq.schema import EvalConfig, JudgePriceConfig
-from tests.judge.test_run import SENTINEL, _write_run, cfg_for
+from tests.judge.test_run import SENTINEL, _write_run, planned, two_runs
 from tests.judge_stub import StubJudge
 
 
@@ -64,12 +64,9 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_a_second_run_with_the_same_answers_is_judged_from_the_cache_without_a_request(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer", "a bad answer"])
-    _write_run(b, ["a bad answer", "a good answer", "a good answer"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer", "a bad answer"], ["a bad answer", "a good answer", "a good answer"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub)
         with JudgeCache(tmp_path / "home") as cache:
             first = J.judge_run(a, prompts, cfg, plan, cfg.base_url, cache=cache)
             asked, tokens = stub.requests, stub.prompt_tokens
@@ -85,12 +82,9 @@ def test_a_second_run_with_the_same_answers_is_judged_from_the_cache_without_a_r
 
 
 def test_another_judge_identity_is_not_served_from_the_cache(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer"])
-    _write_run(b, ["a good answer"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer"], ["a good answer"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub)
         other = J.prepare(replace(cfg, model="stub-judge-2"), platform="cpu", dtype="float32",
                           memory_utilization=0.3)
         with JudgeCache(tmp_path / "home") as cache:
@@ -100,12 +94,9 @@ def test_another_judge_identity_is_not_served_from_the_cache(tmp_path):
 
 
 def test_judge_and_summarize_opens_no_judge_when_the_cache_has_every_judgement_and_records_the_cost(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer", "a bad answer"])
-    _write_run(b, ["a good answer", "a bad answer"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer", "a bad answer"], ["a good answer", "a bad answer"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub, price=JudgePriceConfig(input_per_million=2.5, output_per_million=10.0))
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub, price=JudgePriceConfig(input_per_million=2.5, output_per_million=10.0))
         m = J.judge_and_summarize(a, prompts, cfg, EvalConfig(), plan, {}, data_dir=tmp_path / "home")
     rec = m["judge"]
     assert rec["prompt_tokens"] == stub.prompt_tokens and rec["completion_tokens"] == stub.completion_tokens
@@ -120,8 +111,7 @@ def test_judge_and_summarize_opens_no_judge_when_the_cache_has_every_judgement_a
 def test_judge_cache_false_neither_reads_nor_writes(tmp_path):
     prompts = _write_run(tmp_path / "a", ["a good answer"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub, cache=False)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub, cache=False)
         J.judge_and_summarize(tmp_path / "a", prompts, cfg, EvalConfig(), plan, {}, data_dir=tmp_path / "home")
     assert not (tmp_path / "home" / FILE).exists()
 
@@ -148,12 +138,9 @@ def test_the_cache_command_lists_sizes_and_clears_the_judge_cache(tmp_path, caps
 def test_a_knob_that_shapes_a_score_is_another_judge_for_the_cache(tmp_path):
     """judge.min_valid_mass (or top_logprobs, prune_below, a local judge's weights) changes what a score is: the
     judge cache keys by the judge's fingerprint, not only by what scores.jsonl keys by."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer"])
-    _write_run(b, ["a good answer"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer"], ["a good answer"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub)
         with JudgeCache(tmp_path / "home") as cache:
             J.judge_run(a, prompts, cfg, plan, cfg.base_url, cache=cache)
             r = J.judge_run(b, prompts, replace(cfg, min_valid_mass=0.5), plan, cfg.base_url, cache=cache)

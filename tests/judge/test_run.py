@@ -150,6 +150,20 @@ def test_an_unknown_tokenizer_is_probed_at_the_endpoint(monkeypatch):
         assert plan.scoring == "single_token" and plan.probe is None  # OpenAI's tokenizers are known: no probe
 
 
+def planned(stub: StubJudge, **kw) -> tuple[JudgeConfig, J.JudgePlan]:
+    """The stub's judge config (with `kw`) and its plan."""
+    cfg = cfg_for(stub, **kw)
+    return cfg, J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+
+
+def two_runs(tmp_path: Path, first: list[str], second: list[str]) -> tuple[Path, Path, list[dict]]:
+    """Run dirs a and b with these answers to the same question, and its prompts."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    prompts = _write_run(a, first)
+    _write_run(b, second)
+    return a, b, prompts
+
+
 def _write_run(run_dir: Path, answers: list[str]) -> list[dict]:
     """A fake generations.jsonl: one question, many samples (no engine needed to judge)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,12 +190,9 @@ def test_identical_answers_are_judged_once_and_a_rerun_judges_nothing(tmp_path):
 
 def test_a_sweep_judges_an_answer_once_across_its_runs(tmp_path):
     """One judge per sweep: a run borrows the judgements other runs made of the same (judge, prompt, answer)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer", "a bad answer"])
-    _write_run(b, ["a good answer", "something new"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer", "a bad answer"], ["a good answer", "something new"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub)
         assert J.judge_run(a, prompts, cfg, plan, cfg.base_url).judged_now == 4
         assert J.borrow_scores(b, prompts, plan, [a]) == 2  # "a good answer" x 2 metrics
         r = J.judge_run(b, prompts, cfg, plan, cfg.base_url)
@@ -194,12 +205,9 @@ def test_judge_run_dirs_opens_the_judge_once_borrows_across_runs_and_writes_each
     from emq.records import Progress
     from emq.schema import EvalConfig
 
-    a, b = tmp_path / "a", tmp_path / "b"
-    prompts = _write_run(a, ["a good answer", "a bad answer"])
-    _write_run(b, ["a good answer", "something new"])
+    a, b, prompts = two_runs(tmp_path, ["a good answer", "a bad answer"], ["a good answer", "something new"])
     with StubJudge(key=SENTINEL, mode="digits") as stub:
-        cfg = cfg_for(stub)
-        plan = J.prepare(cfg, platform="cpu", dtype="float32", memory_utilization=0.3)
+        cfg, plan = planned(stub)
         runs = [J.ToJudge(d, prompts, cfg, EvalConfig(), {"model": d.name}, tmp_path, Progress(d)) for d in (a, b)]
         seen = []
         out = J.judge_run_dirs(runs, plan, tmp_path / "server.log",
