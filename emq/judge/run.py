@@ -113,7 +113,8 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
     hits = cache.get(judge, (it["key"] for it in todo)) if cache is not None and todo else {}
     if hits:
         with open(Path(run_dir) / SCORES, "a") as f:
-            f.write("".join(json.dumps({**hits[it["key"]], "cached": True}) + "\n" for it in todo if it["key"] in hits))
+            f.write("".join(json.dumps({**hits[it["key"]], "cached": True}) + "\n"
+                            for it in todo if it["key"] in hits))
         todo = [it for it in todo if it["key"] not in hits]
     log.info("judge: %d answers, %d distinct judgements, %d to do (%d already in %s, %d from the judge cache); "
              "scoring=%s (%s)", len(rows), len(items), len(todo), len(items) - len(todo) - len(hits), SCORES,
@@ -151,7 +152,8 @@ def needs_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, 
                 cache: JudgeCache | None, root: Path | str) -> bool:
     """Whether judging `run_dir` (and validating, with judge.validate) asks the judge anything: if not, no local
     server is started and no endpoint is reached."""
-    return left_to_judge(run_dir, prompts, cfg, plan, cache) > 0 or (cfg.validate and not validation_scored(cfg, plan, root))
+    return (left_to_judge(run_dir, prompts, cfg, plan, cache) > 0
+            or (cfg.validate and not validation_scored(cfg, plan, root)))
 
 
 def endpoint(cfg: JudgeConfig, plan: JudgePlan, server_log: Path):
