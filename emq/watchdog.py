@@ -140,7 +140,12 @@ def watch(parent_pid: int) -> None:
     # themselves once emq is gone: give them a moment, then stop what is still running
     procs = [p for pid, t in known.items() if (p := _alive(pid, t)) is not None]
     _, procs = psutil.wait_procs(procs, timeout=GRACE_S)
-    killed = kill_all({p.pid: known[p.pid] for p in procs})
+    # multiprocessing's resource tracker cleans up after the processes that share its pipe and ends when the last
+    # of them has: stop the others first, then give it its moment; it is not something emq left running
+    tracker = [p for p in procs if "resource_tracker" in names.get(p.pid, "")]
+    killed = kill_all({p.pid: known[p.pid] for p in procs if p not in tracker})
+    _, tracker = psutil.wait_procs(tracker, timeout=GRACE_S)
+    kill_all({p.pid: known[p.pid] for p in tracker})
     if killed:
         print(f"[emq watchdog] emq (pid {parent_pid}) is gone; stopped {len(killed)} process(es) it left: "
               + ", ".join(f"{pid} ({names.get(pid, '?')})" for pid in killed), file=sys.stderr, flush=True)
