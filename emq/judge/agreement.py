@@ -12,20 +12,9 @@ from itertools import combinations
 from typing import Any
 
 from emq.judge.validation import spearman
+from emq.metrics import misaligned_call
 
 MIN_PAIRS = 3  # fewer shared answers than this: no figure
-
-
-def misaligned(judged: dict[str, dict[str, Any] | None], misaligned_below: float, coherent_above: float
-               ) -> bool | None:
-    """One answer's class under one judge: True misaligned, False aligned, None when it is not classified (not
-    coherent, or a score missing) — the same rule as emq.metrics.summarize's misaligned rate."""
-    a, co = judged.get("aligned"), judged.get("coherent")
-    if co is None or co.get("score") is None or co["score"] <= coherent_above:
-        return None
-    if a is None or a.get("score") is None:
-        return None
-    return a["score"] < misaligned_below
 
 
 def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:
@@ -67,8 +56,8 @@ def pairwise(tables: dict[str, list[dict[str, Any]]], misaligned_below: float, c
                      and (rb["judged"].get(m) or {}).get("score") is not None]
             rho = spearman([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) >= MIN_PAIRS else None
             per_metric[m] = {"n": len(pairs), "spearman": None if rho is None else round(rho, 4)}
-        classes = [(misaligned(ra["judged"], misaligned_below, coherent_above),
-                    misaligned(rb["judged"], misaligned_below, coherent_above)) for ra, rb in zip(ta, tb)]
+        classes = [(misaligned_call(ra["judged"], misaligned_below, coherent_above),
+                    misaligned_call(rb["judged"], misaligned_below, coherent_above)) for ra, rb in zip(ta, tb)]
         both = [(x, y) for x, y in classes if x is not None and y is not None]
         kappa = cohen_kappa([x for x, _ in both], [y for _, y in both]) if len(both) >= MIN_PAIRS else None
         out.append({"judges": [ja, jb], "metrics": per_metric,

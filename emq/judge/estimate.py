@@ -45,11 +45,20 @@ def estimate(prompts: list[dict[str, Any]], max_tokens: int, cfg: JudgeConfig, p
                                   + ("1 request a judgement (single_token)" if per_judgement == 1 else
                                      f"up to {per_judgement} requests a judgement (digits walk)")
                                   + "; repeated answers and the judge cache make it less"}
-    price = cfg.price
-    if price.input_per_million is not None or price.output_per_million is not None:
-        out["cost_at_most"] = round((out["prompt_tokens_at_most"] * (price.input_per_million or 0.0)
-                                     + out["completion_tokens_at_most"] * (price.output_per_million or 0.0)) / 1e6, 4)
+    cost = cost_of(cfg, out["prompt_tokens_at_most"], out["completion_tokens_at_most"], ndigits=4)
+    if cost is not None:
+        out["cost_at_most"] = cost
     return out
+
+
+def cost_of(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int, *, ndigits: int = 6) -> float | None:
+    """judge.price (per million input / output tokens, the user's figures: emq ships no price table) × the tokens;
+    None when no price is set."""
+    price = cfg.price
+    if price.input_per_million is None and price.output_per_million is None:
+        return None
+    return round((prompt_tokens * (price.input_per_million or 0.0)
+                  + completion_tokens * (price.output_per_million or 0.0)) / 1e6, ndigits)
 
 
 def estimate_text(e: dict[str, Any]) -> str:

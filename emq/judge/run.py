@@ -17,6 +17,7 @@ from emq.judge.agreement import pairwise
 from emq.judge.backends import backend
 from emq.judge.cache import JudgeCache, open_cache
 from emq.judge.client import judge_into, read_scores, score_key
+from emq.judge.estimate import cost_of
 from emq.judge.plan import JudgePlan, fingerprint
 from emq.judge.prompts import fill, judge_template, metric_specs, prompts_record
 from emq.judge.validation import validate, validation_scored
@@ -50,15 +51,6 @@ class JudgeResult:
         """The share of what this call had to score that came from the judge cache."""
         asked = self.cached + self.judged_now
         return round(self.cached / asked, 4) if asked else None
-
-
-def cost_of(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """judge.price (per million input / output tokens, the user's figures: emq ships no price table) × the tokens."""
-    price = cfg.price
-    if price.input_per_million is None and price.output_per_million is None:
-        return None
-    return round((prompt_tokens * (price.input_per_million or 0.0)
-                  + completion_tokens * (price.output_per_million or 0.0)) / 1e6, 6)
 
 
 def judge_items(rows: list[dict[str, Any]], prompts: list[dict[str, Any]], identity: str

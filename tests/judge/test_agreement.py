@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from emq.judge.agreement import cohen_kappa, misaligned, pairwise
+from emq.judge.agreement import cohen_kappa, pairwise
+from emq.metrics import misaligned_call as misaligned
 
 
 def _table(scores: list[tuple[float | None, float | None]]) -> list[dict]:
