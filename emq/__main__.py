@@ -49,7 +49,7 @@ def run_main() -> None:
 
         hc = HydraConfig.get()
         try:
-            run_cfg = resolve_judge_scope(to_run_config(cfg), hc.mode == RunMode.MULTIRUN,
+            run_cfg = resolve_judge_scope(to_run_config(cfg, list(hc.overrides.task)), hc.mode == RunMode.MULTIRUN,
                                           str(hc.launcher.get("_target_", "")))
         except EmqError as e:  # a value no run can use: the same one message as any other bad input
             from emq.report.tables import summary_table

@@ -138,7 +138,7 @@ def tokenizer_checks(det, cfg: RunConfig, prompts: list[dict]) -> str | None:
 
 def _demo_build(cfg: RunConfig, status: RunStatus, progress: Progress, mem: PeakMemory) -> None:
     """The embedded demo, built once (minutes) as a stage of its own, so that "where the time went" says so."""
-    if not (cfg.model.demo or (cfg.judge.demo and cfg.stage is Stage.all)):
+    if not (cfg.model.demo or (any(j.demo for j in cfg.panel()) and cfg.stage is Stage.all)):
         return
     if demo_built(cfg.paths.data_dir):
         ensure_demo(cfg.paths.data_dir)  # built: only its paths (and a wait, if another process is building it)
@@ -243,7 +243,8 @@ class Run:
     prompts: list[dict] = field(default_factory=list)
     machine: Any = None
     plan: Any = None
-    judge_plan: Any = None
+    judge_plan: Any = None  # the headline judge's (judge_plans[0])
+    judge_plans: list = field(default_factory=list)  # every judge of the panel (emq.schema.RunConfig.panel)
     route: Route | None = None
     merged: MergeResult | None = None
     quantized: Any = None  # the W4A16 checkpoint, when the quantize stage made one
@@ -306,16 +307,24 @@ def _plan(r: Run) -> None:
                       notes=[f"eval: {limit}"] if limit else [])
     if r.plan.route.needs_engine:
         check_engine_extra(r.plan.engine.extra)
-    r.judge_plan = judge.plan_judge(cfg.judge, platform=r.plan.platform, cpu_bf16=r.machine.cpu_bf16,
-                                    memory_utilization=r.plan.engine.memory_utilization,
-                                    demo_built=demo_built(cfg.paths.data_dir))
-    cost = judge.estimate(r.prompts, cfg.eval.max_tokens, cfg.judge, r.judge_plan)  # before anything is asked
-    record = {"plan": r.plan, "judge": r.judge_plan, "judge_estimate": cost, "machine": r.machine,
-              "questions": questions_record(cfg.eval, cfg.judge)}
+    r.judge_plans = [judge.plan_judge(j, platform=r.plan.platform, cpu_bf16=r.machine.cpu_bf16,
+                                      memory_utilization=r.plan.engine.memory_utilization,
+                                      demo_built=demo_built(cfg.paths.data_dir)) for j in cfg.panel()]
+    r.judge_plan = r.judge_plans[0]
+    names = [judge.judge_label(p) for p in r.judge_plans]
+    for i, name in enumerate(names):
+        if name in names[:i]:  # each judge's figures are kept under its name
+            raise EmqError(f"judge.panel[{i}] is {name}, as an earlier member: the panel would not tell them apart",
+                           "give each member of judge.panel another model or scoring")
+    # each judge's requests and tokens before anything is asked, and what is known of its validation
+    judges = [(p, judge.validation_outlook(j, p, cfg.paths.data_dir), judge.estimate(r.prompts, cfg.eval.max_tokens, j, p))
+              for j, p in zip(cfg.panel(), r.judge_plans)]
+    record = {"plan": r.plan, "judge": r.judge_plan, "judge_estimate": judges[0][2], "machine": r.machine,
+              "questions": questions_record(cfg.eval, cfg.judge),
+              **({"panel": [{"judge": p, "judge_estimate": c} for p, _, c in judges]} if cfg.judges else {})}
     for d in r.dirs:
         write_json(d / PLAN, record)
-    outlook = judge.validation_outlook(cfg.judge, r.judge_plan, cfg.paths.data_dir)
-    log.info("plan:\n%s", plan_table(first, r.plan, r.judge_plan, outlook, cost))
+    log.info("plan:\n%s", plan_table(first, r.plan, *judges[0], more_judges=judges[1:]))
     r.route = r.plan.route
     r.status.route = r.route.value
     if r.route is Route.stop:
@@ -414,10 +423,10 @@ def _stop_engine(r: Run) -> None:
 def _judge(r: Run) -> None:
     """Every model's answers through one judge: deferred to the sweep's (judge.scope=sweep), or opened here once
     for all of them (identical answers judged once across models)."""
-    cfg, plan = r.cfg, r.judge_plan
-    if judge.judged_by_sweep(cfg.judge, plan):  # one judge server per sweep
+    cfg = r.cfg
+    if _by_sweep(r):  # one judge server per judge per sweep
         for m in r.models:
-            m.metrics = judge.defer_to_sweep(m.dir, plan, m.metrics)
+            m.metrics = judge.defer_to_sweep(m.dir, r.judge_plan, m.metrics)
         return
     names = [m.name for m in r.models]
 
@@ -426,11 +435,19 @@ def _judge(r: Run) -> None:
             return {"start_seconds": started}
         return {"start_seconds": started, "one_engine": {"adapters": names, "borrowed_from_other_adapters": borrowed}}
 
-    runs = [judge.ToJudge(m.dir, r.prompts, cfg.judge, cfg.eval, m.metrics, cfg.paths.data_dir,
-                          None if r.one_engine else r.progress) for m in r.models]
-    judged = judge.judge_run_dirs(runs, plan, r.dir / JUDGE_SERVER_LOG, shared=shared)
-    for m, (_, metrics, seconds) in zip(r.models, judged):
-        m.metrics, m.own["judge"] = metrics, seconds
+    headline = judge.judge_label(r.judge_plan) if cfg.judges else None
+    for i, (j, plan) in enumerate(zip(cfg.panel(), r.judge_plans)):  # a panel: each judge in turn, adding its own
+        runs = [judge.ToJudge(m.dir, r.prompts, j, cfg.eval, m.metrics, cfg.paths.data_dir,
+                              None if r.one_engine else r.progress, headline) for m in r.models]
+        log_name = JUDGE_SERVER_LOG if i == 0 else JUDGE_SERVER_LOG.replace(".log", f"-{i}.log")
+        judged = judge.judge_run_dirs(runs, plan, r.dir / log_name, shared=shared)
+        for m, (_, metrics, seconds) in zip(r.models, judged):
+            m.metrics, m.own["judge"] = metrics, m.own.get("judge", 0) + seconds
+
+
+def _by_sweep(r: Run) -> bool:
+    """Whether the run's answers wait for the sweep's judges (judge.scope=sweep with a local judge in the panel)."""
+    return any(judge.judged_by_sweep(j, p) for j, p in zip(r.cfg.panel(), r.judge_plans))
 
 
 # The stages in order; each is entered (timed, its peak RSS taken, named in status.json) whether or not it has work.
@@ -486,7 +503,7 @@ def run(cfg: RunConfig, run_dir: Path) -> RunStatus:
                    r.mem, t0, run_dir, peak_gib=None if r.one_engine else r.models[0].metrics.get("peak_rss_gib"))
             _summaries(r)
     if r.one_engine and status.status == "ok" and cfg.stage is Stage.all \
-            and not judge.judged_by_sweep(cfg.judge, r.judge_plan):
+            and not _by_sweep(r):
         _report(run_dir)  # in a sweep the sweep's report (after its one judge) covers these adapters
     return status
 

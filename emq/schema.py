@@ -269,6 +269,10 @@ class JudgeConfig:
     # filled prompt: a repeated answer is never judged twice (emq.judge.cache; `emq cache rm --judge` clears it)
     cache: bool = True
     price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
+    # Several judges on the same answers (emq.judge.agreement): judge option names of conf/judge/ (or
+    # {name: OPTION, key: value, ...} to set that judge's own fields), judged in order; the first is the run's
+    # headline. judge.* set on the command line apply to every member. E.g. judge.panel=[local,local_base]
+    panel: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +306,13 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     stage: Stage = Stage.all
     seed: int = 0
+    # the judges of judge.panel, each composed from its conf/judge option by the config layer (emq.config); empty:
+    # the one judge `judge`. Never set directly: set judge.panel.
+    judges: list[JudgeConfig] = field(default_factory=list)
+
+    def panel(self) -> list[JudgeConfig]:
+        """Every judge of the run, the headline first: judge.panel's members, or the one judge."""
+        return list(self.judges) or [self.judge]
 
 
 # Values no run can use: key → (low, high, low_open, high_open). The error names the range and an example

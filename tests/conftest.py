@@ -30,7 +30,7 @@ def compose_run(overrides: list[str] | None = None) -> RunConfig:
     """Compose the real configs with the compose API and convert to the typed run object."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides or [])
-    return to_run_config(cfg)
+    return to_run_config(cfg, overrides or [])
 
 
 @pytest.fixture

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            cfg = to_run_config(compose(config_name="config", overrides=args.overrides))
+            cfg = to_run_config(compose(config_name="config", overrides=args.overrides), args.overrides)
         except EmqError as e:
             print(summary_table([("error", e.message), ("fix", e.fix or "")], "emq check"), file=sys.stderr)
             return 2

@@ -39,13 +39,16 @@ def rejudge(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     if not (run_dir / GENERATIONS).is_file():
         raise EmqError(f"{run_dir} has no generations.jsonl", "pass the run dir of a run that reached evaluate")
     cfg = compose_from_run(run_dir, overrides)
-    if cfg.judge.demo:
+    if any(j.demo for j in cfg.panel()):
         ensure_demo(cfg.paths.data_dir)
-    judge_plan = _judge_plan(run_dir, cfg)
+    plans = [_judge_plan(run_dir, cfg, j) for j in cfg.panel()]  # every judge checked before any is asked
     prompts = build_prompts(cfg.eval)
     judge.check_prompts(prompts)
-    metrics = judge.judge_and_summarize(run_dir, prompts, cfg.judge, cfg.eval, judge_plan,
-                                        read_json(run_dir / METRICS), data_dir=cfg.paths.data_dir)
+    headline = judge.judge_label(plans[0]) if cfg.judges else None
+    metrics = read_json(run_dir / METRICS)
+    for i, (j, plan) in enumerate(zip(cfg.panel(), plans)):  # a panel: each judge adds its own
+        metrics = judge.judge_and_summarize(run_dir, prompts, j, cfg.eval, plan, metrics, data_dir=cfg.paths.data_dir,
+                                            headline=headline)
     log.info("\n%s", summary_table(judged_rows(metrics), f"emq judge: {run_dir}"))
     return metrics
 
@@ -58,19 +61,22 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
 
     waiting = [Path(d) for d in run_dirs
                if ((read_json(Path(d) / METRICS) or {}).get("judge") or {}).get("deferred_to_sweep")]
-    groups: dict[str, tuple[judge.JudgePlan, list[judge.ToJudge]]] = {}
+    groups: dict[str, tuple[judge.JudgePlan, list[tuple]]] = {}  # a panel's judges in order, each with its runs
     for d in waiting:
         try:
             cfg = compose_from_run(d, ["judge.scope=run"])
-            plan = _judge_plan(d, cfg)
-            run = judge.ToJudge(d, build_prompts(cfg.eval), cfg.judge, cfg.eval, read_json(d / METRICS),
-                                cfg.paths.data_dir)
+            plans = [_judge_plan(d, cfg, j) for j in cfg.panel()]
+            headline = judge.judge_label(plans[0]) if cfg.judges else None
+            for j, plan in zip(cfg.panel(), plans):
+                groups.setdefault(plan.identity, (plan, []))[1].append((d, build_prompts(cfg.eval), j, cfg, headline))
         except EmqError as e:
             log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", d, e, d)
             continue
-        groups.setdefault(plan.identity, (plan, []))[1].append(run)
-    done = []
-    for server, (identity, (plan, runs)) in enumerate(groups.items()):
+    done: dict[Path, None] = {}
+    for server, (identity, (plan, members)) in enumerate(groups.items()):
+        # each run's metrics.json read now: a panel's earlier judge has added its own to it
+        runs = [judge.ToJudge(d, prompts, j, cfg.eval, read_json(d / METRICS), cfg.paths.data_dir, headline=h)
+                for d, prompts, j, cfg, h in members]
         if runs[0].cfg.demo:
             ensure_demo(runs[0].data_dir)
         log.info("judge: one %s judge for the sweep's %d run(s): %s", plan.kind, len(runs), identity)
@@ -81,17 +87,18 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
 
         judged = judge.judge_run_dirs(runs, plan, runs[0].run_dir.parent / f"judge_server-{server}.log",
                                       shared=shared, keep_going=True)
-        done += [r.run_dir for r, _, _ in judged]
-    return done
+        done.update((r.run_dir, None) for r, _, _ in judged)
+    return list(done)
 
 
-def _judge_plan(run_dir: Path, cfg) -> judge.JudgePlan:
-    """The judge plan for re-judging a run, on this machine, with the memory share its plan recorded."""
+def _judge_plan(run_dir: Path, cfg, judge_cfg) -> judge.JudgePlan:
+    """The plan of `judge_cfg` (one judge of cfg's panel) for re-judging a run, on this machine, with the memory
+    share its plan recorded."""
     machine = snapshot(cfg.paths.cache_dir)
     plan = read_json(run_dir / PLAN).get("plan", {})
     engine = plan.get("engine", {})
     platform = plan.get("platform", machine.vllm.platform)
-    return judge.prepare(cfg.judge, platform=platform, dtype=judge.judge_dtype(platform, machine.cpu_bf16),
+    return judge.prepare(judge_cfg, platform=platform, dtype=judge.judge_dtype(platform, machine.cpu_bf16),
                          memory_utilization=engine.get("memory_utilization", cfg.memory.cpu_memory_utilization))
 
 
@@ -102,7 +109,7 @@ def validate_only(overrides: list[str]) -> dict[str, Any]:
     from emq.config import CONF_DIR, to_run_config
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=overrides))
+        cfg = to_run_config(compose(config_name="config", overrides=overrides), overrides)
     if cfg.judge.demo:
         ensure_demo(cfg.paths.data_dir)
     machine = snapshot(cfg.paths.cache_dir)

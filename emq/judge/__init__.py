@@ -40,6 +40,7 @@ from emq.judge.run import (
     endpoint,
     judge_and_summarize,
     judge_items,
+    judge_label,
     judge_run,
     judge_run_dirs,
     judged_by_sweep,
@@ -49,7 +50,7 @@ from emq.judge.validation import validate, validate_judge, validation_outlook, v
 
 __all__ = ["JudgeCache", "JudgeClient", "JudgeFailed", "JudgePlan", "JudgeResult", "Metric", "ToJudge", "api_key",
            "borrow_scores", "check_prompts", "defer_to_sweep", "endpoint", "estimate", "fill", "judge_and_summarize",
-           "judge_dtype", "judge_into", "judge_items", "judge_run", "judge_run_dirs", "judge_template",
+           "judge_dtype", "judge_into", "judge_items", "judge_label", "judge_run", "judge_run_dirs", "judge_template",
            "judged_by_sweep", "metric_specs", "plan_judge", "prepare", "prompts_record", "read_scores", "run_judge",
            "score_key", "scrub", "validate", "validate_judge", "validation_outlook", "validation_set"]
 

@@ -23,7 +23,7 @@ from emq.judge.prompts import fill, judge_template, metric_specs, prompts_record
 from emq.judge.validation import validate, validation_scored
 from emq.metrics import answer_table, summarize
 from emq.records import JUDGE, JUDGE_SERVER_LOG, JUDGED, METRICS, SCORES, PromptKey, SampleKey, read_generations, \
-    write_json, write_text_atomic
+    read_json, to_jsonable, write_json, write_text_atomic
 from emq.schema import EvalConfig, JudgeConfig, JudgeScope
 
 log = logging.getLogger(__name__)
@@ -192,13 +192,15 @@ def _opened(at: tuple[str, str | None] | None, cfg: JudgeConfig, plan: JudgePlan
 
 def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, eval_cfg: EvalConfig,
                         plan: JudgePlan, metrics: dict[str, Any], progress=None, *,
-                        data_dir: Path | str | None = None, at: tuple[str, str | None] | None = None
-                        ) -> dict[str, Any]:
+                        data_dir: Path | str | None = None, at: tuple[str, str | None] | None = None,
+                        headline: str | None = None) -> dict[str, Any]:
     """Judge the run's answers (what is missing), then rewrite metrics.json with the judged metrics, and
     judged.jsonl (each answer with its judgements: what the sweep report pairs across variants). With
     judge.validate, also validate the judge in the same server session (its scores kept under `data_dir`,
     default the run dir), recorded in judge.json and metrics.json. `at`: (URL, served name) of a judge already
-    running (the sweep's); else the planned judge is reached, or started and stopped, here."""
+    running (the sweep's); else the planned judge is reached, or started and stopped, here. `headline`: a panel's
+    first judge (`judge_label`), whose figures stay metrics.json's top level and judged.jsonl's `judged` whichever
+    judge of the panel judged last (None: this judge's)."""
     result = checked = started = None
     if plan.judges:
         cache = open_cache(data_dir, cfg.cache)
@@ -226,6 +228,10 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
         metrics.update(summarize(table, eval_cfg))
         panel, tables = with_other_judges(metrics, plan, rows, prompts, scores, eval_cfg)
         metrics.update(panel)
+        if headline in tables and headline != judge_label(plan):  # the panel's first judge stays the headline
+            first = panel["judges"][headline]
+            metrics.update({k: first.get(k) for k in ("judge", "metrics", "em")})
+            table = tables[headline]
         keep = ("score", "category", "valid_mass")
 
         def judged(t: dict[str, Any]) -> dict[str, Any]:
@@ -240,15 +246,34 @@ def judge_and_summarize(run_dir: Path, prompts: list[dict[str, Any]], cfg: Judge
             for i, (r, t) in enumerate(zip(rows, table))))
     else:
         metrics.update({"metrics": {}, "em": None})
-    write_json(run_dir / JUDGE, {"plan": plan, "result": result, "validation": checked,
-                                 "prompts": prompts_record(prompts) if result is not None else None})
+    write_json(run_dir / JUDGE, judge_record(run_dir, plan, result, checked, prompts, headline))
     write_json(run_dir / METRICS, metrics)
     return metrics
 
 
+def judge_record(run_dir: Path, plan: JudgePlan, result: JudgeResult | None, checked: dict[str, Any] | None,
+                 prompts: list[dict[str, Any]], headline: str | None) -> dict[str, Any]:
+    """judge.json: this judge's plan, result (requests, tokens, cache hits, cost) and validation; with several
+    judges, every judge's under `judges` by its name (a second judge adds, it never replaces), and the top level
+    the headline's (a panel's first judge; else the judge that judged last)."""
+    mine = {"plan": plan, "result": result, "validation": checked}
+    old = read_json(run_dir / JUDGE)
+    judges = {**(old.get("judges") or {}), judge_label(plan): to_jsonable(mine)}
+    if not old.get("judges") and old.get("result") is not None and _label_of(old["plan"]) != judge_label(plan):
+        judges = {_label_of(old["plan"]): {k: old.get(k) for k in mine}, **judges}  # from before judges were kept
+    top = judges.get(headline, judges[judge_label(plan)]) if headline else judges[judge_label(plan)]
+    return {**top, "prompts": prompts_record(prompts) if result is not None else None,
+            **({"judges": judges} if len(judges) > 1 else {})}
+
+
+def _label_of(plan: dict[str, Any]) -> str:
+    extra = (plan.get("server") or {}).get("server_args")  # a local judge served otherwise is another judge
+    return f"{plan.get('kind')}:{plan.get('model')} ({plan.get('scoring')})" + (f" [{' '.join(extra)}]" if extra else "")
+
+
 def judge_label(plan: JudgePlan) -> str:
-    """A judge's name in metrics.json `judges` and the tables: kind, model, scoring."""
-    return f"{plan.kind}:{plan.model} ({plan.scoring})"
+    """A judge's name in metrics.json `judges`, judge.json and the tables: kind, model, scoring."""
+    return _label_of({"kind": plan.kind, "model": plan.model, "scoring": plan.scoring, "server": plan.server})
 
 
 def with_other_judges(metrics: dict[str, Any], plan: JudgePlan, rows: list[dict[str, Any]],
@@ -280,6 +305,7 @@ class ToJudge:
     metrics: dict[str, Any]
     data_dir: Path | str | None = None
     progress: Any = None  # an emq.records.Progress the judged counts go to (optional)
+    headline: str | None = None  # a panel's first judge (judge_and_summarize)
 
 
 def _needs_judge(run: ToJudge, plan: JudgePlan) -> bool:
@@ -316,7 +342,7 @@ def judge_run_dirs(runs: list[ToJudge], plan: JudgePlan, server_log: Path, *,
             try:
                 borrowed = borrow_scores(r.run_dir, r.prompts, plan, [o[0].run_dir for o in out]) if at else 0
                 metrics = judge_and_summarize(r.run_dir, r.prompts, r.cfg, r.eval_cfg, plan, r.metrics, r.progress,
-                                              data_dir=r.data_dir, at=at)
+                                              data_dir=r.data_dir, at=at, headline=r.headline)
                 if at is not None:
                     metrics["judge"].update(shared(started, borrowed))
                     write_json(r.run_dir / METRICS, metrics)

@@ -25,8 +25,9 @@ def _where(path: str) -> str:
 
 
 def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, Any] | None = None,
-               judge_estimate: dict[str, Any] | None = None) -> str:
-    """The plan as a user reads it: what was found, what will happen, and why."""
+               judge_estimate: dict[str, Any] | None = None, more_judges: list[tuple] = ()) -> str:
+    """The plan as a user reads it: what was found, what will happen, and why. `more_judges`: a panel's other
+    judges, each (its plan, validation outlook, estimate)."""
     t = Table(title=f"emq plan for {det.model}", show_header=True, header_style="bold", expand=False)
     t.add_column("", style="bold", no_wrap=True)
     t.add_column("value", overflow="fold")
@@ -64,16 +65,18 @@ def plan_table(det: DetectResult, plan: Plan, judge=None, validation: dict[str, 
               f"{', LoRA rank ≤ ' + str(plan.engine.max_lora_rank) if plan.engine.enable_lora else ''}")
     t.add_row("estimates", ", ".join(f"{k} {v:.0f} s" if k.startswith("quantize_seconds") else f"{k} {v:.2f} GiB"
                                      for k, v in plan.estimates_gib.items()))
-    if judge is not None:
-        t.add_row("judge", "none" if not judge.judges else
-                  f"{judge.kind}: {judge.model}{' at ' + judge.base_url if judge.base_url else ''}; scores read as "
-                  f"{judge.scoring} ({judge.scoring_reason})")
-    if judge_estimate is not None:
-        from emq.judge.estimate import estimate_text
+    judges = ([(judge, validation, judge_estimate)] if judge is not None else []) + list(more_judges)
+    for i, (j, outlook, cost) in enumerate(judges):
+        name = "judge" if len(judges) == 1 else f"judge {i + 1}/{len(judges)}" + (" (headline)" if i == 0 else "")
+        t.add_row(name, "none" if not j.judges else
+                  f"{j.kind}: {j.model}{' at ' + j.base_url if j.base_url else ''}; scores read as "
+                  f"{j.scoring} ({j.scoring_reason})")
+        if cost is not None:
+            from emq.judge.estimate import estimate_text
 
-        t.add_row("judge cost (estimate)", estimate_text(judge_estimate))
-    if validation is not None:
-        t.add_row("judge validation", validation_outlook_text(validation))
+            t.add_row("  cost (estimate)" if len(judges) > 1 else "judge cost (estimate)", estimate_text(cost))
+        if outlook is not None:
+            t.add_row("  validation" if len(judges) > 1 else "judge validation", validation_outlook_text(outlook))
     for r in plan.reasons:
         t.add_row("why", r)
     return render(t)

@@ -43,11 +43,15 @@ class LocalVllmServer:
                   "argv": server_command(path, port=0, cfg=cfg, platform=platform, dtype=dtype,
                                          memory_utilization=util)[3:],
                   # as the run's engine (engine_env.cpu_threads_env): on a 2-core CPU the server computes on both
-                  "env": cpu_threads_env(platform, os.cpu_count() or 1)}
+                  "env": cpu_threads_env(platform, os.cpu_count() or 1),
+                  **({"server_args": list(cfg.server_args)} if cfg.server_args else {})}
         return JudgePlan("local", cfg.model, None, method.value, why, None, server)
 
     def where(self, plan: JudgePlan) -> str:
-        return "local"
+        # judge.server_args make another judge of the same weights (e.g. --quantization bitsandbytes): its scores
+        # are its own
+        extra = (plan.server or {}).get("server_args")
+        return "local" + (f"[{' '.join(extra)}]" if extra else "")
 
     def api_key(self, cfg: JudgeConfig) -> str:
         return "EMPTY"
