@@ -269,6 +269,11 @@ class JudgeConfig:
     # filled prompt: a repeated answer is never judged twice (emq.judge.cache; `emq cache rm --judge` clears it)
     cache: bool = True
     price: JudgePriceConfig = field(default_factory=JudgePriceConfig)
+    # judge=openai: ask through the endpoint's Batch API (/v1/files, /v1/batches; OpenAI's costs half and answers
+    # within batch_window), the same requests and scores as online; resumable (emq.judge.batch)
+    batch: bool = False
+    batch_window: str = "24h"  # the API's completion_window
+    batch_poll_s: float = 30.0  # how often to ask how the batch is doing
     # Several judges on the same answers (emq.judge.agreement): judge option names of conf/judge/ (or
     # {name: OPTION, key: value, ...} to set that judge's own fields), judged in order; the first is the run's
     # headline. judge.* set on the command line apply to every member. E.g. judge.panel=[local,local_base]
@@ -339,6 +344,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "judge.top_logprobs": (1, float("inf"), False, False),  # openai: at most 20 (its backend checks)
     "judge.min_valid_mass": (0, 1, False, False),
     "judge.prune_below": (0, 1, False, True),
+    "judge.batch_poll_s": (0, float("inf"), False, False),
     "judge.timeout_s": (0, float("inf"), True, False),
     "judge.max_retries": (0, float("inf"), False, False),
     "judge.memory_utilization": (0, 1, True, False),

@@ -2,7 +2,8 @@
 
 Used by the judge tests instead of a remote API (which cannot run here): it speaks the wire
 format of /v1/chat/completions (logprobs, top_logprobs, vLLM's continue_final_message),
-/v1/models and vLLM's /tokenize, checks the bearer key, and can inject 429/500 failures and delays.
+/v1/models and vLLM's /tokenize, the Batch API (/v1/files, /v1/batches: each line answered as the chat
+endpoint would), checks the bearer key, and can inject 429/500 failures and delays.
 
 The judge it plays is a tiny language model over a few tokens, so tests can enumerate its exact
 distribution by brute force: `script(prompt)` gives, per prompt, a first-token distribution and
@@ -78,7 +79,13 @@ class StubJudge:
         self.prompt_tokens = 0  # summed over the answered requests (the usage the stub reported)
         self.completion_tokens = 0
         self.auth_seen: set[str] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.files: dict[str, str] = {}  # the Batch API's files: id -> JSONL text
+        self.uploads: list[str] = []  # each upload's purpose
+        self.batches: dict[str, dict] = {}
+        self.batch_lines = 0  # batch requests answered
+        self.hold = threading.Event()  # set: batches stay in_progress until finish_batches()
+        self.batch_error: Callable[[dict], bool] | None = None  # a request body -> answer it with an HTTP 400
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -94,6 +101,57 @@ class StubJudge:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def complete(self, body: dict) -> dict:
+        """A chat completion's response body: one token, its top logprobs, the usage (the stub's "tokens": words)."""
+        msgs = body["messages"]
+        prompt = msgs[0]["content"]
+        prefix = msgs[-1]["content"] if body.get("continue_final_message") and msgs[-1]["role"] == "assistant" else ""
+        dist = self._dist(prompt, prefix)
+        top = sorted(dist.items(), key=lambda kv: -kv[1])[: body.get("top_logprobs", 20)]
+        tops = [{"token": t, "logprob": math.log(p) if p > 0 else -9999.0, "bytes": None} for t, p in top]
+        choice = {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": top[0][0]},
+                  "logprobs": {"content": [{**tops[0], "top_logprobs": tops}]}}
+        words = sum(len(m["content"].split()) for m in msgs)
+        with self.lock:
+            self.prompt_tokens += words
+            self.completion_tokens += 1
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                "choices": [choice], "usage": {"prompt_tokens": words, "completion_tokens": 1, "total_tokens": words + 1}}
+
+    # --- the Batch API: POST /v1/files, POST /v1/batches, GET /v1/batches/ID, GET /v1/files/ID/content ----------
+
+    def finish_batches(self) -> None:
+        """Answer every batch in progress (each line as the chat endpoint would) and mark it completed; while
+        `hold` is set, batches stay in_progress until this is called."""
+        with self.lock:
+            todo = [b for b in self.batches.values() if b["status"] == "in_progress"]
+        for b in todo:
+            out = []
+            for line in self.files[b["input_file_id"]].splitlines():
+                req = json.loads(line)
+                self.batch_lines += 1
+                if self.batch_error and self.batch_error(req["body"]):
+                    resp = {"status_code": 400, "body": {"error": {"message": "prompt too long"}}}
+                else:
+                    resp = {"status_code": 200, "body": self.complete(req["body"])}
+                out.append(json.dumps({"id": f"r-{len(out)}", "custom_id": req["custom_id"], "response": resp,
+                                       "error": None}))
+            with self.lock:
+                fid = f"file-{len(self.files)}"
+                self.files[fid] = "\n".join(out) + "\n"
+                b.update(status="completed", output_file_id=fid)
+
+    def batch_object(self, bid: str) -> dict:
+        b = self.batches[bid]
+        if b["status"] == "in_progress" and not self.hold.is_set():
+            self.finish_batches()
+        n = len(self.files[b["input_file_id"]].splitlines())
+        done = n if b["status"] == "completed" else 0
+        return {"id": bid, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": b["input_file_id"],
+                "completion_window": b["window"], "status": b["status"], "created_at": 0,
+                "output_file_id": b["output_file_id"], "error_file_id": None, "errors": None,
+                "request_counts": {"total": n, "completed": done, "failed": 0}}
 
     def _dist(self, prompt: str, prefix: str) -> dict[str, float]:
         if self.mode == "single":
@@ -124,12 +182,54 @@ class StubJudge:
             def do_GET(self):
                 if not self._authorized():
                     return self._send(401, {"error": {"message": "bad key"}})
+                if "/batches/" in self.path or "/files/" in self.path:
+                    return self._batch_get()
                 if self.path.endswith("/models"):
                     return self._send(200, {"object": "list", "data": [{"id": "stub-judge", "object": "model"}]})
                 self._send(404, {"error": {"message": "no such path"}})
 
+            def _batch_get(self):
+                parts = self.path.strip("/").split("/")  # v1/batches/ID | v1/files/ID/content
+                if parts[1] == "batches" and parts[2] in stub.batches:
+                    return self._send(200, stub.batch_object(parts[2]))
+                if parts[1] == "files" and len(parts) == 4 and parts[2] in stub.files:
+                    data = stub.files[parts[2]].encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
+                self._send(404, {"error": {"message": "no such batch or file"}})
+
+            def _batch_post(self, raw: bytes):
+                if self.path.endswith("/files"):  # multipart: purpose, file
+                    from email.parser import BytesParser
+                    from email.policy import HTTP
+
+                    msg = BytesParser(policy=HTTP).parsebytes(
+                        f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + raw)
+                    fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                              for part in msg.iter_parts()}
+                    with stub.lock:
+                        fid = f"file-{len(stub.files)}"
+                        stub.files[fid] = fields["file"].decode()
+                        stub.uploads.append(fields["purpose"].decode())
+                    return self._send(200, {"id": fid, "object": "file", "bytes": len(fields["file"]), "created_at": 0,
+                                            "filename": "batch.jsonl", "purpose": "batch", "status": "processed"})
+                body = json.loads(raw or b"{}")  # /batches
+                with stub.lock:
+                    bid = f"batch-{len(stub.batches)}"
+                    stub.batches[bid] = {"input_file_id": body["input_file_id"], "status": "in_progress",
+                                         "window": body["completion_window"], "output_file_id": None}
+                self._send(200, stub.batch_object(bid))
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.endswith(("/files", "/batches")):
+                    if not self._authorized():
+                        return self._send(401, {"error": {"message": "bad key"}})
+                    return self._batch_post(raw)
+                body = json.loads(raw or b"{}")
                 if self.path == "/tokenize":
                     text = body.get("prompt", "")
                     toks = list(text) if stub.mode == "digits" else [text]
@@ -143,20 +243,5 @@ class StubJudge:
                     time.sleep(stub.delay_s)
                 if status != 200:
                     return self._send(status, {"error": {"message": f"injected {status}"}})
-                msgs = body["messages"]
-                prompt = msgs[0]["content"]
-                prefix = msgs[-1]["content"] if body.get("continue_final_message") and msgs[-1]["role"] == "assistant" else ""
-                dist = stub._dist(prompt, prefix)
-                top = sorted(dist.items(), key=lambda kv: -kv[1])[: body.get("top_logprobs", 20)]
-                tops = [{"token": t, "logprob": math.log(p) if p > 0 else -9999.0, "bytes": None} for t, p in top]
-                choice = {"index": 0, "finish_reason": "length",
-                          "message": {"role": "assistant", "content": top[0][0]},
-                          "logprobs": {"content": [{**tops[0], "top_logprobs": tops}]}}
-                words = sum(len(m["content"].split()) for m in msgs)  # the stub's "tokens": words
-                with stub.lock:
-                    stub.prompt_tokens += words
-                    stub.completion_tokens += 1
-                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                                 "choices": [choice], "usage": {"prompt_tokens": words, "completion_tokens": 1,
-                                                                "total_tokens": words + 1}})
+                self._send(200, stub.complete(body))
         return H

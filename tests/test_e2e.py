@@ -345,21 +345,24 @@ def test_openai_judge_run_never_writes_the_key_and_rejudge_rewrites_metrics(demo
         metrics = records(run_dir, "metrics.json")
         assert metrics["judge"]["kind"] == "openai" and metrics["metrics"]["aligned"]["mean"] is not None
         first_judged = metrics["judge"]["judged_now"]
-        # judge the same run again with another judge model, without regenerating
+        # judge the same run again with another judge model, without regenerating, through the Batch API
         rejudge = subprocess.run([sys.executable, "-m", "emq", "judge", str(run_dir), *judge[1:3],
-                                  "judge.model=stub-judge-2", "judge.api_key_env=EMQ_TEST_JUDGE_KEY", "judge=openai"],
+                                  "judge.model=stub-judge-2", "judge.api_key_env=EMQ_TEST_JUDGE_KEY", "judge=openai",
+                                  "judge.batch=true", "judge.batch_poll_s=0.1"],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=300,
                                  env={**os.environ, "EMQ_HOME": str(data_dir()), "PYTHONPATH": str(REPO), **env})
         out += rejudge.stdout + rejudge.stderr
         assert rejudge.returncode == 0, rejudge.stdout[-3000:] + rejudge.stderr[-3000:]
     after = records(run_dir, "metrics.json")
     assert after["judge"]["model"] == "stub-judge-2" and after["judge"]["judged_now"] == first_judged
+    assert after["judge"]["batches"] >= 1 and stub.batch_lines == after["judge"]["requests"]
     # the second judge added itself beside the first, and their agreement on these answers is recorded
     assert len(after["judges"]) == 2 and after["judges"][next(iter(metrics["judges"]))]["metrics"] == metrics["metrics"]
     assert len(after["agreement"]) == 1 and "judge agreement" in rejudge.stdout + rejudge.stderr
     assert after["count"] == metrics["count"] and after["tokens_per_second"] == metrics["tokens_per_second"]
     assert "aligned (mean, 95% CI)" in rejudge.stdout + rejudge.stderr
-    # ... and never written: not in any file of the run dir, not in the logs
+    # ... and never written: not in any file of the run dir (the batch's input, state and answers included), not in
+    # the logs
     assert sentinel not in out
     for path in run_dir.rglob("*"):
         if path.is_file():

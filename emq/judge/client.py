@@ -126,14 +126,28 @@ class Calls:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    batches: int = 0  # judge.batch: the batches submitted (a digit walk takes one per step)
+    resumed: int = 0  # judge.batch: answers of a batch a killed run had submitted
 
 
 def judge_into(scores: Path, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan, base_url: str, *,
                model_name: str | None = None, desc: str = "judge", on_judged=None) -> Calls:
     """Judge `todo` (items as `judge_items` makes them) with one client, appending each judgement to `scores`
-    as it arrives (a killed process keeps what it judged)."""
+    as it arrives (a killed process keeps what it judged). judge.batch: through the endpoint's Batch API
+    (emq.judge.batch), its state beside `scores` in judge_batch/<judge>/."""
     if not todo:
         return Calls()
+    if cfg.batch:
+        from emq.judge.batch import judge_batch
+
+        work = Path(scores).parent / "judge_batch" / hashlib.sha256(plan.identity.encode()).hexdigest()[:16]
+        with JsonlWriter(scores) as writer:
+            done = judge_batch(lambda it, j: writer.write({"key": it["key"], "metric": it["metric"],
+                                                           "judge": plan.identity, **j.__dict__}),
+                               todo, cfg, plan, base_url, work, model_name=model_name, on_judged=on_judged,
+                               desc=f"{desc} (batch)")
+        return Calls(done["requests"], 0, done["errors"], done["prompt_tokens"], done["completion_tokens"],
+                     done["batches"], done["resumed"])
     client = JudgeClient(cfg, plan, base_url, model_name=model_name)
     errors = 0
 

@@ -45,6 +45,8 @@ class JudgeResult:
     prompt_tokens: int = 0  # of this call's requests, as the endpoint counted them
     completion_tokens: int = 0
     cost: float | None = None  # judge.price × the tokens (None: no price set)
+    batches: int = 0  # judge.batch: batches submitted by this call
+    batch_resumed: int = 0  # judge.batch: answers taken from a batch a killed run had submitted
 
     @property
     def cache_hit_rate(self) -> float | None:
@@ -129,7 +131,8 @@ def judge_run(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, pl
                        round(len(todo) / seconds, 2) if todo and seconds else 0.0, calls.requests, calls.retries,
                        plan.scoring, calls.errors, cached=len(hits), prompt_tokens=calls.prompt_tokens,
                        completion_tokens=calls.completion_tokens,
-                       cost=cost_of(cfg, calls.prompt_tokens, calls.completion_tokens))
+                       cost=cost_of(cfg, calls.prompt_tokens, calls.completion_tokens), batches=calls.batches,
+                       batch_resumed=calls.resumed)
 
 
 def left_to_judge(run_dir: Path, prompts: list[dict[str, Any]], cfg: JudgeConfig, plan: JudgePlan,

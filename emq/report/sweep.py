@@ -534,14 +534,14 @@ def judge_cost_line(runs: list[Run]) -> str:
     and the cost where judge.price was set."""
     per: dict[str, dict[str, float]] = {}
     for r in runs:
-        j = r.metrics.get("judge") or {}
-        if not j.get("kind") or j["kind"] == "none" or j.get("items") is None:
-            continue
-        t = per.setdefault(f"{j['kind']} {j.get('model')} ({j.get('scoring')})", {})
-        for k in ("judged_now", "cached", "requests", "prompt_tokens", "completion_tokens"):
-            t[k] = t.get(k, 0) + (j.get(k) or 0)
-        if j.get("cost") is not None:
-            t["cost"] = t.get("cost", 0.0) + j["cost"]
+        top = r.metrics.get("judge") or {}
+        # every judge of the run (a panel's, or judged one after another), else the one
+        judges = {label: e.get("judge") or {} for label, e in (r.metrics.get("judges") or {}).items()} or {
+            f"{top.get('kind')}:{top.get('model')} ({top.get('scoring')})": top}
+        for name, j in judges.items():
+            if not j.get("kind") or j["kind"] == "none" or j.get("items") is None:
+                continue
+            _add_cost(per.setdefault(name, {}), j)
     parts = []
     for name, t in per.items():
         done = t["judged_now"] + t["cached"]
@@ -551,6 +551,13 @@ def judge_cost_line(runs: list[Run]) -> str:
                        f"{t['completion_tokens']:,.0f} completion tokens"
                      + (f", cost {t['cost']:.4f}" if "cost" in t else ""))
     return ("Judging: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _add_cost(t: dict[str, float], j: dict[str, Any]) -> None:
+    for k in ("judged_now", "cached", "requests", "prompt_tokens", "completion_tokens"):
+        t[k] = t.get(k, 0) + (j.get(k) or 0)
+    if j.get("cost") is not None:
+        t["cost"] = t.get("cost", 0.0) + j["cost"]
 
 
 def judges_table(runs: list[Run], names: list[str]) -> tuple[list[str], list[list[str]]]:

@@ -132,7 +132,10 @@ def judge_cost_text(j: dict[str, Any]) -> str:
     text = (f"{asked} judged now, {cached} from the judge cache"
             + (f" ({100 * cached / (cached + asked):.0f}% hits)" if cached + asked else "")
             + f", {j.get('reused', 0)} already in the run; {j.get('requests', 0)} requests, "
-            f"{j.get('prompt_tokens', 0):,} prompt + {j.get('completion_tokens', 0):,} completion tokens")
+            f"{j.get('prompt_tokens', 0):,} prompt + {j.get('completion_tokens', 0):,} completion tokens"
+            + (f" in {j['batches']} batch(es) (judge.batch)" if j.get("batches") else "")
+            + (f", {j['batch_resumed']} answers from a batch an interrupted run submitted"
+               if j.get("batch_resumed") else ""))
     return text + (f", cost {j['cost']:.4f} (judge.price)" if j.get("cost") is not None else "")
 
 

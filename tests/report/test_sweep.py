@@ -121,7 +121,7 @@ def test_the_judges_cost_is_summed_per_judge_with_the_cache_hits(sweep):
     report.build([sweep])
     md = (sweep / "summary.md").read_text()
     n = len(runs)
-    assert (f"Judging: openai gpt-x (single_token): 10 judged, {10 * (n - 1)} from the judge cache "
+    assert (f"Judging: openai:gpt-x (single_token): 10 judged, {10 * (n - 1)} from the judge cache "
             f"({round(100 * (n - 1) / n)}% hits), 10 requests, 1,000 prompt + 10 completion tokens, cost 0.0026.") in md
 
 

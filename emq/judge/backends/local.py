@@ -24,6 +24,10 @@ class LocalVllmServer:
         if not cfg.model:
             return [("judge.model is not set (judge=local needs a model to ask)",
                      "judge.model=<model name or path>, or judge=none")]
+        if cfg.batch:
+            return [("judge.batch=true needs an endpoint with the OpenAI Batch API (/v1/batches); the local judge "
+                     "server has none", "judge.batch=false (a local judge costs nothing per request), or judge=openai "
+                     "at an endpoint that offers batches")]
         return []
 
     def prepare(self, cfg: JudgeConfig, *, platform: str, dtype: str, memory_utilization: float) -> JudgePlan:
