@@ -34,6 +34,24 @@ def test_a_dry_run_stops_after_plan_and_times_each_stage(demo, tmp_path):
     assert cost["prompt_tokens_at_most"] > cost["judgements_at_most"] * cfg.eval.max_tokens
 
 
+def test_a_panel_is_planned_judge_by_judge_and_a_member_twice_stops_at_plan(demo, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    paths = [f"paths.data_dir={demo.root.parent}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_run(["stage=plan", "judge.panel=[local,local_nf4]", *paths])
+    assert run(cfg, tmp_path / "run").status == "ok"
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    first, second = record["panel"]
+    assert record["judge"] == first["judge"] and record["judge_estimate"] == first["judge_estimate"]
+    assert second["judge"]["server"]["server_args"] == ["--quantization", "bitsandbytes"]
+    assert second["judge_estimate"]["judgements_at_most"] == first["judge_estimate"]["judgements_at_most"] > 0
+    assert "judge 1/2 (headline)" in caplog.text and "judge 2/2" in caplog.text
+    # the same judge twice would add nothing and collide in every record: stopped before anything loads
+    status = run(compose_run(["stage=plan", "judge.panel=[local,local]", *paths]), tmp_path / "twice")
+    assert status.status == "failed" and status.stage == "plan" and "judge.panel[1]" in status.error
+
+
 def test_a_stage_part_is_split_out_in_order():
     from emq.report.tables import where_time_went
     from emq.runner import RunStatus

@@ -206,7 +206,6 @@ def judge_batch(write, todo: list[dict[str, Any]], cfg: JudgeConfig, plan: Judge
     errors = 0
 
     async def main() -> None:
-        nonlocal errors
         with tqdm(total=len(todo), desc=desc, unit="ans") as bar:
             await asyncio.to_thread(judge.resume, bar)
 

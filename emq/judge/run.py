@@ -347,7 +347,12 @@ def judge_run_dirs(runs: list[ToJudge], plan: JudgePlan, server_log: Path, *,
                 metrics = judge_and_summarize(r.run_dir, r.prompts, r.cfg, r.eval_cfg, plan, r.metrics, r.progress,
                                               data_dir=r.data_dir, at=at, headline=r.headline)
                 if at is not None:
-                    metrics["judge"].update(shared(started, borrowed))
+                    extra = shared(started, borrowed)
+                    own = (metrics.get("judges") or {}).get(judge_label(plan))
+                    if own and own.get("judge") is not None:  # this judge's own record (a panel keeps each)
+                        own["judge"].update(extra)
+                    if r.headline in (None, judge_label(plan)):
+                        metrics["judge"].update(extra)
                     write_json(r.run_dir / METRICS, metrics)
             except EmqError as e:
                 if not keep_going:

@@ -503,7 +503,7 @@ def time_table(runs: list[Run]) -> tuple[list[str], list[list[str]], str]:
     if not stages:
         return [], [], ""
     # judge.scope=sweep: a run's judging happens after its wall, at the sweep's end, through one shared server
-    deferred = {id(r): (r.metrics.get("judge") or {}) for r in runs if (r.metrics.get("judge") or {}).get("sweep")}
+    deferred = {id(r): recs for r in runs if (recs := _judged_at_sweep_end(r))}
     head = ["variant", *(STAGE_LABELS.get(k, k) for k in stages), "other", "wall s",
             *(["judge at sweep end s"] if deferred else [])]
     body = []
@@ -511,7 +511,8 @@ def time_table(runs: list[Run]) -> tuple[list[str], list[list[str]], str]:
         st, wall = r.status.get("stage_seconds") or {}, r.status.get("seconds")
         other = _fmt(max(0.0, wall - sum(st.values())), 1) if wall is not None else "—"
         body.append([r.label, *(_fmt(st.get(k), 1) for k in stages), other, _fmt(wall, 1),
-                     *([_fmt(deferred[id(r)].get("seconds"), 1) if id(r) in deferred else "—"] if deferred else [])])
+                     *([_fmt(sum(j.get("seconds") or 0.0 for j in deferred[id(r)]), 1) if id(r) in deferred else "—"]
+                       if deferred else [])])
     starts = [r.status["started_unix"] for r in runs if r.status.get("started_unix")]
     ends = [r.status["finished_unix"] for r in runs if r.status.get("finished_unix")]
     walls = [r.status.get("seconds") or 0.0 for r in runs]
@@ -521,12 +522,18 @@ def time_table(runs: list[Run]) -> tuple[list[str], list[list[str]], str]:
             if starts and ends and len(starts) == len(runs) else "")
     if deferred:
         starts_by_server = {j["sweep"].get("server", 0): j["sweep"].get("server_start_seconds") or 0.0
-                            for j in deferred.values()}  # one server per distinct judge
-        judged = sum(j.get("seconds") or 0.0 for j in deferred.values())
+                            for recs in deferred.values() for j in recs}  # one server per distinct judge
+        judged = sum(j.get("seconds") or 0.0 for recs in deferred.values() for j in recs)
         line += (f" After the last run, {len(starts_by_server)} judge server(s) for the sweep judged {len(deferred)} "
                  f"run(s): {sum(starts_by_server.values()):.0f} s to start, {judged:.0f} s judging (not in the wall "
                  f"above).")
     return head, body, line.strip()
+
+
+def _judged_at_sweep_end(r: Run) -> list[dict[str, Any]]:
+    """The records of every judge of `r` that judged it at the sweep's end (judge.scope=sweep; a panel's each)."""
+    recs = [e.get("judge") or {} for e in (r.metrics.get("judges") or {}).values()] or [r.metrics.get("judge") or {}]
+    return [j for j in recs if j.get("sweep")]
 
 
 def judge_cost_line(runs: list[Run]) -> str:

@@ -89,3 +89,28 @@ def test_a_panel_judges_a_run_with_each_judge_the_first_the_headline_and_again_a
         assert (a.requests, b.requests) == asked
     again = json.loads((run_dir / "metrics.json").read_text())
     assert again["metrics"] == metrics["metrics"] and again["agreement"] == metrics["agreement"]
+
+
+def test_a_sweeps_deferred_runs_are_judged_by_every_judge_of_the_panel_one_opening_each(tmp_path):
+    """judge.scope=sweep: after the sweep, each judge of the panel is opened once for all runs (`judge_deferred`),
+    and each run ends with both judges, the first the headline."""
+    import yaml
+
+    with StubJudge(key=SENTINEL, mode="digits") as a, StubJudge(key=SENTINEL, mode="single") as b:
+        panel = f"judge.panel=[{member(a, 'judge-a')},{member(b, 'judge-b')}]"
+        dirs = [tmp_path / "0", tmp_path / "1"]
+        for d, answers in zip(dirs, (("a good answer", "a bad answer"), ("a good answer", "something new"))):
+            write_run(d, answers)
+            (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["eval=quick", panel]))
+            (d / "metrics.json").write_text(json.dumps({"judge": {"deferred_to_sweep": True}, "metrics": {}}))
+        assert judge_cli.judge_deferred(dirs + [tmp_path / "not-deferred"]) == dirs
+        per_run = [a.requests, b.requests]
+    for d in dirs:
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert list(metrics["judges"]) == ["openai:judge-a (digits)", "openai:judge-b (single_token)"]
+        assert metrics["judge"]["model"] == "judge-a" and metrics["judge"]["sweep"]["runs"] == 2
+        assert len(metrics["agreement"]) == 1
+    # the second run borrowed what the first had judged of "a good answer", from each judge
+    second = json.loads((dirs[1] / "metrics.json").read_text())
+    assert all(second["judges"][j]["judge"]["sweep"]["borrowed_from_other_runs"] > 0 for j in second["judges"])
+    assert all(per_run)
