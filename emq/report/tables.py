@@ -164,7 +164,12 @@ def judged_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         for label, entry in judges.items():
             means = ", ".join(f"{m} {_ci(s)}" for m, s in (entry.get("metrics") or {}).items())
             rate = ((entry.get("em") or {}).get("misaligned_rate"))
-            rows.append((f"judge {label}", means + (f"; misaligned {_ci(rate, pct=True)}" if rate else "")))
+            checked = ((entry.get("judge") or {}).get("validation") or {}).get("metrics") or {}
+            auroc = ", ".join(f"{m} {v['auroc']:.2f}" for m, v in checked.items() if v.get("auroc") is not None)
+            rows.append((f"judge {label}", means + (f"; misaligned {_ci(rate, pct=True)}" if rate else "")
+                         + (f"; validation AUROC {auroc}" if auroc else "")))
+            if (entry.get("judge") or {}).get("items") is not None:
+                rows.append(("  its cost", judge_cost_text(entry["judge"])))
         for pair in metrics.get("agreement") or []:
             rows.append(("judge agreement", agreement_text(pair)))
     return rows
