@@ -53,6 +53,12 @@ def test_a_bad_panel_entry_is_one_error_that_names_it(panel, says):
     assert says in e.value.message and "conf/judge" in e.value.fix + e.value.message or "JudgeConfig" in e.value.fix
 
 
+def test_judges_is_not_set_directly():
+    with pytest.raises(EmqError) as e:
+        compose_run(["judges=[{kind:local,model:x}]"])
+    assert "judges is set directly" in e.value.message and "judge.panel" in e.value.fix
+
+
 def test_a_panel_member_with_a_bad_value_names_its_place():
     with pytest.raises(EmqError) as e:
         compose_run(["judge.panel=[local,{name:openai,top_logprobs:50}]"])
