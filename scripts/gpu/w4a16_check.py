@@ -404,7 +404,15 @@ def phase_keep(shape: str = "7b-gqa") -> list[tuple[str, str]]:
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("emq.checkpoint").addHandler(_LayerLog(level=logging.INFO))  # per layer, as it comes
     rows, results = [], {}
-    for label, kw, lora, build in _keep_artifacts(shape, which, rounds):
+    built = _keep_artifacts(shape, which, rounds)
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():  # this process's cached blocks would leave vLLM short of its memory share (the
+        torch.cuda.empty_cache()   # first 7B run's engines both failed to start after a 13 GiB quantize)
+    for label, kw, lora, build in built:
         if "stop" in build:
             rows.append((label, f"plan stopped: {build['stop'][:200]}"))
             continue
