@@ -149,3 +149,23 @@ def test_batch_invariant_kernels_on_cuda_and_a_clear_refusal_on_the_cpu_build():
     assert "VLLM_BATCH_INVARIANT" not in plan_for(machine=fake_machine(gpu_free_gib=140, vllm=cuda_vllm())).engine.env
     with pytest.raises(EmqError, match="(?s)memory.batch_invariant=true.*CPU build.*memory.batch_invariant=false"):
         plan_for(machine=fake_machine(), batch_invariant=True)
+
+
+def test_the_processs_cuda_cache_is_released_before_the_engine_starts(monkeypatch):
+    """CUDA cannot run here: torch.cuda is replaced by a stand-in holding 13 GiB of cache (what a 7B quantize left on
+    an H100). Without CUDA in use (the CPU machine), nothing is touched."""
+    import sys
+    import types
+
+    from emq.engine import release_cuda_cache
+
+    state = {"reserved": 13 * 2**30, "emptied": 0}
+    cuda = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
+                                 memory_reserved=lambda: state["reserved"],
+                                 empty_cache=lambda: state.update(reserved=2**28, emptied=state["emptied"] + 1))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert release_cuda_cache() == 13 * 2**30 - 2**28 and state["emptied"] == 1
+    cuda.is_initialized = lambda: False  # CUDA never used in this process: nothing to hand back, nothing started
+    assert release_cuda_cache() == 0 and state["emptied"] == 1
+    monkeypatch.delitem(sys.modules, "torch")
+    assert release_cuda_cache() == 0
