@@ -5,6 +5,8 @@ Composes the run's own config (.hydra/overrides.yaml) with the overrides on top 
 run's old `judge.*` overrides), judges what scores.jsonl lacks for that judge, and rewrites metrics.json and
 judged.jsonl. E.g. `python -m emq judge RUN_DIR judge=openai judge.model=gpt-4o judge.api_key_env=OPENAI_API_KEY`.
 `RUN_DIR --validate` also validates the run's judge (judge.validate=true: judge.json, metrics.json).
+`RUN_DIR judge.panel=[local,local_nf4]` judges it with each judge of a panel in turn (each adds its own; the first is
+the headline); judge.batch=true asks an OpenAI-compatible endpoint through its Batch API (emq.judge.batch).
 
 Without RUN_DIR, `--validate` composes emq's default config with the overrides, scores the validation set
 (emq's own, or judge.validation.path) with that judge and prints per metric: AUROC (good vs bad), Spearman
