@@ -69,8 +69,9 @@ def judge_deferred(run_dirs: list[Path]) -> list[Path]:
             cfg = compose_from_run(d, ["judge.scope=run"])
             plans = [_judge_plan(d, cfg, j) for j in cfg.panel()]
             headline = judge.judge_label(plans[0]) if cfg.judges else None
+            prompts = build_prompts(cfg.eval)
             for j, plan in zip(cfg.panel(), plans):
-                groups.setdefault(plan.identity, (plan, []))[1].append((d, build_prompts(cfg.eval), j, cfg, headline))
+                groups.setdefault(plan.identity, (plan, []))[1].append((d, prompts, j, cfg, headline))
         except EmqError as e:
             log.error("judge: %s stays unjudged: %s (python -m emq judge %s)", d, e, d)
             continue

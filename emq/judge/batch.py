@@ -66,18 +66,8 @@ class BatchJudge:
         self.resumed = 0  # answers this call found downloaded by an earlier (killed) one
         self.empty_rounds = 0
 
-    def body(self, prompt: str, prefix: str) -> dict[str, Any]:
-        """The online request's body (emq.judge.client.JudgeClient.ask), as the batch's input line carries it."""
-        messages = [{"role": "user", "content": prompt}]
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0,
-                                "logprobs": True, "top_logprobs": self.cfg.top_logprobs}
-        if prefix:
-            messages.append({"role": "assistant", "content": prefix})
-            body.update(continue_final_message=True, add_generation_prompt=False)
-        return body
-
     async def ask(self, prompt: str, prefix: str = "") -> scoring.TokenDist:
-        body = self.body(prompt, prefix)
+        body = scoring.request_body(self.model, prompt, prefix, self.cfg.top_logprobs)  # as online
         rid = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
         if rid in self.answers:
             return self._answer(self.answers[rid])
@@ -94,10 +84,7 @@ class BatchJudge:
     async def judge(self, prompt: str, categories: list[str]) -> scoring.Judgement:
         method = Scoring(self.plan.scoring)
         try:
-            if method is Scoring.digits:
-                return await scoring.digits(lambda prefix: self.ask(prompt, prefix), categories,
-                                            self.cfg.min_valid_mass, self.cfg.prune_below)
-            return scoring.single_token(await self.ask(prompt), categories, self.cfg.min_valid_mass)
+            return await scoring.judge_with(self.ask, method, prompt, categories, self.cfg)
         except RequestFailed as e:  # as online: this one prompt cannot be judged; recorded, not fatal
             return scoring.Judgement(None, None, 0.0, method.value, error=scrub(str(e)[:300], self.cfg))
 

@@ -51,18 +51,13 @@ class JudgeClient:
         """The judge's top-k next-token logprobs after `prefix` (written by the assistant)."""
         import openai
 
-        messages = [{"role": "user", "content": prompt}]
-        extra: dict[str, Any] = {}
-        if prefix:
-            messages.append({"role": "assistant", "content": prefix})
-            extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+        body = scoring.request_body(self.model, prompt, prefix, self.cfg.top_logprobs)
+        vllm_only = {k: body.pop(k) for k in scoring.VLLM_FIELDS if k in body}  # not in the SDK's signature
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 async with self.sem:
                     self.requests += 1
-                    r = await self.client.chat.completions.create(
-                        model=self.model, messages=messages, max_tokens=1, temperature=0, logprobs=True,
-                        top_logprobs=self.cfg.top_logprobs, **extra)
+                    r = await self.client.chat.completions.create(**body, extra_body=vllm_only or None)
                 if r.usage is not None:
                     self.prompt_tokens += r.usage.prompt_tokens or 0
                     self.completion_tokens += r.usage.completion_tokens or 0
@@ -91,10 +86,7 @@ class JudgeClient:
         import openai
 
         try:
-            if self.method is Scoring.digits:
-                return await scoring.digits(lambda prefix: self.ask(prompt, prefix), categories,
-                                            self.cfg.min_valid_mass, self.cfg.prune_below)
-            return scoring.single_token(await self.ask(prompt), categories, self.cfg.min_valid_mass)
+            return await scoring.judge_with(self.ask, self.method, prompt, categories, self.cfg)
         except openai.APIStatusError as e:
             if e.status_code in (401, 403, 404):
                 raise JudgeFailed(f"the judge at {self.client.base_url} refused the request (HTTP {e.status_code}): "

@@ -262,21 +262,22 @@ def judge_record(run_dir: Path, plan: JudgePlan, result: JudgeResult | None, che
     mine = {"plan": plan, "result": result, "validation": checked}
     old = read_json(run_dir / JUDGE)
     judges = {**(old.get("judges") or {}), judge_label(plan): to_jsonable(mine)}
-    if not old.get("judges") and old.get("result") is not None and _label_of(old["plan"]) != judge_label(plan):
-        judges = {_label_of(old["plan"]): {k: old.get(k) for k in mine}, **judges}  # from before judges were kept
+    if not old.get("judges") and old.get("result") is not None and label_of(old["plan"]) != judge_label(plan):
+        judges = {label_of(old["plan"]): {k: old.get(k) for k in mine}, **judges}  # from before judges were kept
     top = judges.get(headline, judges[judge_label(plan)]) if headline else judges[judge_label(plan)]
     return {**top, "prompts": prompts_record(prompts) if result is not None else None,
             **({"judges": judges} if len(judges) > 1 else {})}
 
 
-def _label_of(plan: dict[str, Any]) -> str:
+def label_of(plan: dict[str, Any]) -> str:
+    """A judge's name from its plan (or judge record) as JSON: kind:model (scoring) [server args]."""
     extra = (plan.get("server") or {}).get("server_args")  # a local judge served otherwise is another judge
     return f"{plan.get('kind')}:{plan.get('model')} ({plan.get('scoring')})" + (f" [{' '.join(extra)}]" if extra else "")
 
 
 def judge_label(plan: JudgePlan) -> str:
     """A judge's name in metrics.json `judges`, judge.json and the tables: kind, model, scoring."""
-    return _label_of({"kind": plan.kind, "model": plan.model, "scoring": plan.scoring, "server": plan.server})
+    return label_of({"kind": plan.kind, "model": plan.model, "scoring": plan.scoring, "server": plan.server})
 
 
 def with_other_judges(metrics: dict[str, Any], plan: JudgePlan, rows: list[dict[str, Any]],

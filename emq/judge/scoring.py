@@ -21,6 +21,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from emq.errors import EmqError
 from emq.schema import Scoring
@@ -175,3 +176,27 @@ def scoring_from_tokenizer(ref: str) -> tuple[Scoring, str]:
                        "set judge.tokenizer=PATH, or judge.scoring=single_token|digits") from None
     single, why = numbers_are_single_tokens(lambda s: tok.encode(s, add_special_tokens=False))
     return (Scoring.single_token if single else Scoring.digits), f"{ref} tokenizer: {why}"
+
+
+VLLM_FIELDS = ("continue_final_message", "add_generation_prompt")  # vLLM's: the assistant prefix is continued
+
+
+def request_body(model: str, prompt: str, prefix: str, top_logprobs: int) -> dict[str, Any]:
+    """One judge request: the next token's top logprobs after `prefix` (written by the assistant). The body online
+    requests send and a Batch API line carries (emq.judge.batch), so both read the same distributions."""
+    messages = [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0, "logprobs": True,
+                            "top_logprobs": top_logprobs}
+    if prefix:
+        messages.append({"role": "assistant", "content": prefix})
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    return body
+
+
+async def judge_with(ask: Callable[..., Awaitable[TokenDist]], method: Scoring, prompt: str, categories: list[str],
+                     cfg: Any) -> Judgement:
+    """A judgement of `prompt` through `ask(prompt, prefix)` (online or batched): one request (single_token) or the
+    digit walk; `cfg` the judge config (min_valid_mass, prune_below)."""
+    if method is Scoring.digits:
+        return await digits(lambda prefix: ask(prompt, prefix), categories, cfg.min_valid_mass, cfg.prune_below)
+    return single_token(await ask(prompt), categories, cfg.min_valid_mass)

@@ -539,12 +539,14 @@ def _judged_at_sweep_end(r: Run) -> list[dict[str, Any]]:
 def judge_cost_line(runs: list[Run]) -> str:
     """What judging the sweep cost, summed per judge: judgements asked and from the judge cache, requests, tokens,
     and the cost where judge.price was set."""
+    from emq.judge.run import label_of
+
     per: dict[str, dict[str, float]] = {}
     for r in runs:
         top = r.metrics.get("judge") or {}
         # every judge of the run (a panel's, or judged one after another), else the one
         judges = {label: e.get("judge") or {} for label, e in (r.metrics.get("judges") or {}).items()} or {
-            f"{top.get('kind')}:{top.get('model')} ({top.get('scoring')})": top}
+            label_of(top): top}
         for name, j in judges.items():
             if not j.get("kind") or j["kind"] == "none" or j.get("items") is None:
                 continue
