@@ -159,6 +159,10 @@ class CompensationConfig:
     activations (emq.checkpoint.compensation) and served in one LoRA with the adapter's own update."""
 
     rank: int = 0  # 0: none; e.g. 16 / 32 / 64 (the served LoRA's rank is the adapter's plus this)
+    # true: `rank` is the least; raised to fill the LoRA buffers vLLM allocates anyway (max_lora_rank: the adapter's
+    # rank + `rank`, rounded up to a rank vLLM takes). vLLM's LoRA kernels cost what the buffers cost, so the fill
+    # is free at serve time: a rank-8 adapter gets 56 (buffers 64), a rank-32 one 32 (64), a rank-64 one 64 (128)
+    fill: bool = False
     # > 1: quantize what the low-rank term does not carry, refit, this many times (LoFTQ-style); each round costs one
     # more quantization of the layer
     rounds: int = 1

@@ -620,13 +620,40 @@ def test_a_compensation_serves_the_adapter_as_one_lora_on_the_w4a16_base_as_trai
     assert "the base as it is" in next(r for r in lora16.reasons if "compensated:" in r)
     assert not any(r.startswith("compensation: vLLM holds") for r in plan.reasons)  # 8 + 24 fills rank 32
     padded = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(32), fake_machine())
-    assert padded.engine.max_lora_rank == 64 and any("quant.compensation.rank=56 would use those buffers" in r
-                                                     for r in padded.reasons)
+    assert padded.engine.max_lora_rank == 64 and any("quant.compensation.rank=56 (or quant.compensation.fill=true) "
+                                                     "would use those buffers" in r for r in padded.reasons)
     unknown = make_plan(fake_det(rank=8, trained_in_4bit=None), MemoryConfig(), _compensated(24), fake_machine())
     assert any(r.startswith("WARNING: compensated: whether the adapter was trained on a 4-bit base is unknown")
                for r in unknown.reasons)
     base = make_plan(fake_det(adapter=False), MemoryConfig(), _compensated(16), fake_machine())
     assert base.route is Route.serve_base and base.engine.enable_lora and base.engine.max_lora_rank == 16
+
+
+@pytest.mark.parametrize("adapter_rank, least, rank, buffers", [(8, 32, 56, 64), (32, 32, 32, 64), (64, 32, 64, 128),
+                                                                 (16, 32, 48, 64), (8, 24, 24, 32), (32, 56, 96, 128)])
+def test_fill_raises_the_compensation_to_the_lora_buffers_vllm_allocates(adapter_rank, least, rank, buffers):
+    from emq.schema import CompensationConfig
+
+    quant = _compensated(compensation=CompensationConfig(least, fill=True))
+    plan = make_plan(fake_det(rank=adapter_rank), MemoryConfig(), quant, fake_machine())
+    assert plan.quantize.compensation == rank and plan.engine.max_lora_rank == buffers == adapter_rank + rank
+    raised = [r for r in plan.reasons if r.startswith("compensation: rank")]
+    assert bool(raised) == (rank > least)
+    if raised:
+        assert f"raised from quant.compensation.rank={least} to fill the rank-{buffers} LoRA buffers" in raised[0]
+    assert not any(r.startswith("compensation: vLLM holds") for r in plan.reasons)  # nothing left unused
+    said = next(r for r in plan.reasons if "compensated:" in r)
+    assert f"a rank-{rank} term" in said and f"(the adapter's {adapter_rank} + {rank})" in said
+
+
+def test_the_keep_preset_fills_the_demo_adapters_buffers_to_the_measured_rank_56():
+    # conf/quant/w4a16_keep.yaml: rank 32 at least, filled; on the demo's rank-8 adapter that is 56, the rank its
+    # measured 95.0 % was fitted at (and the cache key it was built under)
+    from tests.conftest import compose_run
+
+    cfg = compose_run(["quant=w4a16_keep"])
+    plan = make_plan(fake_det(rank=8), MemoryConfig(), cfg.quant, fake_machine())
+    assert cfg.quant.compensation.fill and plan.quantize.compensation == 56 and plan.engine.max_lora_rank == 64
 
 
 def test_a_compensation_rank_the_plan_cannot_use_is_said_not_dropped_silently():

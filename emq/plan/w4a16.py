@@ -108,16 +108,21 @@ def _compensated(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
     base = ("dequant(NF4(W)), the base the QLoRA adapter was trained on" if det.trained_in_4bit
             else "the base as it is (the adapter was trained on it)")
     adapter_rank = max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter else 0
+    padded = next((r for r in VLLM_LORA_RANKS if r >= adapter_rank + rank), adapter_rank + rank)
+    if quant.compensation.fill and padded - adapter_rank > rank:
+        reasons.append(f"compensation: rank {padded - adapter_rank}, raised from quant.compensation.rank={rank} to "
+                       f"fill the rank-{padded} LoRA buffers vLLM allocates for the adapter's {adapter_rank} + {rank} "
+                       "(quant.compensation.fill=true: free at serve time, and a higher rank never leaves more error)")
+        rank = padded - adapter_rank
     served = adapter_rank + rank
     if det.adapter is not None and det.trained_in_4bit is None:
         reasons.append("WARNING: compensated: whether the adapter was trained on a 4-bit base is unknown, so the base "
                        "is quantized as it is; a QLoRA adapter was trained on dequant(NF4(W)), and the compensation then "
                        "leaves that difference in: set model.trained_in_4bit=true if it was")
-    padded = next((r for r in VLLM_LORA_RANKS if r >= served), served)
     if padded > served:
         reasons.append(f"compensation: vLLM holds every LoRA at max_lora_rank={padded}, so the served rank {served} "
-                       f"costs what {padded} costs; quant.compensation.rank={padded - served + rank} would use those "
-                       "buffers (a higher rank never leaves more error)")
+                       f"costs what {padded} costs; quant.compensation.rank={padded - served + rank} (or "
+                       "quant.compensation.fill=true) would use those buffers (a higher rank never leaves more error)")
     reasons.append(f"{layout}; compensated: {alg} on {base}, layer by layer ({cal.samples} x {cal.seq_len} "
                    f"calibration tokens from {_corpus_said(cal.corpus, corpus)}), each Linear's error compensated by "
                    f"a rank-{rank} term fitted on its calibration inputs{_rounds(quant.compensation.rounds)}; served as one LoRA of rank {served} (the adapter's "

@@ -282,8 +282,8 @@ def phase_serve(n_variants: int = 5, shape: str = "7b") -> list[tuple[str, str]]
 
 
 KEEP_VARIANTS = [  # issue 32's speed table: label, quant overrides (QuantConfig fields), memory route
-    ("w4a16_keep: W4A16 gptq g32 + LoRA r32+56 (emq)", {"method": "w4a16", "algorithm": "gptq", "group_size": 32,
-                                                        "compensation": {"rank": 56}}, "lora"),
+    ("w4a16_keep: W4A16 gptq g32 + LoRA r32+{comp} (emq)", {"method": "w4a16", "algorithm": "gptq", "group_size": 32,
+                                                            "compensation": "preset"}, "lora"),
     ("W4A16 merged, emq default (emq)", {"method": "w4a16"}, "merge"),
     ("LoRA r32 on the W4A16 base (emq)", {"method": "w4a16"}, "lora"),
     ("LoRA r32 on in-flight bnb (emq)", {"method": "bnb"}, "lora"),
@@ -317,12 +317,16 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
         if q.get("compensation") and os.environ.get("EMQ_CHECK_KEEP_ALGORITHM"):  # the served shapes stay the same
             q = {**q, "algorithm": os.environ["EMQ_CHECK_KEEP_ALGORITHM"]}
             label = label.replace("gptq", q["algorithm"])
+        comp = CompensationConfig(rounds=rounds)
+        if q.get("compensation") == "preset":  # conf/quant/w4a16_keep.yaml's rank and fill (rounds: EMQ_CHECK_ROUNDS)
+            preset = _keep_preset()
+            comp = CompensationConfig(rank=preset["rank"], fill=preset.get("fill", False), rounds=rounds)
         quant = QuantConfig(method=QuantMethod(q["method"]), algorithm=QuantAlgorithm(q.get("algorithm", "rtn")),
-                            group_size=q.get("group_size"),
-                            compensation=CompensationConfig(rank=q.get("compensation", {}).get("rank", 0),
-                                                            rounds=rounds))
+                            group_size=q.get("group_size"), compensation=comp)
         memory = MemoryConfig(max_model_len=1024, route=RoutePolicy(route))
         plan = make_plan(det, memory, quant, snapshot(cache))
+        if plan.quantize is not None:
+            label = label.replace("{comp}", str(plan.quantize.compensation))
         if plan.route is Route.stop:
             out.append((label, {}, None, {"stop": plan.stop_reason}))
             continue
@@ -354,6 +358,13 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
         print("BUILT", label, json.dumps(build), flush=True)
         out.append((label, {**kw, "_env": {**env, **plan.engine.env}}, lora, build))
     return out
+
+
+def _keep_preset() -> dict:
+    """conf/quant/w4a16_keep.yaml's compensation block (the GPU image has PyYAML, not Hydra)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "conf" / "quant" / "w4a16_keep.yaml").read_text())["compensation"]
 
 
 def phase_fitcost() -> list[tuple[str, str]]:

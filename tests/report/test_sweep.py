@@ -408,3 +408,26 @@ def test_a_model_adapters_run_is_found_as_its_adapters_variants_labelled_by_name
     html = report.build([run], reference={"model.name": "good"})
     summary = (html.parent / "summary.md").read_text()
     assert "model.name=good (reference)" in summary and "model.name=lora16" in summary
+
+
+def test_keep_fine_tune_sweeps_each_compensation_rank_as_given():
+    # the preset fills the LoRA buffers (16 and 32 would both become 56 on the demo's rank-8 adapter); the
+    # experiment compares ranks, so its sweep turns the fill off
+    from hydra import compose, initialize_config_dir
+
+    from emq.config import CONF_DIR
+    from emq.plan import make_plan
+    from emq.schema import MemoryConfig
+    from tests.plans import fake_det, fake_machine
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = compose(config_name="config", overrides=["+experiment=keep_fine_tune"], return_hydra_config=True)
+    params = raw.hydra.sweeper.params
+    ranks = [int(r) for r in str(params["quant.compensation.rank"]).split(",")]
+    assert len(ranks) >= 2
+    for rank in ranks:
+        cfg = compose_run(["+experiment=keep_fine_tune", f"quant={params['quant']}",
+                           f"quant.compensation.fill={params['quant.compensation.fill']}",
+                           f"quant.compensation.rank={rank}"])
+        plan = make_plan(fake_det(rank=8), MemoryConfig(), cfg.quant, fake_machine())
+        assert plan.quantize.compensation == rank, rank
