@@ -23,7 +23,7 @@ from emq.checkpoint.quantize import merge_in_cache, quantize_for_plan, rtn_setti
 from emq.checkpoint.quantizers import quantizer
 from emq.demo import demo_built, ensure_demo
 from emq.detect import check_ignore, detect
-from emq.engine import Engine, check_engine_extra, load
+from emq.engine import Engine, check_engine_extra, load, release_cuda_cache
 from emq.errors import EmqError, PlanStop
 from emq.evaluate import Target, evaluate_many
 from emq.machine import GIB, snapshot
@@ -187,9 +187,12 @@ def _stopped(status: RunStatus, e: BaseException) -> bool:
 def _close(status: RunStatus, engine: Engine | None, made: list, progress: Progress, mem: PeakMemory, t0: float,
            run_dir: Path, peak_gib: float | None = None) -> None:
     """The end of every run, whatever happened: the engine stopped, the checkpoints memory.cleanup_after_eval drops
-    removed (`made`), progress.json and status.json written."""
+    removed (`made`), progress.json and status.json written; what merge/quantize/reference left in this process's
+    CUDA cache handed back (a run stopped before `load` would leave the next sweep job's plan seeing a GPU short of
+    vLLM's share: the 7B check's second plan stopped so, with 13 GiB held after a quantize)."""
     if engine is not None:
         engine.shutdown()
+    release_cuda_cache()
     for path in made:
         _clean_up(path)
     progress.update(force=True, stage=status.stage, status=status.status)

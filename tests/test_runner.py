@@ -166,3 +166,23 @@ def test_cleanup_after_eval_drops_every_cache_entry_the_run_made_and_nothing_out
     merged = NS(cfg=cfg, merged=NS(path=str(cache / "m")), quantized=NS(path=str(cache / "q"), source=str(cache / "m")),
                 adapter=None)
     assert _made(merged) == [str(cache / "m"), str(cache / "q")]
+
+
+def test_every_run_hands_back_its_cuda_cache_at_the_end(monkeypatch, tmp_path):
+    """A run stopped between quantize and load still held its CUDA cache, and the next sweep job's plan saw the GPU
+    short of vLLM's share. CUDA cannot run here: the release itself is tested in tests/test_engine.py with a stand-in
+    torch.cuda; this checks the end of a run calls it, whatever happened."""
+    from emq import runner
+    from emq.monitor import PeakMemory
+
+    calls = []
+    monkeypatch.setattr(runner, "release_cuda_cache", lambda: calls.append(1) or 0)
+
+    class Progress:
+        def update(self, **kw):
+            pass
+
+    status = runner.RunStatus(status="failed", stage="quantize")
+    with PeakMemory() as mem:
+        runner._close(status, None, [], Progress(), mem, 0.0, tmp_path)
+    assert calls == [1] and (tmp_path / "status.json").is_file()

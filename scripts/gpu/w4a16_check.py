@@ -300,7 +300,7 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
     from emq.checkpoint.merge import MergeSettings, merge_adapter
     from emq.checkpoint.quantize import quantize_for_plan, rtn_settings, served_adapter
     from emq.detect import detect
-    from emq.engine import engine_kwargs
+    from emq.engine import engine_kwargs, release_cuda_cache
     from emq.machine import snapshot
     from emq.monitor import PeakMemory
     from emq.plan import make_plan
@@ -356,6 +356,7 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
                  "route": plan.route.value, "max_lora_rank": plan.engine.max_lora_rank,
                  "lora_rank": getattr(served_lora, "rank", None), "model": model, "lora": lora}
         print("BUILT", label, json.dumps(build), flush=True)
+        release_cuda_cache()  # the next variant's plan must see the GPU vLLM will get (13 GiB held made it stop)
         out.append((label, {**kw, "_env": {**env, **plan.engine.env}}, lora, build))
     return out
 
