@@ -17,6 +17,8 @@ fit one device call. Every phase builds what it needs if an earlier call did not
     python3 scripts/gpu/w4a16_check.py keep [7b-gqa|14b]  # issue 32: the compensated route vs W4A16 merged, LoRA on
                                                   # W4A16, LoRA on bnb, bf16 (tok/s at 270 / 18 seqs, weights GiB),
                                                   # each built by emq's stages, with build time and peaks
+                                                  # (EMQ_CHECK_ONLY picks KEEP_VARIANTS rows: 5 = w4a16_keep at g64,
+                                                  # 6 = LoRA on W4A16 g32: Machete vs Marlin on Hopper)
     python3 scripts/gpu/w4a16_check.py fitcost    # one Linear's compensation fit at 7B/14B sizes: eigh, SVD, randomized
 
 Random weights make the 7B text meaningless; time, memory and tokens/s are real. Results go to $OUT (JSON) and a
@@ -165,7 +167,7 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
     from vllm.lora.request import LoRARequest
 
     from benchmarks.eval_bench import eval_config
-    from emq.engine import Engine, LoadRecord, _worker_weights
+    from emq.engine import Engine, LoadRecord, _worker_weights, read_kernels
     from emq.evaluate import evaluate
     from emq.prompts import build_prompts
 
@@ -176,6 +178,7 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
     llm = LLM(**kwargs)
     load = time.perf_counter() - t0
     weights = sum(b for b, _ in llm.collective_rpc(_worker_weights, timeout=60)) / 2**30
+    kernels = (read_kernels(llm) or {}).get("linear")  # e.g. which int4 kernel (Machete / Marlin) vLLM picked
     req = LoRARequest("adapter", 1, lora) if lora else None
     for n in counts:
         cfg = eval_config(n, max_tokens)
@@ -196,7 +199,7 @@ def worker(kwargs: dict, side: str, counts: list[int], max_tokens: int, lora: st
             seqs = sum(len(o.outputs) for o in outs)
         print("RESULT " + json.dumps({"side": side, "n": n, "seqs": seqs, "tokens": tokens, "seconds": seconds,
                                       "tok_s": tokens / seconds, "load_s": load,
-                                      "weights_gib": round(weights, 3)}), flush=True)
+                                      "weights_gib": round(weights, 3), "kernels": kernels}), flush=True)
 
 
 def _served(label: str, kw: dict, side: str, counts: str, lora: str | None, timeout: int
@@ -218,7 +221,8 @@ def _served(label: str, kw: dict, side: str, counts: str, lora: str | None, time
     served = {n: {**sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2],
                   "repeats_tok_s": [round(r["tok_s"]) for r in rs]} for n, rs in by_n.items()}
     print(label, res, flush=True)
-    return (label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; " + "; ".join(
+    return (label, f"load {res[0]['load_s']:.0f} s; weights {res[0]['weights_gib']:.2f} GiB; "
+                   f"linear {res[0].get('kernels')}; " + "; ".join(
         f"{r['seqs']} seqs {r['tok_s']:.0f} tok/s (median of {r['repeats_tok_s']})" for r in served.values())), served
 
 
@@ -288,6 +292,11 @@ KEEP_VARIANTS = [  # issue 32's speed table: label, quant overrides (QuantConfig
     ("LoRA r32 on the W4A16 base (emq)", {"method": "w4a16"}, "lora"),
     ("LoRA r32 on in-flight bnb (emq)", {"method": "bnb"}, "lora"),
     ("merged bf16 (emq)", {"method": "none"}, "merge"),
+    # which int4 kernel: on Hopper vLLM 0.23 takes Machete for g64/g128 and Marlin for g32 (Machete's group sizes for
+    # 16-bit activations are -1/64/128: vllm/model_executor/layers/quantization/utils/machete_utils.py)
+    ("w4a16_keep at g64: W4A16 gptq g64 + LoRA r32+{comp} (emq)", {"method": "w4a16", "algorithm": "gptq",
+                                                                "group_size": 64, "compensation": "preset"}, "lora"),
+    ("LoRA r32 on the W4A16 g32 base (emq)", {"method": "w4a16", "group_size": 32}, "lora"),
 ]
 
 
