@@ -646,6 +646,20 @@ def test_fill_raises_the_compensation_to_the_lora_buffers_vllm_allocates(adapter
     assert f"a rank-{rank} term" in said and f"(the adapter's {adapter_rank} + {rank})" in said
 
 
+def test_the_quantize_estimate_counts_the_compensation_rounds():
+    # the preset's 4 rounds took 376 s where one took 212 s on the demo (CPU): the plan's estimate says so
+    from emq.checkpoint.costs import EXTRA_ROUND_SHARE
+    from emq.schema import CompensationConfig
+
+    one = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(compensation=CompensationConfig(32, rounds=1)),
+                    fake_machine())
+    four = make_plan(fake_det(rank=8), MemoryConfig(), _compensated(compensation=CompensationConfig(32, rounds=4)),
+                     fake_machine())
+    assert four.estimates_gib["quantize_seconds_cpu"] == pytest.approx(
+        one.estimates_gib["quantize_seconds_cpu"] * (1 + 3 * EXTRA_ROUND_SHARE))
+    assert 1.5 < four.estimates_gib["quantize_seconds_cpu"] / one.estimates_gib["quantize_seconds_cpu"] < 2.0  # 376 / 212
+
+
 def test_the_keep_preset_fills_the_demo_adapters_buffers_to_the_measured_rank_56():
     # conf/quant/w4a16_keep.yaml: rank 32 at least, filled; on the demo's rank-8 adapter that is 56, the rank its
     # measured 95.0 % was fitted at (and the cache key it was built under)

@@ -76,10 +76,19 @@ def layerwise_peaks(det: DetectResult, samples: int, seq_len: int) -> dict[str, 
     return {"quantize_peak_gpu_vram": device + 0.5, "quantize_peak_cpu_ram": device + 1.0}
 
 
-def layerwise_seconds(det: DetectResult, algorithm: str, samples: int, seq_len: int) -> dict[str, float]:
+# Each further round of a compensated quantization (quant.compensation.rounds: quantize what the low-rank term does not
+# carry, refit) re-runs the layer's quantization and fit on inputs already captured. Measured on the demo (vLLM CPU
+# build machine, 2 cores, GPTQ g32, compensation rank 32): 1 round 212 s, 4 rounds 376 s, so a round adds 0.26 of a
+# one-round pass (benchmarks/results/quant_methods_demo_cpu.md).
+EXTRA_ROUND_SHARE = 0.26
+
+
+def layerwise_seconds(det: DetectResult, algorithm: str, samples: int, seq_len: int,
+                      rounds: int = 1) -> dict[str, float]:
     """Rough wall time of a calibrated quantization per device, from the algorithm's measured rates (seconds per
-    decoder Linear parameter × calibration token: `emq.checkpoint.quantizers.<algorithm>`)."""
-    work = (det.base.linear_params or 0) * samples * seq_len
+    decoder Linear parameter × calibration token: `emq.checkpoint.quantizers.<algorithm>`), × the extra rounds of a
+    compensated one (EXTRA_ROUND_SHARE each)."""
+    work = (det.base.linear_params or 0) * samples * seq_len * (1 + EXTRA_ROUND_SHARE * (rounds - 1))
     # round to nearest run layer by layer (to fit a compensation) has no rate of its own: GPTQ's bounds it
     rates = quantizer(algorithm).seconds_per_param_token or quantizer("gptq").seconds_per_param_token
     return {f"quantize_seconds_{device}": work * rate for device, rate in rates.items()}

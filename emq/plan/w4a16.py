@@ -103,7 +103,7 @@ def _compensated(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
     cal = quant.calibration
     corpus = corpus_for(cal.corpus, det)
     est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
-    est.update(layerwise_seconds(det, alg, cal.samples, cal.seq_len))
+    est.update(layerwise_seconds(det, alg, cal.samples, cal.seq_len, quant.compensation.rounds))
     devices = _quantize_devices(quant.device, machine, est, reasons)
     base = ("dequant(NF4(W)), the base the QLoRA adapter was trained on" if det.trained_in_4bit
             else "the base as it is (the adapter was trained on it)")
