@@ -61,11 +61,15 @@ def weights_missing(det: DetectResult, route: Route, *, fidelity: bool) -> bool:
     return merge_lacks or lora_lacks or (fidelity and not det.base.weights_local)
 
 
+def adapter_rank(det: DetectResult) -> int:
+    """The adapter's largest rank (its rank_pattern included); 0 without an adapter."""
+    return max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter is not None else 0
+
+
 def lora_rank(det: DetectResult, extra: int = 0) -> int:
     """vLLM's max_lora_rank for the adapter (plus `extra`: a compensation served in the same LoRA), rounded up to
     a value vLLM accepts."""
-    top = max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter is not None else 0
-    top += extra
+    top = adapter_rank(det) + extra
     for r in VLLM_LORA_RANKS:
         if r >= top:
             return r

@@ -9,7 +9,7 @@ from emq.checkpoint.quantizers import quantizer
 from emq.detect import DetectResult
 from emq.errors import EmqError
 from emq.machine import GIB, Machine
-from emq.plan.fit import VLLM_LORA_RANKS
+from emq.plan import fit
 from emq.plan.types import QuantizePlan, Route, Routing
 from emq.schema import MemoryConfig, MergeMethod, QuantConfig
 
@@ -107,8 +107,7 @@ def _compensated(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
     devices = _quantize_devices(quant.device, machine, est, reasons)
     base = ("dequant(NF4(W)), the base the QLoRA adapter was trained on" if det.trained_in_4bit
             else "the base as it is (the adapter was trained on it)")
-    adapter_rank = max([det.adapter.rank, *det.adapter.rank_pattern.values()]) if det.adapter else 0
-    padded = next((r for r in VLLM_LORA_RANKS if r >= adapter_rank + rank), adapter_rank + rank)
+    adapter_rank, padded = fit.adapter_rank(det), fit.lora_rank(det, rank)  # too high a rank stops here
     if quant.compensation.fill and padded - adapter_rank > rank:
         reasons.append(f"compensation: rank {padded - adapter_rank}, raised from quant.compensation.rank={rank} to "
                        f"fill the rank-{padded} LoRA buffers vLLM allocates for the adapter's {adapter_rank} + {rank} "
