@@ -33,6 +33,13 @@ class QuantAlgorithm(str, Enum):
     awq = "awq"  # AWQ: activation-aware per-channel scaling, then round to nearest, layer by layer
 
 
+class ScaleSearch(str, Enum):
+    """How w4a16 picks each group's scale (emq.checkpoint.w4a16.group_params)."""
+
+    minmax = "minmax"  # the group's range as it is
+    mse = "mse"  # the range shrunk (× 1.00 … 0.70) to what leaves the least error: more steps for the bulk
+
+
 class RoutePolicy(str, Enum):
     """How an adapter reaches the engine."""
 
@@ -180,6 +187,7 @@ class QuantConfig:
     algorithm: QuantAlgorithm = QuantAlgorithm.rtn
     group_size: int | None = None  # null: the largest of 128/64/32 that divides every quantized in-feature
     symmetric: bool = False  # asymmetric (a zero point per group) halves the demo's error at the same size
+    scale_search: ScaleSearch = ScaleSearch.minmax  # gptq/awq/compensated: minmax | mse (each group's clip searched)
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear modules kept in 16 bits
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     damp: float = 0.01  # gptq: dampening, as a fraction of the Hessian's mean diagonal

@@ -662,12 +662,44 @@ def test_the_quantize_estimate_counts_the_compensation_rounds():
 
 def test_the_keep_preset_fills_the_demo_adapters_buffers_to_the_measured_rank_56():
     # conf/quant/w4a16_keep.yaml: rank 32 at least, filled; on the demo's rank-8 adapter that is 56, the rank its
-    # measured 95.0 % was fitted at (and the cache key it was built under)
+    # measured 95.0 % (95.5 % with searched scales) was fitted at
     from tests.conftest import compose_run
 
     cfg = compose_run(["quant=w4a16_keep"])
     plan = make_plan(fake_det(rank=8), MemoryConfig(), cfg.quant, fake_machine())
     assert cfg.quant.compensation.fill and plan.quantize.compensation == 56 and plan.engine.max_lora_rank == 64
+    assert plan.quantize.scale_search == "mse" and plan.quantize.group_size == 32  # what kept 95.5 %
+
+
+@pytest.mark.parametrize("quant", [dict(compensation=None), dict(algorithm=QuantAlgorithm.rtn, compensation=None),
+                                   dict()], ids=["gptq", "rtn-fused", "compensated"])
+def test_scale_search_reaches_every_quantizer_and_its_cache_key(quant):
+    from emq.checkpoint.quantize import rtn_settings
+    from emq.schema import CompensationConfig, ScaleSearch
+
+    q = _compensated(**{k: v for k, v in quant.items() if k != "compensation"})
+    if "compensation" in quant:
+        q.compensation = CompensationConfig(0)
+    plain = make_plan(fake_det(rank=8), MemoryConfig(), q, fake_machine()).quantize
+    q.scale_search = ScaleSearch.mse
+    plan = make_plan(fake_det(rank=8), MemoryConfig(), q, fake_machine())
+    assert plain.scale_search == "minmax" and plan.quantize.scale_search == "mse"
+    assert "mse scales" in plan.quantize.describe() and "mse scales" not in plain.describe()
+    assert any("each group's scale searched" in r for r in plan.reasons)
+    if plan.quantize.fused:  # RTN inside the stream merge: the merge's settings carry it (and so its cache key)
+        assert rtn_settings(plan.quantize).scale_search == "mse"
+
+
+def test_scale_search_keys_only_when_it_is_not_the_default():
+    # the min-max checkpoints cached before the setting existed keep their keys; an mse one gets its own
+    import dataclasses
+
+    from emq.checkpoint.quantize import QuantizeSettings, settings_inputs
+
+    plain = QuantizeSettings("gptq", 32, False, ("lm_head",), "default", 40, 512, compensation_rank=56)
+    searched = dataclasses.replace(plain, scale_search="mse")
+    assert "scale_search" not in settings_inputs(plain) and settings_inputs(searched)["scale_search"] == "mse"
+    assert settings_inputs(plain) == {k: v for k, v in settings_inputs(searched).items() if k != "scale_search"}
 
 
 def test_a_compensation_rank_the_plan_cannot_use_is_said_not_dropped_silently():

@@ -612,7 +612,8 @@ def quantize_layerwise(src: Path, out: Path, *, algorithm: str, spec: QuantSpec,
         source.close()
     _write_index_and_config(out, cfg, weight_map, job.out_dtype, spec, job.ignore)
     return {"files_sha256": hashes, "device": device, "algorithm": algorithm,
-            "spec": {"group_size": spec.group_size, "symmetric": spec.symmetric, "bits": spec.bits},
+            "spec": {"group_size": spec.group_size, "symmetric": spec.symmetric, "bits": spec.bits,
+                     **({"scale_search": spec.scale_search} if spec.scale_search != "minmax" else {})},
             "damp": damp if quantizer(algorithm).uses_damp else None,
             **({"compensation_rank": compensation_rank} if compensation_rank else {}),
             **({"compensation_rounds": compensation_rounds} if compensation_rounds > 1 else {}),

@@ -64,6 +64,7 @@ class RtnSettings:
     group_size: int
     symmetric: bool
     ignore: tuple[str, ...] = ("lm_head",)
+    scale_search: str = "minmax"  # emq.checkpoint.w4a16.QuantSpec.scale_search
 
 
 # Bump when a quantizer's output changes for the same inputs: cached W4A16 checkpoints are rebuilt.
@@ -111,7 +112,8 @@ def merge_inputs(det: DetectResult, settings: MergeSettings) -> dict:
         s["nf4"] = nf4_settings(det)
     if settings.rtn is not None:
         s["w4a16"] = {"algorithm": "rtn", "group_size": settings.rtn.group_size, "symmetric": settings.rtn.symmetric,
-                      "ignore": sorted(set(settings.rtn.ignore) | {"lm_head"}), "quantizer": QUANTIZER_VERSION}
+                      "ignore": sorted(set(settings.rtn.ignore) | {"lm_head"}), "quantizer": QUANTIZER_VERSION,
+                      **({"scale_search": settings.rtn.scale_search} if settings.rtn.scale_search != "minmax" else {})}
     adapter = ({"path": det.adapter.path, "files": adapter_identity(Path(det.adapter.path))} if det.adapter
                else {"path": None, "files": None})
     return {"base": {"path": det.base.path, "files": base_identity(Path(det.base.path))}, "adapter": adapter,

@@ -46,6 +46,7 @@ class QuantizeSettings:
     damp: float = 0.01
     compensation_rank: int = 0  # > 0: fit and keep each Linear's low-rank error compensation (compensation.factors)
     compensation_rounds: int = 1
+    scale_search: str = "minmax"  # emq.checkpoint.w4a16.QuantSpec.scale_search
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,17 @@ class QuantizeResult:
     calibration: dict[str, Any]
     attempts: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)  # per decoder layer: seconds, per-module loss / alpha
+
+
+def settings_inputs(settings: QuantizeSettings) -> dict[str, Any]:
+    """The settings part of a W4A16 checkpoint's cache key (and manifest); a setting at its default before it
+    existed (rounds 1, min-max scales) is left out, so entries cached before it keep their keys."""
+    return {"algorithm": settings.algorithm, "group_size": settings.group_size, "symmetric": settings.symmetric,
+            "ignore": sorted(set(settings.ignore) | {"lm_head"}), "damp": settings.damp, "quantizer": QUANTIZER_VERSION,
+            **({"compensation_rank": settings.compensation_rank, "compensation": COMPENSATION_VERSION}
+               if settings.compensation_rank else {}),
+            **({"compensation_rounds": settings.compensation_rounds} if settings.compensation_rounds > 1 else {}),
+            **({"scale_search": settings.scale_search} if settings.scale_search != "minmax" else {})}
 
 
 def quantize_checkpoint(src: str | Path, source_identity: dict[str, Any], settings: QuantizeSettings,
@@ -92,11 +104,7 @@ def quantize_checkpoint(src: str | Path, source_identity: dict[str, Any], settin
     tokens = calibration_tokens(chats, AutoTokenizer.from_pretrained(src), settings.samples, settings.seq_len)
     calibration = {"corpus": settings.corpus, "corpus_sha256": chats.sha256, "samples": settings.samples,
                    "seq_len": settings.seq_len, "tokens_sha256": digest(tokens)}
-    quant = {"algorithm": settings.algorithm, "group_size": settings.group_size, "symmetric": settings.symmetric,
-             "ignore": sorted(set(settings.ignore) | {"lm_head"}), "damp": settings.damp, "quantizer": QUANTIZER_VERSION,
-             **({"compensation_rank": settings.compensation_rank, "compensation": COMPENSATION_VERSION}
-                if settings.compensation_rank else {}),
-             **({"compensation_rounds": settings.compensation_rounds} if settings.compensation_rounds > 1 else {})}
+    quant = settings_inputs(settings)
     key = cache.key_of({"source": source_identity, "quant": quant, "calibration": calibration})
     inputs = {"source": {"path": str(src), "identity": source_identity}, "settings": quant, "calibration": calibration}
     attempts: list[dict] = []
@@ -106,7 +114,8 @@ def quantize_checkpoint(src: str | Path, source_identity: dict[str, Any], settin
         from emq.checkpoint.w4a16 import QuantSpec
 
         fields = quantize_layerwise(src, tmp, algorithm=settings.algorithm, ignore=tuple(quant["ignore"]),
-                                    spec=QuantSpec(group_size=settings.group_size, symmetric=settings.symmetric),
+                                    spec=QuantSpec(group_size=settings.group_size, symmetric=settings.symmetric,
+                                                   scale_search=settings.scale_search),
                                     tokens=tokens, device=device, damp=settings.damp,
                                     compensation_rank=settings.compensation_rank,
                                     compensation_rounds=settings.compensation_rounds)
@@ -135,7 +144,7 @@ def rtn_settings(qplan) -> Any:
 
     if qplan is None or not qplan.fused:
         return None
-    return RtnSettings(qplan.group_size, qplan.symmetric, tuple(qplan.ignore))
+    return RtnSettings(qplan.group_size, qplan.symmetric, tuple(qplan.ignore), qplan.scale_search)
 
 
 def _merge_entry_key(path: Path) -> str | None:
@@ -191,7 +200,8 @@ def quantize_for_plan(det, qplan, merged, cache_dir: str | Path, *, force_recrea
         src, identity = det.base.path, {"base_files": base_identity(Path(det.base.path))}
     cal = qplan.calibration
     settings = QuantizeSettings(qplan.algorithm, qplan.group_size, qplan.symmetric, tuple(qplan.ignore),
-                                cal["corpus"], cal["samples"], cal["seq_len"], cal["damp"])
+                                cal["corpus"], cal["samples"], cal["seq_len"], cal["damp"],
+                                scale_search=qplan.scale_search)
     return quantize_checkpoint(src, identity, settings, qplan.devices, cache_dir, force_recreate=force_recreate)
 
 
@@ -214,7 +224,7 @@ def _quantize_compensated(det, qplan, cache_dir: str | Path, force_recreate: boo
     cal = qplan.calibration
     settings = QuantizeSettings(qplan.algorithm, qplan.group_size, qplan.symmetric, tuple(qplan.ignore),
                                 cal["corpus"], cal["samples"], cal["seq_len"], cal["damp"], qplan.compensation,
-                                qplan.compensation_rounds)
+                                qplan.compensation_rounds, qplan.scale_search)
     return quantize_checkpoint(src, identity, settings, qplan.devices, cache_dir, force_recreate=force_recreate)
 
 

@@ -390,7 +390,8 @@ def _quant_spec(w4a16: dict[str, Any] | None) -> tuple[Any, tuple[str, ...]]:
         return None, ()
     from emq.checkpoint.w4a16 import QuantSpec  # torch: only when quantizing
 
-    return QuantSpec(group_size=int(w4a16["group_size"]), symmetric=bool(w4a16["symmetric"])), tuple(w4a16["ignore"])
+    return (QuantSpec(group_size=int(w4a16["group_size"]), symmetric=bool(w4a16["symmetric"]),
+                      scale_search=w4a16.get("scale_search", "minmax")), tuple(w4a16["ignore"]))
 
 
 def _untied_lm_head(det: DetectResult, cfg: dict[str, Any], deltas: dict[str, _Lora], replace: dict[str, _Ref],

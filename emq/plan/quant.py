@@ -32,8 +32,8 @@ W4A16_WHY = ("offline int4 weights with group-wise scales (compressed-tensors), 
              "sequences and 2.7x at 18 with 0.95x its weights (3.60 vs 3.77 GiB), and on the demo's QLoRA merge it "
              "keeps 50% (RTN g64) to 86% "
              "(GPTQ g32) of the fine-tune where merged + bnb keeps 7% (benchmarks/results/h200/w4a16_h200.md); "
-             "quant=w4a16_keep keeps 95.0% of it (the LoRA on W4A16 of the base as trained, with a low-rank "
-             "compensation; vLLM 0.23 on an H100 and vLLM CPU 0.32: benchmarks/results/keep_demo_cpu.md) at "
+             "quant=w4a16_keep keeps 95.5% of it (the LoRA on W4A16 of the base as trained, with a low-rank "
+             "compensation; vLLM CPU 0.32: benchmarks/results/keep_demo_cpu.md) at "
              "0.57x bf16's weights with its LoRA; at 7B on an H100 (a rank-32 adapter, so compensation 32 in rank-64 "
              "LoRA buffers) it ran 1.06x LoRA-on-bnb's tokens/s at 270 sequences and 2.35x at 18, where W4A16 merged "
              "ran 1.39x and 3.27x (benchmarks/results/h100/keep_7b_h100.md)")

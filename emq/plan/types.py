@@ -126,11 +126,13 @@ class QuantizePlan:
     calibration: dict | None = None  # gptq/awq: corpus, samples, seq_len, damp
     compensation: int = 0  # quant.compensation.rank: the base as trained + a rank-r error compensation in the LoRA
     compensation_rounds: int = 1  # quant.compensation.rounds
+    scale_search: str = "minmax"  # quant.scale_search (layer-by-layer quantizers only)
 
     def describe(self) -> str:
         rounds = f" × {self.compensation_rounds} rounds" if self.compensation_rounds > 1 else ""
         comp = f", compensation r{self.compensation}{rounds}" if self.compensation else ""
-        return f"w4a16 ({self.algorithm}, g{self.group_size}, {'sym' if self.symmetric else 'asym'}{comp})"
+        search = f", {self.scale_search} scales" if self.scale_search != "minmax" else ""
+        return f"w4a16 ({self.algorithm}, g{self.group_size}, {'sym' if self.symmetric else 'asym'}{search}{comp})"
 
 
 @dataclass(frozen=True)

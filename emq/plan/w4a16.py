@@ -45,7 +45,9 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
     ignore = sorted(set(quant.ignore) | {"lm_head"})
     source = "merged" if routing.route is Route.merge_then_serve else "base"
     est["serve_weights"] = est["serve_weights_w4a16"] = w4a16_bytes(det, group, quant.symmetric) / GIB
-    layout = f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
+    layout = (f"w4a16: {why}; {'symmetric' if quant.symmetric else 'asymmetric (a zero point per group)'}"
+              + ("; each group's scale searched (mse: its range × 1.00 … 0.70, the least error kept)"
+                 if quant.scale_search.value == "mse" else ""))
     if quant.compensation.rank:
         return _compensated(det, memory, quant, machine, source, group, ignore, est, layout, reasons)
     if not quantizer(quant.algorithm.value).calibrated:  # round to nearest: no calibration, fused into a stream pass
@@ -53,10 +55,12 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
             ["cuda", "cpu"] if machine.cuda and not memory.prefer_cpu_merge else ["cpu"])
         if source == "merged" and memory.merge_method is MergeMethod.peft:  # peft writes the merge itself
             reasons.append(f"{layout}; round to nearest, in a stream pass over the peft merge (no calibration)")
-            return QuantizePlan("rtn", group, quant.symmetric, ignore, False, source, devices)
+            return QuantizePlan("rtn", group, quant.symmetric, ignore, False, source, devices,
+                                scale_search=quant.scale_search.value)
         reasons.append(f"{layout}; round to nearest, fused into the stream pass over the "
                        f"{'merge' if source == 'merged' else 'base'} (one pass, no 16-bit copy written; no calibration)")
-        return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices)
+        return QuantizePlan("rtn", group, quant.symmetric, ignore, True, source, devices,
+                            scale_search=quant.scale_search.value)
     cal = quant.calibration
     corpus = corpus_for(cal.corpus, det)
     est.update(layerwise_peaks(det, cal.samples, cal.seq_len))
@@ -68,7 +72,8 @@ def plan_quantize(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, m
                    f"layer and {cal.samples} x {cal.seq_len} calibration tokens from {said} in memory), "
                    f"on {' → '.join(devices)} ({took}, from measured rates; once per checkpoint, then cached)")
     return QuantizePlan(quant.algorithm.value, group, quant.symmetric, ignore, False, source, devices,
-                        {"corpus": corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp})
+                        {"corpus": corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp},
+                        scale_search=quant.scale_search.value)
 
 
 def _quantize_devices(want: str, machine: Machine, est: dict[str, float], reasons: list[str]) -> list[str]:
@@ -128,7 +133,8 @@ def _compensated(det: DetectResult, memory: MemoryConfig, quant: QuantConfig, ma
                    f"{served - rank} + {rank}) on the W4A16 base, on {' → '.join(devices)}")
     return QuantizePlan(alg, group, quant.symmetric, ignore, False, source, devices,
                         {"corpus": corpus, "samples": cal.samples, "seq_len": cal.seq_len, "damp": quant.damp},
-                        compensation=rank, compensation_rounds=quant.compensation.rounds)
+                        compensation=rank, compensation_rounds=quant.compensation.rounds,
+                        scale_search=quant.scale_search.value)
 
 
 def _corpus_said(asked: str, corpus: str) -> str:

@@ -315,7 +315,7 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
     from emq.plan import make_plan
     from emq.plan.types import Route
     from emq.schema import (CompensationConfig, MemoryConfig, ModelConfig, QuantAlgorithm, QuantConfig, QuantMethod,
-                            RoutePolicy)
+                            RoutePolicy, ScaleSearch)
 
     base, adapter = seven_b(shape)
     cache = ROOT / "cache"
@@ -326,12 +326,14 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
         if q.get("compensation") and os.environ.get("EMQ_CHECK_KEEP_ALGORITHM"):  # the served shapes stay the same
             q = {**q, "algorithm": os.environ["EMQ_CHECK_KEEP_ALGORITHM"]}
             label = label.replace("gptq", q["algorithm"])
-        comp = CompensationConfig(rounds=rounds)
-        if q.get("compensation") == "preset":  # conf/quant/w4a16_keep.yaml's rank and fill (rounds: EMQ_CHECK_ROUNDS)
-            preset = _keep_preset()
-            comp = CompensationConfig(rank=preset["rank"], fill=preset.get("fill", False), rounds=rounds)
+        comp, search = CompensationConfig(rounds=rounds), ScaleSearch.minmax
+        if q.get("compensation") == "preset":  # conf/quant/w4a16_keep.yaml's rank, fill and scale search (rounds:
+            preset = _keep_preset()            # EMQ_CHECK_ROUNDS)
+            comp = CompensationConfig(rank=preset["compensation"]["rank"],
+                                      fill=preset["compensation"].get("fill", False), rounds=rounds)
+            search = ScaleSearch(preset.get("scale_search", "minmax"))
         quant = QuantConfig(method=QuantMethod(q["method"]), algorithm=QuantAlgorithm(q.get("algorithm", "rtn")),
-                            group_size=q.get("group_size"), compensation=comp)
+                            group_size=q.get("group_size"), compensation=comp, scale_search=search)
         memory = MemoryConfig(max_model_len=1024, route=RoutePolicy(route))
         plan = make_plan(det, memory, quant, snapshot(cache))
         if plan.quantize is not None:
@@ -371,10 +373,10 @@ def _keep_artifacts(shape: str, which: list[int], rounds: int) -> list[tuple[str
 
 
 def _keep_preset() -> dict:
-    """conf/quant/w4a16_keep.yaml's compensation block (the GPU image has PyYAML, not Hydra)."""
+    """conf/quant/w4a16_keep.yaml (the GPU image has PyYAML, not Hydra)."""
     import yaml
 
-    return yaml.safe_load((REPO / "conf" / "quant" / "w4a16_keep.yaml").read_text())["compensation"]
+    return yaml.safe_load((REPO / "conf" / "quant" / "w4a16_keep.yaml").read_text())
 
 
 def phase_fitcost() -> list[tuple[str, str]]:

@@ -255,6 +255,17 @@ def test_rtn_fused_into_the_merge_equals_quantizing_the_merged_checkpoint(det, m
     assert fused.key != result.key and not fused.cached
 
 
+def test_rtn_with_searched_scales_gets_its_own_key_and_the_min_max_key_stays(det):
+    """quant.scale_search=mse reaches the fused pass's settings; min-max merges cached before it keep their key."""
+    from emq.checkpoint.merge import RtnSettings, merge_inputs
+    from emq.checkpoint.stream import _quant_spec
+
+    plain = merge_inputs(det, MergeSettings(rtn=RtnSettings(64, False)))["settings"]["w4a16"]
+    searched = merge_inputs(det, MergeSettings(rtn=RtnSettings(64, False, scale_search="mse")))["settings"]["w4a16"]
+    assert "scale_search" not in plain and searched == {**plain, "scale_search": "mse"}
+    assert _quant_spec(searched)[0].scale_search == "mse" and _quant_spec(plain)[0].scale_search == "minmax"
+
+
 def test_rtn_of_a_base_alone_without_an_adapter(demo, tmp_path):
     import dataclasses
 

@@ -250,3 +250,28 @@ def test_tiny_llama_loads_in_transformers_with_the_dequantized_logits(tmp_path, 
             assert torch.equal(loaded.get_submodule(name).weight.data, dense[f"{name}.weight"]), name
         # same bf16 weights and ops: bit-identical logits
         assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_mse_scale_search_never_leaves_more_error_than_min_max(symmetric):
+    from emq.checkpoint.w4a16 import ERROR_NORM
+
+    w = weight(128, 512, seed=6)
+    spec = QuantSpec(group_size=64, symmetric=symmetric)
+    plain, searched = quantize_rtn(w, spec), quantize_rtn(w, QuantSpec(64, symmetric, scale_search="mse"))
+
+    def group_error(qw):  # in float32, as the search measures it (dequantize rounds to the scale dtype)
+        zp = None if qw.zero_point is None else expand_groups(qw.zero_point, 64)
+        decoded = decode(qw.codes, expand_groups(qw.scale, 64), zp)
+        return (decoded - w).abs().pow(ERROR_NORM).reshape(128, 8, 64).sum(-1)
+
+    before, after = group_error(plain), group_error(searched)
+    assert bool((after <= before * (1 + 1e-6)).all())  # the min-max range is one of the candidates: never worse
+    assert float(after.sum()) < 0.95 * float(before.sum())  # and on Gaussian groups clipping pays
+    assert int(searched.codes.min()) >= -8 and int(searched.codes.max()) <= 7
+    assert torch.equal(quantize_rtn(w, QuantSpec(64, symmetric, scale_search="mse")).codes, searched.codes)
+
+
+def test_an_unknown_scale_search_is_refused():
+    with pytest.raises(ValueError, match="scale_search='absmax'"):
+        QuantSpec(group_size=64, scale_search="absmax")
