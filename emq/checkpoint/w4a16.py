@@ -33,6 +33,7 @@ SUPPORTED_BITS = (4, 8)
 SCALE_SEARCHES = ("minmax", "mse")
 SHRINKS = tuple(1 - i / 100 for i in range(0, 32, 2))  # scale_search="mse": the range × 1.00, 0.98, …, 0.70
 ERROR_NORM = 2.4  # the error measure it minimizes, |w − ŵ|^2.4 summed over the group (GPTQ's reference value)
+SEARCH_BLOCK_ELEMENTS = 1 << 24  # weights × candidates searched at once (64 MiB of float32 per temporary)
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,19 @@ def group_params(w: torch.Tensor, spec: QuantSpec,
     wg = w.reshape(out, cols // spec.group_size, spec.group_size)
     if spec.scale_search == "minmax":
         return _range_params(wg, 1.0, spec, scale_dtype)
-    # every candidate at once ([shrinks, out, groups]): GPTQ asks once per group, so few launches matter on a GPU
-    shrink = torch.tensor(SHRINKS, dtype=torch.float32, device=w.device)[:, None, None]
+    # every candidate at once ([shrinks, rows, groups]: GPTQ asks once per group, so few launches matter on a GPU),
+    # in blocks of rows that keep the candidates' copies of the weights near SEARCH_BLOCK_ELEMENTS (a whole 7B
+    # Linear at once, as the fused RTN pass asks, would take gigabytes)
+    rows = max(1, SEARCH_BLOCK_ELEMENTS // (len(SHRINKS) * cols))
+    parts = [_searched_params(wg[r:r + rows], spec, scale_dtype) for r in range(0, out, rows)]
+    return (torch.cat([p[0] for p in parts]),
+            None if spec.symmetric else torch.cat([p[1] for p in parts]))
+
+
+def _searched_params(wg: torch.Tensor, spec: QuantSpec,
+                     scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scale_search="mse" for the groups `wg` [rows, groups, size]: each group's least-error shrink of its range."""
+    shrink = torch.tensor(SHRINKS, dtype=torch.float32, device=wg.device)[:, None, None]
     scale, zero = _range_params(wg, shrink, spec, scale_dtype)
     s, z = scale[..., None], None if zero is None else zero[..., None]
     err = (decode(quantize_codes(wg, s, z, spec), s, z) - wg).abs().pow(ERROR_NORM).sum(dim=-1)

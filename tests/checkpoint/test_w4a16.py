@@ -275,3 +275,15 @@ def test_mse_scale_search_never_leaves_more_error_than_min_max(symmetric):
 def test_an_unknown_scale_search_is_refused():
     with pytest.raises(ValueError, match="scale_search='absmax'"):
         QuantSpec(group_size=64, scale_search="absmax")
+
+
+def test_the_scale_search_in_row_blocks_picks_what_one_block_would(monkeypatch):
+    # a whole 7B Linear searched at once would take gigabytes: group_params searches blocks of rows
+    from emq.checkpoint import w4a16
+    from emq.checkpoint.w4a16 import group_params
+
+    w = weight(300, 512, seed=7)
+    whole = group_params(w, QuantSpec(64, False, scale_search="mse"))
+    monkeypatch.setattr(w4a16, "SEARCH_BLOCK_ELEMENTS", len(w4a16.SHRINKS) * 512 * 7)  # 7 rows a block, last short
+    blocks = group_params(w, QuantSpec(64, False, scale_search="mse"))
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
