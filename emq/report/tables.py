@@ -217,7 +217,7 @@ def run_summary_rows(status, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     if kept:
         flag = "  ← this variant serves mostly the base model" if kept["mostly_base"] else ""
         top1 = f", top-1 {100 * kept['retained_top1']:.0f}%" if kept.get("retained_top1") is not None else ""
-        rows.append(("fine-tune retained", f"{100 * kept['retained']:.0f}%{top1} (1 − KL to trained / KL of the base "
+        rows.append(("fine-tune retained", f"{100 * kept['retained']:.1f}%{top1} (1 − KL to trained / KL of the base "
                                            f"without the adapter, {kept['kl_trained_vs_base']:.3f}){flag}"))
     if metrics.get("peak_vram_gib") is not None:
         rows.append(("peak VRAM (tree)", f"{metrics['peak_vram_gib']:.2f} GiB"))

@@ -32,6 +32,14 @@ def test_the_summary_shows_the_lora_emq_serves_beside_the_weights():
         " ".join(text.split())
 
 
+def test_the_summary_gives_the_fine_tune_retained_to_a_tenth_of_a_point():
+    # the preset's 95.5 % and min-max's 95.0 % (and a 94.6 %) must not all read "95%"
+    status = RunStatus(status="ok", stage="judge", route="serve-lora", run_dir="/runs/k")
+    kept = {"retained": 0.9548, "retained_top1": 0.7659, "kl_trained_vs_base": 0.598851, "mostly_base": False}
+    text = " ".join(run_summary(status, {"quant": "w4a16", "retained": kept}).split())
+    assert "fine-tune retained │ 95.5%, top-1 77% (1 − KL to trained / KL of the base without the adapter, 0.599)" in text
+
+
 def test_summary_of_a_failed_run_names_the_error_and_nothing_judged():
     text = run_summary(RunStatus(status="failed", stage="load", error="EmqError: boom"), {})
     assert "failed" in text and "boom" in text and "load" in text
