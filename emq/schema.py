@@ -187,7 +187,7 @@ class QuantConfig:
     algorithm: QuantAlgorithm = QuantAlgorithm.rtn
     group_size: int | None = None  # null: the largest of 128/64/32 that divides every quantized in-feature
     symmetric: bool = False  # asymmetric (a zero point per group) halves the demo's error at the same size
-    scale_search: ScaleSearch = ScaleSearch.minmax  # gptq/awq/compensated: minmax | mse (each group's clip searched)
+    scale_search: ScaleSearch = ScaleSearch.minmax  # minmax | mse (each group's clip searched), for every algorithm
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear modules kept in 16 bits
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     damp: float = 0.01  # gptq: dampening, as a fraction of the Hessian's mean diagonal

@@ -671,15 +671,13 @@ def test_the_keep_preset_fills_the_demo_adapters_buffers_to_the_measured_rank_56
     assert plan.quantize.scale_search == "mse" and plan.quantize.group_size == 32  # what kept 95.5 %
 
 
-@pytest.mark.parametrize("quant", [dict(compensation=None), dict(algorithm=QuantAlgorithm.rtn, compensation=None),
-                                   dict()], ids=["gptq", "rtn-fused", "compensated"])
-def test_scale_search_reaches_every_quantizer_and_its_cache_key(quant):
+@pytest.mark.parametrize("algorithm, rank", [(QuantAlgorithm.gptq, 0), (QuantAlgorithm.rtn, 0),
+                                             (QuantAlgorithm.gptq, 32)], ids=["gptq", "rtn-fused", "compensated"])
+def test_scale_search_reaches_every_quantizer(algorithm, rank):
     from emq.checkpoint.quantize import rtn_settings
-    from emq.schema import CompensationConfig, ScaleSearch
+    from emq.schema import ScaleSearch
 
-    q = _compensated(**{k: v for k, v in quant.items() if k != "compensation"})
-    if "compensation" in quant:
-        q.compensation = CompensationConfig(0)
+    q = _compensated(rank, algorithm=algorithm)
     plain = make_plan(fake_det(rank=8), MemoryConfig(), q, fake_machine()).quantize
     q.scale_search = ScaleSearch.mse
     plan = make_plan(fake_det(rank=8), MemoryConfig(), q, fake_machine())

@@ -126,7 +126,7 @@ class QuantizePlan:
     calibration: dict | None = None  # gptq/awq: corpus, samples, seq_len, damp
     compensation: int = 0  # quant.compensation.rank: the base as trained + a rank-r error compensation in the LoRA
     compensation_rounds: int = 1  # quant.compensation.rounds
-    scale_search: str = "minmax"  # quant.scale_search (layer-by-layer quantizers only)
+    scale_search: str = "minmax"  # quant.scale_search (every quantizer: fused RTN through rtn_settings)
 
     def describe(self) -> str:
         rounds = f" × {self.compensation_rounds} rounds" if self.compensation_rounds > 1 else ""
